@@ -137,6 +137,12 @@ class DecisionConfig:
                                                  doc="decision when no verdict is ready in time")
     unannounced: Literal["sideline", "pass"] = _f("sideline",
                                                    doc="decision for items nobody announced")
+    merged: Literal["sideline", "pass"] = _f(
+        "sideline", doc="decision for blobs of touching items that could not be told apart")
+    views_missing: Literal["judge", "sideline"] = _f(
+        "judge", doc="judge on the views that saw the item, or sideline when one is missing")
+    finding_min_probability: float = _f(0.5, lo=0.0, hi=1.0,
+                                        doc="per-type probability reported as a finding")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -223,6 +223,7 @@ class ItemCrop:
     height_mm: F32Array
     mask: BoolArray
     has_depth: bool = True
+    truth_damage: BoolArray | None = None  # synthetic ground truth: damaged pixels in the crop
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,3 +280,17 @@ class Verdict:
     fail_safe: bool = False
     snapshot_id: str | None = None
     anomaly_map: F32Array | None = None  # for snapshots; never published
+
+
+FeedbackKind = Literal["confirmed_damage", "false_positive", "packaging_changed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What people downstream learned about an item (from `…/feedback`)."""
+
+    item_id: str
+    kind: FeedbackKind
+    product_id: str | None
+    received_ms: float  # when the node got it (node clock, ms since epoch)
+    note: str | None = None

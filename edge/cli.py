@@ -1,0 +1,57 @@
+"""`edge-node`: arguments -> config -> the node, and the tools around it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from edge import __version__
+from edge.config import ConfigError
+
+#: Sub-command groups that live beside their stage: (module, function registering them).
+_COMMAND_GROUPS = (
+    ("edge.synth.cli", "add_synth_commands"),
+    ("edge.runner", "add_node_commands"),
+    ("edge.infer.cli", "add_model_commands"),
+    ("edge.update.cli", "add_update_commands"),
+    ("edge.snapshots_cli", "add_snapshot_commands"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-node",
+        description="conveyor-vision edge node: finds damaged items before the divert point.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name, func_name in _COMMAND_GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # that part of the product is not installed in this build
+        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = getattr(
+            module, func_name)
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"edge-node: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`ReferenceGallery`: per product and camera, patch features of pristine reference views.
+
+The anomaly score of a crop is how far its patches lie from the nearest
+reference patch of the same product and camera: per-patch nearest-neighbour
+distance gives an anomaly map, the mean of its top-k the score. Each patch
+feature carries its (weighted) position in the crop, so a patch is matched
+against reference patches near the same place: a missing unit of a
+multipack (belt where a unit should be) stands out even though belt patches
+exist elsewhere in the references. Damage-like prints that the references
+show match themselves and are not flagged.
+
+The gallery persists under its directory (one `.npz` per product and
+camera, written atomically) and learns at run time (`add`), e.g. when the
+controller reports "false positive: packaging changed".
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from edge.types import F32Array
+
+log = structlog.get_logger(__name__)
+
+#: Weight of the (x, y) position appended to the unit-norm patch features.
+POSITION_WEIGHT = 0.35
+#: Patches kept per product and camera (random subsample beyond this).
+MAX_PATCHES = 6144
+TOP_K = 6
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _safe(name: str) -> str:
+    return _SAFE.sub("_", name) or "_"
+
+
+def with_position(patches: F32Array) -> F32Array:
+    """(C, H, W) features -> (H*W, C+2) rows with the weighted position appended."""
+    c, h, w = patches.shape
+    ys, xs = np.meshgrid(np.linspace(-1, 1, h, dtype=np.float32),
+                         np.linspace(-1, 1, w, dtype=np.float32), indexing="ij")
+    rows = np.empty((h * w, c + 2), dtype=np.float32)
+    rows[:, :c] = patches.reshape(c, h * w).T
+    rows[:, c] = xs.ravel() * POSITION_WEIGHT
+    rows[:, c + 1] = ys.ravel() * POSITION_WEIGHT
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyResult:
+    score: float
+    patch_map: F32Array  # (H, W) nearest-neighbour distance per patch
+
+
+@dataclass(slots=True)
+class _Bank:
+    rows: F32Array  # (M, D)
+    sq_norms: F32Array  # (M,)
+    views: int
+
+
+class ReferenceGallery:
+    """Reference patch banks keyed by (product ID, camera ID), persisted in `root`."""
+
+    def __init__(self, root: Path, *, max_patches: int = MAX_PATCHES, top_k: int = TOP_K,
+                 seed: int = 0) -> None:
+        self.root = root
+        self.max_patches = max_patches
+        self.top_k = top_k
+        self._rng = np.random.default_rng(seed)
+        self._banks: dict[tuple[str, str], _Bank] = {}
+        self._lock = threading.Lock()
+        self._load()
+
+    def _file(self, product_id: str, camera_id: str) -> Path:
+        return self.root / _safe(product_id) / f"{_safe(camera_id)}.npz"
+
+    def _load(self) -> None:
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.glob("*/*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    rows = data["rows"].astype(np.float32)
+                    key = (str(data["product_id"]), str(data["camera_id"]))
+                    views = int(data["views"])
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("gallery_file_unreadable", path=str(path), error=str(exc))
+                continue
+            self._banks[key] = _Bank(rows, np.einsum("ij,ij->i", rows, rows), views)
+        log.info("gallery_loaded", root=str(self.root), banks=len(self._banks))
+
+    def products(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(sorted({p for p, _ in self._banks}))
+
+    def has(self, product_id: str | None, camera_id: str | None = None) -> bool:
+        if product_id is None:
+            return False
+        with self._lock:
+            if camera_id is not None:
+                return (product_id, camera_id) in self._banks
+            return any(p == product_id for p, _ in self._banks)
+
+    def views(self, product_id: str, camera_id: str) -> int:
+        with self._lock:
+            bank = self._banks.get((product_id, camera_id))
+            return bank.views if bank else 0
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._banks
+
+    def add(self, product_id: str, camera_id: str, patches: F32Array, *, views: int = 1,
+            persist: bool = True) -> None:
+        """Add reference patch features: (C, H, W) or a stack (K, C, H, W) of views."""
+        stack = patches[None] if patches.ndim == 3 else patches
+        new = np.concatenate([with_position(p) for p in stack])
+        with self._lock:
+            old = self._banks.get((product_id, camera_id))
+            rows = new if old is None else np.concatenate([old.rows, new])
+            if len(rows) > self.max_patches:
+                keep = self._rng.choice(len(rows), self.max_patches, replace=False)
+                rows = rows[np.sort(keep)]
+            total = views + (old.views if old else 0)
+            self._banks[(product_id, camera_id)] = _Bank(
+                rows, np.einsum("ij,ij->i", rows, rows), total)
+        if persist:
+            self._save(product_id, camera_id, rows, total)
+        log.info("gallery_learned", product_id=product_id, camera=camera_id, views=total,
+                 patches=len(rows))
+
+    def _save(self, product_id: str, camera_id: str, rows: F32Array, views: int) -> None:
+        path = self._file(product_id, camera_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as fh:
+            np.savez(fh, rows=rows.astype(np.float16), product_id=np.str_(product_id),
+                     camera_id=np.str_(camera_id), views=np.int64(views))
+        tmp.replace(path)
+
+    def score(self, product_id: str, camera_id: str, patches: F32Array) -> AnomalyResult | None:
+        """Anomaly of one crop's (C, H, W) patches; None without references."""
+        with self._lock:
+            bank = self._banks.get((product_id, camera_id))
+        if bank is None:
+            return None
+        _, h, w = patches.shape
+        q = with_position(patches)
+        dist = nearest_sq_distance(q, bank.rows, bank.sq_norms)
+        per_patch = np.sqrt(dist).reshape(h, w)
+        k = min(self.top_k, per_patch.size)
+        top = np.partition(per_patch.ravel(), per_patch.size - k)[-k:]
+        return AnomalyResult(float(top.mean()), per_patch.astype(np.float32))
+
+
+def nearest_sq_distance(query: F32Array, bank: F32Array,
+                        bank_sq: npt.NDArray[np.float32] | None = None) -> F32Array:
+    """Squared Euclidean distance from each query row to its nearest bank row."""
+    bsq = np.einsum("ij,ij->i", bank, bank) if bank_sq is None else bank_sq
+    qsq = np.einsum("ij,ij->i", query, query)
+    # max over (2 q.b - |b|^2) is one GEMM plus a row reduction.
+    best = ((2.0 * query) @ bank.T - bsq[None, :]).max(axis=1)
+    return np.maximum(qsq - best, 0.0).astype(np.float32)

@@ -1,0 +1,245 @@
+"""The item inspector: crops in, scores out (classifier, gallery anomaly, geometry, fusion).
+
+Two ONNX models share one frozen backbone: `embedding` (BGR crop -> patch
+features for the gallery + stride-16 trunk features) and `damage` (trunk
+features + a depth branch -> damage probability and per-type probabilities
+with their coarse maps). Crops are copied into preallocated batch buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import structlog
+
+from edge.catalogue import Catalogue
+from edge.config import ModelsConfig
+from edge.decide import Fusion, combo_name
+from edge.infer.backend import Backend, Tensor, open_backend
+from edge.infer.gallery import ReferenceGallery
+from edge.infer.geometry import geometry_check
+from edge.infer.manifest import Manifest, load_manifest, sha256_file
+from edge.types import CLASSIFIER_DAMAGE_TYPES, F32Array, ItemCrop, ItemRecord, Scores
+
+log = structlog.get_logger(__name__)
+
+EMBEDDING = "embedding"
+DAMAGE = "damage"
+TYPE_NAMES = tuple(t.value for t in CLASSIFIER_DAMAGE_TYPES)
+#: Reference views are learned in these orientations (the crop's long side stays on x).
+_VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # flip x, flip y
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInference:
+    """Model outputs for one item; `anomaly` is normalized, `anomaly_raw` the distance."""
+
+    damage: float
+    per_type: Mapping[str, float]
+    anomaly: float | None
+    anomaly_raw: float | None
+    anomaly_map: F32Array | None  # (S, S) in crop pixels of `anomaly_camera`
+    anomaly_camera: str | None
+    geometry: float | None
+    fused: float
+    boxes: Mapping[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    cameras: tuple[str, ...] = ()
+
+    @property
+    def has_gallery(self) -> bool:
+        return self.anomaly is not None
+
+    @property
+    def has_depth(self) -> bool:
+        return self.geometry is not None
+
+    @property
+    def combo(self) -> str:
+        return combo_name(self.anomaly is not None, self.geometry is not None)
+
+    def scores(self) -> Scores:
+        return Scores(self.damage, self.anomaly, self.geometry, self.fused, dict(self.per_type))
+
+
+def depth_channels(crop: ItemCrop, size: int, abs_scale_mm: float, out: F32Array) -> None:
+    """Fill (3, size, size): height / abs scale, height / item top, valid-depth flag."""
+    if not crop.has_depth:
+        out[:] = 0.0
+        return
+    h = crop.height_mm
+    if h.shape[0] != size:
+        h = cv2.resize(h, (size, size), interpolation=cv2.INTER_LINEAR)
+    inside = h[h > 0]
+    top = float(np.percentile(inside, 95)) if inside.size else 1.0
+    np.multiply(h, 1.0 / abs_scale_mm, out=out[0])
+    np.multiply(h, 1.0 / max(top, 1.0), out=out[1])
+    np.clip(out[1], 0.0, 1.5, out=out[1])
+    out[2] = 1.0
+
+
+def rgb_channels(color: np.ndarray, size: int, out: F32Array) -> None:
+    """Fill (3, size, size) with the BGR crop as float (the graph normalizes)."""
+    img = color if color.shape[0] == size else cv2.resize(color, (size, size),
+                                                           interpolation=cv2.INTER_AREA)
+    out[:] = np.moveaxis(img, 2, 0)
+
+
+def map_box(prob_map: F32Array, size: int) -> tuple[int, int, int, int]:
+    """Bounding box (x, y, w, h in crop pixels) of the map cells above half its peak."""
+    cells = prob_map >= 0.5 * float(prob_map.max())
+    ys, xs = np.nonzero(cells)
+    step = size / prob_map.shape[0]
+    x0, y0 = int(xs.min() * step), int(ys.min() * step)
+    return (x0, y0, int((xs.max() + 1) * step) - x0, int((ys.max() + 1) * step) - y0)
+
+
+class ItemInspector:
+    """Runs the models on items' crops; thread-compatible (one caller at a time)."""
+
+    def __init__(self, manifest: Manifest, embedding: Backend, damage: Backend,
+                 gallery: ReferenceGallery, catalogue: Catalogue, cfg: ModelsConfig) -> None:
+        self.manifest = manifest
+        self.embedding = embedding
+        self.damage = damage
+        self.gallery = gallery
+        self.catalogue = catalogue
+        self.cfg = cfg
+        self.fusion = Fusion.from_mapping(manifest.fusion)
+        pre = manifest.model(DAMAGE).preprocessing
+        self.size = int(manifest.model(EMBEDDING).preprocessing.get("size", 128))
+        self.abs_scale_mm = float(pre.get("height_scale_mm", 200.0))
+        geo = dict(manifest.fusion.get("geometry") or {})
+        self.expected_fill = {str(k): float(v) for k, v in
+                              dict(geo.get("expected_fill") or {}).items()}
+        self.geometry_slack = float(geo.get("slack", 0.0))
+        cap = 2 * cfg.max_batch
+        self._rgb = np.zeros((cap, 3, self.size, self.size), np.float32)
+        self._depth = np.zeros((cap, 3, self.size, self.size), np.float32)
+
+    @classmethod
+    def load(cls, cfg: ModelsConfig, catalogue: Catalogue,
+             manifest_path: Path | None = None) -> ItemInspector:
+        """Verify the manifest, open both models, open (and seed) the gallery."""
+        manifest = load_manifest(manifest_path or cfg.manifest)
+        embedding = open_backend(manifest.model(EMBEDDING), cfg)
+        damage = open_backend(manifest.model(DAMAGE), cfg)
+        inspector = cls(manifest, embedding, damage, ReferenceGallery(cfg.gallery_dir),
+                        catalogue, cfg)
+        if inspector.gallery.is_empty():
+            inspector.seed_gallery()
+        return inspector
+
+    def seed_gallery(self) -> int:
+        """Learn the shipped reference views (manifest `gallery_seed`); returns views added."""
+        seed = self.manifest.raw.get("gallery_seed")
+        if not isinstance(seed, dict):
+            return 0
+        path = self.manifest.path.parent / str(seed["file"])
+        if sha256_file(path) != str(seed.get("sha256")):
+            log.error("gallery_seed_mismatch", path=str(path))
+            return 0
+        with np.load(path, allow_pickle=False) as data:
+            rgb, products, cams = data["rgb"], data["product_id"], data["camera_id"]
+        for pid, cam in sorted({(str(p), str(c)) for p, c in zip(products, cams, strict=True)}):
+            sel = [i for i in range(len(rgb)) if products[i] == pid and cams[i] == cam]
+            self._learn(pid, cam, [rgb[i] for i in sel])
+        log.info("gallery_seeded", views=len(rgb), products=len(set(products.tolist())))
+        return len(rgb)
+
+    def embed(self, colors: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Patch features (N, C, H, W) and trunk features of BGR crops, in batches."""
+        patches, trunks = [], []
+        cap = len(self._rgb)
+        for start in range(0, len(colors), cap):
+            chunk = colors[start:start + cap]
+            for i, color in enumerate(chunk):
+                rgb_channels(color, self.size, self._rgb[i])
+            out = self.embedding.run({"rgb": self._rgb[:len(chunk)]})
+            patches.append(out["patches"])
+            trunks.append(out["trunk"])
+        return np.concatenate(patches), np.concatenate(trunks)
+
+    def _learn(self, product_id: str, camera_id: str, colors: Sequence[np.ndarray]) -> None:
+        variants = [np.ascontiguousarray(c[::-1 if fy else 1, ::-1 if fx else 1])
+                    for c in colors for fx, fy in _VARIANTS]
+        patches, _ = self.embed(variants)
+        self.gallery.add(product_id, camera_id, patches, views=len(colors))
+
+    def learn_reference(self, product_id: str, crops: Mapping[str, ItemCrop]) -> None:
+        """Add an item's views as pristine references of `product_id` (persisted)."""
+        for camera_id, crop in crops.items():
+            self._learn(product_id, camera_id, [crop.color])
+
+    def infer(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
+        """Scores for each record, batching up to `max_batch` items per model call."""
+        out: list[ItemInference] = []
+        step = self.cfg.max_batch
+        for start in range(0, len(records), step):
+            out.extend(self._infer_chunk(records[start:start + step]))
+        return out
+
+    def _infer_chunk(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
+        views = [(r, cam, crop) for r in records for cam, crop in sorted(r.crops.items())]
+        if not views:
+            return [self._combine(r, []) for r in records]
+        patches, trunk = self.embed([crop.color for _, _, crop in views])
+        for i, (_, _, crop) in enumerate(views):
+            depth_channels(crop, self.size, self.abs_scale_mm, self._depth[i])
+        dmg = self.damage.run({"trunk": trunk, "depth": self._depth[:len(views)]})
+        per_view = [(cam, crop, dmg["probs"][i], dmg["maps"][i], patches[i])
+                    for i, (_, cam, crop) in enumerate(views)]
+        results, k = [], 0
+        for r in records:
+            n = len(r.crops)
+            results.append(self._combine(r, per_view[k:k + n]))
+            k += n
+        return results
+
+    def _combine(self, record: ItemRecord,
+                 views: Sequence[tuple[str, ItemCrop, Tensor, Tensor, Tensor]]
+                 ) -> ItemInference:
+        damage = max((float(p[0]) for _, _, p, _, _ in views), default=0.0)
+        per_type: dict[str, float] = {}
+        boxes: dict[str, tuple[int, int, int, int]] = {}
+        for t, name in enumerate(TYPE_NAMES, start=1):
+            best = max(views, key=lambda v, t=t: float(v[2][t]), default=None)
+            if best is not None:
+                per_type[name] = float(best[2][t])
+                boxes[name] = map_box(best[3][t], best[1].color.shape[0])
+        raw, amap, acam = self._anomaly(record.product_id, views)
+        geometry = self._geometry(record)
+        anomaly = self.fusion.normalize_anomaly(raw)
+        return ItemInference(damage, per_type, anomaly, raw, amap, acam, geometry,
+                             self.fusion.fuse(damage, anomaly, geometry), boxes,
+                             tuple(cam for cam, *_ in views))
+
+    def _anomaly(self, product_id: str | None,
+                 views: Sequence[tuple[str, ItemCrop, Tensor, Tensor, Tensor]]
+                 ) -> tuple[float | None, F32Array | None, str | None]:
+        best: tuple[float, F32Array, str] | None = None
+        for cam, crop, _, _, patches in views:
+            res = None if product_id is None else self.gallery.score(product_id, cam, patches)
+            if res is not None and (best is None or res.score > best[0]):
+                size = crop.color.shape[0]
+                best = (res.score, cv2.resize(res.patch_map, (size, size),
+                                              interpolation=cv2.INTER_LINEAR), cam)
+        return (None, None, None) if best is None else best
+
+    def _geometry(self, record: ItemRecord) -> float | None:
+        product = None if record.product_id is None else self.catalogue.get(record.product_id)
+        if product is None:
+            return None
+        res = geometry_check(record.box_mm, product, record.crops, self.expected_fill,
+                             self.geometry_slack)
+        return None if res is None else res.score
+
+    def model_versions(self) -> dict[str, str]:
+        return self.manifest.model_versions()
+
+    def close(self) -> None:
+        self.embedding.close()
+        self.damage.close()

@@ -1,0 +1,202 @@
+"""The durable verdict outbox: SQLite in WAL mode, written before anything is published.
+
+Life of a row: `append` allocates the next per-node sequence number, renders the
+payload with it and commits (``synchronous=FULL``: the row survives a power cut)
+*before* the publisher hands the bytes to MQTT. `mark_acked` records the
+broker's PUBACK. Rows without an ack are `pending`: the publisher re-sends them,
+with the same seq and identical bytes, after a reconnect and after a restart.
+The next sequence number is stored in its own table, so pruning never reuses one.
+
+Size bound (``storage.outbox_max_rows``), applied before every append:
+
+1. acknowledged rows are deleted, oldest first, down to 90 % of the bound
+   (they are only a local audit trail);
+2. if the outbox is still full it holds only unacknowledged rows: the oldest of
+   those whose divert deadline has passed (they can no longer steer anything)
+   are deleted and counted in `dropped_expired`;
+3. if it is *still* full, every row is unacknowledged and actionable (the broker
+   has been unreachable for a long time at a high rate): the oldest are deleted
+   and counted in `dropped_actionable`. The bound always holds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
+    from pathlib import Path
+
+log = structlog.get_logger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    deadline_ms REAL NOT NULL,
+    captured_ms REAL,
+    decided_ms REAL NOT NULL,
+    published_ms REAL NOT NULL,
+    acked_ms REAL,
+    outcome TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_unacked ON outbox(seq) WHERE acked_ms IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_item ON outbox(item_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_COLUMNS = "seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms, published_ms"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    item_id: str
+    topic: str
+    payload: bytes
+    deadline_ms: float
+    captured_ms: float | None
+    decided_ms: float
+    published_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    rows: int
+    unacked: int
+    next_seq: int
+    dropped_expired: int
+    dropped_actionable: int
+
+
+class Outbox:
+    """A bounded, durable, thread-safe store of verdict payloads keyed by seq."""
+
+    def __init__(self, path: Path, max_rows: int = 100_000) -> None:
+        if max_rows < 10:
+            raise ValueError(f"outbox max_rows {max_rows}: need at least 10")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_rows = max_rows
+        self.dropped_expired = 0
+        self.dropped_actionable = 0
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self._unacked = int(self._db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE acked_ms IS NULL").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def append(self, *, item_id: str, topic: str, deadline_ms: float, captured_ms: float | None,
+               decided_ms: float, published_ms: float, now_ms: float,
+               render: Callable[[int], bytes]) -> OutboxRow:
+        """Allocate the next seq, store `render(seq)` durably and return the row."""
+        with self._lock:
+            self._enforce_bound(now_ms)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._next_seq_locked()
+                payload = render(seq)
+                self._db.execute(
+                    f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
+                     published_ms))
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
+                                 (seq + 1,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._rows += 1
+            self._unacked += 1
+        return OutboxRow(seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
+                         published_ms)
+
+    def _next_seq_locked(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        stored = int(row[0]) if row else 1
+        top = self._db.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
+        return max(stored, int(top) + 1 if top is not None else 1)
+
+    def mark_acked(self, seq: int, acked_ms: float, outcome: str = "acked") -> OutboxRow | None:
+        """Record the PUBACK (or a broker refusal); the row, or None if already done."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE outbox SET acked_ms = ?, outcome = ? WHERE seq = ? AND acked_ms IS NULL",
+                (acked_ms, outcome, seq))
+            if cur.rowcount == 0:
+                return None
+            self._unacked -= 1
+            found = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?",
+                                     (seq,)).fetchone()
+        return _row(found) if found else None
+
+    def pending(self, exclude: Collection[int] = (), limit: int = 10_000) -> list[OutboxRow]:
+        """Unacknowledged rows in seq order, without the seqs in `exclude`."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE acked_ms IS NULL ORDER BY seq LIMIT ?",
+                (limit + len(exclude),)).fetchall()
+        return [r for r in map(_row, rows) if r.seq not in exclude][:limit]
+
+    def has_item(self, item_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM outbox WHERE item_id = ? LIMIT 1",
+                                    (item_id,)).fetchone() is not None
+
+    @property
+    def unacked(self) -> int:
+        with self._lock:
+            return self._unacked
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return OutboxStats(self._rows, self._unacked, self._next_seq_locked(),
+                               self.dropped_expired, self.dropped_actionable)
+
+    def _enforce_bound(self, now_ms: float) -> None:
+        if self._rows < self.max_rows:
+            return
+        target = max(self.max_rows * 9 // 10, 1)
+        self._delete("acked_ms IS NOT NULL", self._rows - target)
+        if self._rows >= self.max_rows:
+            n = self._delete(f"acked_ms IS NULL AND deadline_ms < {float(now_ms)!r}",
+                             self._rows - self.max_rows + 1, unacked=True)
+            self.dropped_expired += n
+            if n:
+                log.warning("outbox.dropped_expired", rows=n, total=self.dropped_expired)
+        if self._rows >= self.max_rows:
+            n = self._delete("acked_ms IS NULL", self._rows - self.max_rows + 1, unacked=True)
+            self.dropped_actionable += n
+            log.error("outbox.dropped_actionable", rows=n, total=self.dropped_actionable)
+
+    def _delete(self, where: str, count: int, *, unacked: bool = False) -> int:
+        if count <= 0:
+            return 0
+        cur = self._db.execute(
+            f"DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE {where} "
+            "ORDER BY seq LIMIT ?)", (count,))
+        n = max(cur.rowcount, 0)
+        self._rows -= n
+        if unacked:
+            self._unacked -= n
+        return n
+
+
+def _row(r: Any) -> OutboxRow:
+    seq, item_id, topic, payload, deadline, captured, decided, published = r
+    return OutboxRow(int(seq), str(item_id), str(topic), bytes(payload), float(deadline),
+                     None if captured is None else float(captured), float(decided),
+                     float(published))

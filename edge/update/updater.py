@@ -1,0 +1,350 @@
+"""Apply an update, gate it on health, roll back by itself when the new release fails.
+
+    verify + unpack into .staging  ->  releases/<v>/ (+ venv)  ->  pending state
+    -> switch `current`  ->  restart units  ->  wait for READY + N s healthy
+    -> commit (prune to K)   or   switch back, restart, report why
+
+Every outcome is written to `<root>/update-status.json` (the node publishes it on its
+status topic), logged to the journal, and passed to `on_event`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.update.bundle import BundleError, Manifest, extract_verified
+from edge.update.health import GatePolicy, HealthProbe, wait_healthy
+from edge.update.store import (
+    INSTALL_FILE,
+    RELEASE_FILE,
+    SIGNATURE_FILE,
+    Outcome,
+    ReleaseStore,
+    UpdateEvent,
+)
+
+log = structlog.get_logger(__name__)
+
+NODE_UNIT = "conveyor-vision.service"
+ENGINES_UNIT = "conveyor-vision-engines.service"
+
+
+class UpdateError(RuntimeError):
+    """An update that could not be applied; `event` says what was reported."""
+
+    def __init__(self, event: UpdateEvent) -> None:
+        super().__init__(event.reason)
+        self.event = event
+
+
+class ServiceManager(Protocol):
+    def restart(self, unit: str) -> None: ...
+    def start(self, unit: str) -> None: ...
+
+
+class SystemctlManager:
+    """Runs `systemctl --no-block`: the health gate, not systemctl, decides success."""
+
+    def __init__(self, systemctl: str = "systemctl") -> None:
+        self.systemctl = systemctl
+
+    def _run(self, verb: str, unit: str) -> None:
+        result = subprocess.run([self.systemctl, "--no-block", verb, unit], capture_output=True,
+                                text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            log.warning("systemctl_failed", verb=verb, unit=unit, stderr=result.stderr.strip())
+
+    def restart(self, unit: str) -> None:
+        self._run("restart", unit)
+
+    def start(self, unit: str) -> None:
+        self._run("start", unit)
+
+
+class NoServices:
+    """For staging releases on an image or in tests: touches no unit."""
+
+    def restart(self, unit: str) -> None:
+        log.info("service_restart_skipped", unit=unit)
+
+    def start(self, unit: str) -> None:
+        log.info("service_start_skipped", unit=unit)
+
+
+EnvBuilder = Callable[[Path], None]
+
+
+def build_venv(release_dir: Path) -> None:
+    """Create `venv/` (seeing the system site-packages: JetPack's TensorRT and OpenCV) and
+    install every wheel from `wheels/`, offline."""
+    wheels = sorted((release_dir / "wheels").glob("*.whl"))
+    if not wheels:
+        return
+    venv = release_dir / "venv"
+    python = os.environ.get("CONVEYOR_VISION_PYTHON", "/usr/bin/python3")
+    commands = [
+        [python, "-m", "venv", "--system-site-packages", str(venv)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-cache-dir",
+         "--find-links", str(release_dir / "wheels"), *map(str, wheels)],
+    ]
+    for cmd in commands:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise BundleError(f"building the venv failed: {' | '.join(tail)}")
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePolicy:
+    keep: int = 3
+    gate: GatePolicy = GatePolicy()
+
+
+class Updater:
+    def __init__(self, root: Path, *, public_keys: Sequence[Ed25519PublicKey],
+                 services: ServiceManager, probe_for: Callable[[str], HealthProbe],
+                 policy: UpdatePolicy | None = None, env_builder: EnvBuilder = build_venv,
+                 on_event: Callable[[UpdateEvent], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.store = ReleaseStore(root)
+        self.keys = tuple(public_keys)
+        self.services = services
+        self.probe_for = probe_for
+        self.policy = policy or UpdatePolicy()
+        if self.policy.keep < 2:
+            raise ValueError(f"keep must be >= 2 (current and previous), got {self.policy.keep}")
+        self.env_builder = env_builder
+        self.on_event = on_event
+        self.stop = stop or threading.Event()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.store.ensure_layout()
+        with (self.store.root / ".update.lock").open("a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError("another update is running (lock held)") from None
+            yield
+
+    def _emit(self, outcome: Outcome, version: str | None, previous: str | None,
+              reason: str) -> UpdateEvent:
+        event = UpdateEvent(outcome=outcome, version=version, previous=previous, reason=reason,
+                            at_ms=time.time() * 1000.0)
+        self.store.record_event(event)
+        level = log.info if outcome in ("committed", "installed") else log.error
+        level("update_" + outcome, version=version, previous=previous, reason=reason)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    # --- apply ---------------------------------------------------------------------------
+
+    def apply(self, bundle: Path, *, restart: bool = True) -> UpdateEvent:
+        """Install `bundle`, switch to it and gate on health; raises UpdateError if refused
+        or rolled back. With `restart=False` the release is switched to and committed
+        without touching units (provisioning an image)."""
+        with self._locked():
+            self._recover()
+            previous = self.store.current_version()
+            manifest = self._install(bundle, previous)
+            version = manifest.version
+            self.store.set_pending(version, previous)
+            self.store.mark(version, "pending")
+            self.store.switch_current(version)
+            if previous is not None:
+                self.store.set_previous(previous)
+            if not restart:
+                return self._commit(version, previous, "switched without restart")
+            if manifest.kind == "models":
+                self.services.start(ENGINES_UNIT)  # rebuild/verify engines for the new models
+            self.services.restart(NODE_UNIT)
+            return self._gate(version, previous)
+
+    def _install(self, bundle: Path, current: str | None) -> Manifest:
+        staging = self.store.staging / f"{bundle.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        target: Path | None = None
+        try:
+            verified = extract_verified(bundle, self.keys, staging)
+            manifest = verified.manifest
+            target = self._check_target(manifest, current)
+            if manifest.kind == "models":
+                assert current is not None  # _check_target refused otherwise
+                self._assemble_models_release(staging, current)
+            os.rename(staging, target)
+            if manifest.kind == "full":
+                self.env_builder(target)  # a venv must be built where it will live
+            (target / SIGNATURE_FILE).write_bytes(verified.signature)
+            base = self._venv_owner(current) if manifest.kind == "models" else None
+            self.store.mark(manifest.version, "installed", installed_ms=time.time() * 1000.0,
+                            base_version=base)
+            _write_atomic(target / RELEASE_FILE, verified.manifest_raw)  # complete from here
+        except (BundleError, OSError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if target is not None and not (target / RELEASE_FILE).exists():
+                shutil.rmtree(target, ignore_errors=True)
+            reason = str(exc) if isinstance(exc, BundleError) else f"install failed: {exc}"
+            raise UpdateError(self._emit("refused", None, current, reason)) from exc
+        log.info("release_installed", version=manifest.version, kind=manifest.kind,
+                 files=len(manifest.files))
+        return manifest
+
+    def _check_target(self, manifest: Manifest, current: str | None) -> Path:
+        target = self.store.release_dir(manifest.version)
+        if target.exists():
+            raise BundleError(f"release {manifest.version} is already installed")
+        if manifest.kind == "models":
+            if current is None:
+                raise BundleError("a models bundle needs an installed release to update")
+            if manifest.base_version and manifest.base_version != current:
+                raise BundleError(f"models bundle is for release {manifest.base_version}, "
+                                  f"current is {current}")
+        return target
+
+    def _venv_owner(self, version: str | None) -> str | None:
+        """The release whose venv `version` runs (itself, or its base for models releases)."""
+        if version is None:
+            return None
+        venv = self.store.release_dir(version) / "venv"
+        if venv.is_symlink():
+            return Path(os.readlink(venv)).parent.name
+        return version
+
+    def _assemble_models_release(self, staging: Path, current: str) -> None:
+        """A models release = the current release's files (hard links), its venv shared by
+        a symlink, with the bundle's engines/ files laid over."""
+        src = self.store.release_dir(current)
+        new_files = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+        for entry in src.iterdir():
+            if entry.name in ("venv", "wheels", RELEASE_FILE, SIGNATURE_FILE, INSTALL_FILE):
+                continue
+            dest = staging / entry.name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, dest, symlinks=True, dirs_exist_ok=True,
+                                copy_function=_link_or_copy,
+                                ignore=_skip_replaced(src, new_files))
+            elif not dest.exists():
+                _link_or_copy(str(entry), str(dest))
+        owner = self._venv_owner(current)
+        if owner is not None and (self.store.release_dir(owner) / "venv").exists():
+            os.symlink(f"../{owner}/venv", staging / "venv")
+
+    # --- gate, commit, rollback ----------------------------------------------------------
+
+    def _gate(self, version: str, previous: str | None) -> UpdateEvent:
+        result = wait_healthy(self.probe_for(version), self.policy.gate, self.stop)
+        if result.ok:
+            return self._commit(version, previous, result.reason)
+        if previous is None:
+            self.store.mark(version, "rolled_back", result.reason)
+            self.store.clear_pending()
+            raise UpdateError(self._emit("rolled_back", version, None,
+                                         f"{result.reason}; no earlier release to go back to"))
+        self._switch_back(version, previous, result.reason)
+        raise UpdateError(self._emit("rolled_back", version, previous, result.reason))
+
+    def _commit(self, version: str, previous: str | None, reason: str) -> UpdateEvent:
+        self.store.mark(version, "committed", reason)
+        self.store.clear_pending()
+        removed = self.store.prune(self.policy.keep)
+        if removed:
+            log.info("releases_pruned", removed=removed, keep=self.policy.keep)
+        return self._emit("committed", version, previous, reason)
+
+    def _switch_back(self, failed: str, previous: str, reason: str) -> None:
+        self.store.mark(failed, "rolled_back", reason)
+        self.store.switch_current(previous)
+        older = [i.version for i in self.store.list()
+                 if i.version not in (failed, previous) and i.status == "committed"]
+        self.store.set_previous(older[-1] if older else None)
+        self.store.clear_pending()
+        if (self.store.release_dir(failed) / RELEASE_FILE).exists() and self._is_models(failed):
+            self.services.start(ENGINES_UNIT)
+        self.services.restart(NODE_UNIT)
+
+    def _is_models(self, version: str) -> bool:
+        info = self.store.info(version)
+        return info is not None and info.kind == "models"
+
+    def _recover(self) -> None:
+        """An update interrupted mid-gate (reboot, kill): gate it again, or roll it back."""
+        pending = self.store.pending()
+        if pending is None:
+            self.store.clean_staging()
+            return
+        version, previous = str(pending["pending"]), pending.get("previous")
+        log.warning("update_interrupted_resuming", version=version, previous=previous)
+        if self.store.current_version() != version:
+            self.store.clear_pending()
+            self.store.clean_staging()
+            return
+        with contextlib.suppress(UpdateError):
+            self._gate(version, str(previous) if previous else None)
+        self.store.clean_staging()
+
+    def resume(self) -> UpdateEvent | None:
+        """Finish an interrupted update, if any (the timer runs this after a reboot)."""
+        with self._locked():
+            had = self.store.pending() is not None
+            self._recover()
+            return self.store.last_event() if had else None
+
+    def rollback(self, reason: str = "operator rollback", *, restart: bool = True) -> UpdateEvent:
+        """Go back to `previous` (or the newest other committed release)."""
+        with self._locked():
+            current = self.store.current_version()
+            target = self.store.previous_version()
+            if target is None or target == current:
+                others = [i.version for i in self.store.list()
+                          if i.version != current and i.status == "committed"]
+                target = others[-1] if others else None
+            if current is None or target is None:
+                raise UpdateError(self._emit("refused", current, None,
+                                             "nothing to roll back to"))
+            if restart:
+                self._switch_back(current, target, reason)
+            else:
+                self.store.mark(current, "rolled_back", reason)
+                self.store.switch_current(target)
+                self.store.set_previous(None)
+            return self._emit("rolled_back", current, target, reason)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _skip_replaced(src_root: Path, new_files: set[Path]) -> Callable[[str, list[str]], set[str]]:
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel = Path(directory).relative_to(src_root)
+        return {n for n in names if rel / n in new_files}
+    return ignore
+

@@ -1,0 +1,1 @@
+"""Training helpers for `tools/train_models.py` (torch; never imported by the node)."""

