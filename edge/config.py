@@ -318,7 +318,7 @@ def _check_cross_fields(cfg: Config) -> None:
     if not ids:
         raise ConfigError("cameras", [], "at least one camera")
     for i, cam in enumerate(cfg.cameras):
-        if ids.count(cam.id) > 1:
+        if ids.index(cam.id) != i:
             raise ConfigError(f"cameras[{i}].id", cam.id, "a camera ID used only once")
         if cam.source == "realsense" and not cam.serial:
             raise ConfigError(f"cameras[{i}].serial", None, "a serial number for a RealSense")

@@ -29,7 +29,7 @@ class BeltPlane:
         rays_belt = rays_cam @ pose.rotation.T  # direction per unit camera-z
         #: belt-frame ray direction per pixel, scaled so that camera z == 1 (H, W, 3)
         self.rays = rays_belt.astype(np.float32)
-        self._t = pose.translation_mm.astype(np.float32)
+        self._t = pose.translation_mm.astype(np.float32)  # read by the renderer too
         with np.errstate(divide="ignore"):
             belt_z = np.where(rays_belt[..., 2] < -1e-6, -pose.translation_mm[2] / rays_belt[..., 2],
                               0.0)

@@ -51,7 +51,8 @@ def notify_address(value: str) -> str | bytes | None:
 class SystemdNotifier:
     """sd_notify over `$NOTIFY_SOCKET`; every method is a no-op (returns False) without one."""
 
-    def __init__(self, socket_path: str | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, socket_path: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         environ = os.environ if env is None else env
         raw = socket_path if socket_path is not None else environ.get("NOTIFY_SOCKET", "")
         self._address = notify_address(raw)
@@ -77,7 +78,7 @@ class SystemdNotifier:
                     self._sock = sock
                 self._sock.sendto(message.encode(), self._address)
             except OSError as exc:
-                log.warning("sd_notify_failed", error=str(exc), message=message.split("\n")[0])
+                log.warning("sd_notify_failed", error=str(exc), message=message.partition("\n")[0])
                 return False
         return True
 
@@ -120,7 +121,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
-def watchdog_interval_s(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
+def watchdog_interval_s(env: Mapping[str, str] | None = None,
+                        pid: int | None = None) -> float | None:
     """Seconds between pings (WatchdogSec/2), or None when this process has no watchdog.
 
     `$WATCHDOG_PID`, when set, must name this process (it is for the main PID only).

@@ -69,9 +69,9 @@ class _Bank:
 class ReferenceGallery:
     """Reference patch banks keyed by (product ID, camera ID), persisted in `root`."""
 
-    def __init__(self, root: Path, *, max_patches: int = MAX_PATCHES, top_k: int = TOP_K,
+    def __init__(self, root: Path | None, *, max_patches: int = MAX_PATCHES, top_k: int = TOP_K,
                  seed: int = 0) -> None:
-        self.root = root
+        self.root = root  # None: in memory only (golden self-test, threshold fitting)
         self.max_patches = max_patches
         self.top_k = top_k
         self._rng = np.random.default_rng(seed)
@@ -79,11 +79,11 @@ class ReferenceGallery:
         self._lock = threading.Lock()
         self._load()
 
-    def _file(self, product_id: str, camera_id: str) -> Path:
-        return self.root / _safe(product_id) / f"{_safe(camera_id)}.npz"
+    def _file(self, root: Path, product_id: str, camera_id: str) -> Path:
+        return root / _safe(product_id) / f"{_safe(camera_id)}.npz"
 
     def _load(self) -> None:
-        if not self.root.is_dir():
+        if self.root is None or not self.root.is_dir():
             return
         for path in sorted(self.root.glob("*/*.npz")):
             try:
@@ -132,13 +132,14 @@ class ReferenceGallery:
             total = views + (old.views if old else 0)
             self._banks[(product_id, camera_id)] = _Bank(
                 rows, np.einsum("ij,ij->i", rows, rows), total)
-        if persist:
-            self._save(product_id, camera_id, rows, total)
+        if persist and self.root is not None:
+            self._save(self.root, product_id, camera_id, rows, total)
         log.info("gallery_learned", product_id=product_id, camera=camera_id, views=total,
                  patches=len(rows))
 
-    def _save(self, product_id: str, camera_id: str, rows: F32Array, views: int) -> None:
-        path = self._file(product_id, camera_id)
+    def _save(self, root: Path, product_id: str, camera_id: str, rows: F32Array,
+              views: int) -> None:
+        path = self._file(root, product_id, camera_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as fh:

@@ -178,10 +178,10 @@ class SyntheticSource:
         if self._realtime:
             period = 1000.0 / self._world.fps(self._camera_id)
             now = self._clock.now_ms()
-            behind = int((now - self._world.start_ms) // period) - index
-            if behind > 1:  # the camera's buffer overflowed while nobody was reading
-                self._counters.frames_dropped += behind - 1
-                index += behind - 1
+            newest = int((now - self._world.start_ms) // period)
+            if newest > index:  # the camera's one-frame buffer overflowed while nobody read
+                self._counters.frames_dropped += newest - index
+                index = newest
             due = self._world.frame_time_ms(self._camera_id, index)
             if due - now > timeout_s * 1000.0:
                 self._clock.sleep_until(now + timeout_s * 1000.0, self._stop)

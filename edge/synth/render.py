@@ -210,6 +210,17 @@ class SceneRenderer:
         vis = (poly > 0) & (z > 0) & (z < dz)
         if not vis.any():
             return
+        # Pixels on the rasterized edge of a face seen nearly edge-on hit its plane far outside
+        # the face; keep only intersections inside it (1 mm tolerance).
+        rows, cols = np.nonzero(vis)
+        hit = z[rows, cols, None] * rig.plane.rays[rows + y0, cols + x0] + rig.plane._t
+        centre = corners.mean(axis=0)
+        for axis in (corners[1] - corners[0], corners[3] - corners[0]):
+            half = float(np.linalg.norm(axis)) / 2
+            off = np.abs((hit - centre) @ (axis / (2 * half)))
+            outside = off > half + 1.0
+            if outside.any():
+                vis[rows[outside], cols[outside]] = False
         dz[vis] = z[vis]
         labels[y0:y1, x0:x1][vis] = label
         croi = color[y0:y1, x0:x1]

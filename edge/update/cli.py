@@ -88,10 +88,10 @@ def run_update(args: argparse.Namespace) -> int:
         else:
             updater.resume()
     except UpdateError as exc:
-        print(f"update {exc.event.outcome}: {exc.event.reason}", file=sys.stderr)
+        _err(f"update {exc.event.outcome}: {exc.event.reason}")
         return 1
     except (BundleError, RuntimeError, ValueError) as exc:
-        print(f"update: {exc}", file=sys.stderr)
+        _err(f"update: {exc}")
         return 1
     return 0
 
@@ -128,7 +128,7 @@ def _apply(args: argparse.Namespace) -> int:
         log.info("update_nothing_to_do", inbox=str(args.bundle))
         return 0
     if not bundle.is_file():
-        print(f"update: no bundle at {bundle}", file=sys.stderr)
+        _err(f"update: no bundle at {bundle}")
         return 2
     updater = _updater(args, keys=list(load_public_keys(args.public_key)))
     try:
@@ -138,7 +138,7 @@ def _apply(args: argparse.Namespace) -> int:
             done = args.bundle / "processed"
             done.mkdir(exist_ok=True)
             p.replace(done / p.name)
-    print(f"update committed: {event.version} ({event.reason})")
+    _out(f"update committed: {event.version} ({event.reason})")
     return 0
 
 
@@ -146,9 +146,9 @@ def _status(args: argparse.Namespace) -> int:
     store = ReleaseStore(args.root)
     last = store.last_event()
     current = store.current_version()
-    releases = store.list()
+    releases = store.installed()
     if args.json:
-        print(json.dumps({
+        _out(json.dumps({
             "root": str(args.root),
             "current": current,
             "previous": store.previous_version(),
@@ -162,13 +162,21 @@ def _status(args: argparse.Namespace) -> int:
             "last_event": last.to_dict() if last else None,
         }, indent=1))
         return 0
-    print(f"current:  {current or '-'}\nprevious: {store.previous_version() or '-'}")
+    _out(f"current:  {current or '-'}\nprevious: {store.previous_version() or '-'}")
     for i in releases:
         mark = "*" if i.version == current else " "
-        print(f" {mark} {i.version:<24} {i.kind:<7} {i.status:<12} {i.reason}")
+        _out(f" {mark} {i.version:<24} {i.kind:<7} {i.status:<12} {i.reason}")
     if last:
-        print(f"last update: {last.outcome} {last.version or ''} — {last.reason}")
+        _out(f"last update: {last.outcome} {last.version or ''} — {last.reason}")
     return 0
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

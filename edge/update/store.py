@@ -155,12 +155,13 @@ class ReleaseStore:
                            reason=str(record.get("reason", "")),
                            base_version=str(base) if base else None)
 
-    def list(self) -> list[ReleaseInfo]:
+    def installed(self) -> list[ReleaseInfo]:
         """Complete releases, oldest install first."""
         if not self.releases.is_dir():
             return []
         found = (self.info(p.name) for p in self.releases.iterdir() if p.is_dir())
-        return sorted((i for i in found if i is not None), key=lambda i: (i.installed_ms, i.version))
+        return sorted((i for i in found if i is not None),
+                      key=lambda i: (i.installed_ms, i.version))
 
     def mark(self, version: str, status: Status, reason: str = "", **extra: Any) -> None:
         path = self.release_dir(version) / INSTALL_FILE
@@ -178,7 +179,7 @@ class ReleaseStore:
     def prune(self, keep: int) -> list[str]:
         """Keep `current`, `previous`, the releases they share a venv with and the newest
         others up to `keep` in all; remove the rest. Returns what was removed."""
-        infos = self.list()
+        infos = self.installed()
         by_version = {i.version: i for i in infos}
         pinned = {v for v in (self.current_version(), self.previous_version()) if v}
         kept = set(pinned)

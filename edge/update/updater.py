@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -110,7 +110,7 @@ def build_venv(release_dir: Path) -> None:
 @dataclass(frozen=True, slots=True)
 class UpdatePolicy:
     keep: int = 3
-    gate: GatePolicy = GatePolicy()
+    gate: GatePolicy = field(default_factory=GatePolicy)
 
 
 class Updater:
@@ -269,7 +269,7 @@ class Updater:
     def _switch_back(self, failed: str, previous: str, reason: str) -> None:
         self.store.mark(failed, "rolled_back", reason)
         self.store.switch_current(previous)
-        older = [i.version for i in self.store.list()
+        older = [i.version for i in self.store.installed()
                  if i.version not in (failed, previous) and i.status == "committed"]
         self.store.set_previous(older[-1] if older else None)
         self.store.clear_pending()
@@ -310,7 +310,7 @@ class Updater:
             current = self.store.current_version()
             target = self.store.previous_version()
             if target is None or target == current:
-                others = [i.version for i in self.store.list()
+                others = [i.version for i in self.store.installed()
                           if i.version != current and i.status == "committed"]
                 target = others[-1] if others else None
             if current is None or target is None:

@@ -1,0 +1,135 @@
+"""Health checks of a stored calibration against what the camera sees now.
+
+`check_belt` is pure (no camera, no I/O): the node calls it with one of its
+own depth frames at start and periodically. It fits the belt plane robustly
+over the inspection region (RANSAC, so boxes on the belt do not disturb it as
+long as most of the region shows belt) and compares it with the stored one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from calibration.belt import BeltFitError, Plane, angle_deg, deproject, ransac_plane, region_mask
+from calibration.boards import BoardSpec
+from calibration.files import CameraCalibration
+from calibration.intrinsics import detect_board
+from edge.types import U8Array, U16Array
+
+
+@dataclass(frozen=True, slots=True)
+class BeltCheckThresholds:
+    max_drift_mm: float = 5.0  # belt surface moved along its normal at the region centre
+    max_tilt_deg: float = 1.0  # angle between the stored and the current belt normal
+    min_fill_rate: float = 0.7  # valid depth pixels in the inspection region
+    min_belt_fraction: float = 0.3  # of the valid region pixels that lie on the fitted plane
+
+
+@dataclass(frozen=True, slots=True)
+class BeltCheckResult:
+    passed: bool
+    drift_mm: float | None  # + : the belt surface is closer to the camera than calibrated
+    tilt_deg: float | None
+    fill_rate: float
+    residual_rms_mm: float | None
+    belt_fraction: float | None  # share of valid region pixels on the fitted plane
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        def r(v: float | None, n: int) -> float | None:
+            return None if v is None else round(float(v), n)
+
+        return {"passed": self.passed, "drift_mm": r(self.drift_mm, 2),
+                "tilt_deg": r(self.tilt_deg, 3), "fill_rate": r(self.fill_rate, 4),
+                "residual_rms_mm": r(self.residual_rms_mm, 2),
+                "belt_fraction": r(self.belt_fraction, 3), "reasons": list(self.reasons)}
+
+
+def stored_plane(cal: CameraCalibration) -> Plane:
+    """The calibrated belt plane (belt z = 0) in camera coordinates."""
+    if cal.pose is None:
+        raise ValueError(f"calibration of camera {cal.serial} has no belt pose: run "
+                         "edge-calibrate belt first")
+    return Plane(np.asarray(cal.pose.rotation[2, :], dtype=np.float64),
+                 float(cal.pose.translation_mm[2]))
+
+
+def check_belt(calibration: CameraCalibration, depth: U16Array, depth_scale_m: float,
+               thresholds: BeltCheckThresholds | None = None, *, seed: int = 0) -> BeltCheckResult:
+    """Compare the belt plane in `depth` with the calibrated one; pass or fail with reasons."""
+    th = thresholds or BeltCheckThresholds()
+    cal = calibration
+    intr = cal.intrinsics
+    if cal.pose is None or cal.region is None:
+        return BeltCheckResult(False, None, None, 0.0, None, None, (
+            "the calibration has no belt pose: run edge-calibrate belt",))
+    if depth.shape != (intr.height, intr.width):
+        return BeltCheckResult(False, None, None, 0.0, None, None, (
+            f"depth is {depth.shape[1]}x{depth.shape[0]}, the calibration is for "
+            f"{intr.width}x{intr.height}",))
+    mask = region_mask(cal.pose, cal.region, intr)
+    total = int(np.count_nonzero(mask))
+    valid = mask & (depth > 0)
+    fill = float(np.count_nonzero(valid)) / max(total, 1)
+    reasons: list[str] = []
+    if fill < th.min_fill_rate:
+        reasons.append(f"depth fill rate {fill:.1%} < {th.min_fill_rate:.0%} in the inspection "
+                       "region: clean the lens, check lighting and the emitter")
+    pts = deproject(depth, depth_scale_m, intr)[valid]
+    try:
+        plane, inliers = ransac_plane(pts, seed=seed)
+    except BeltFitError as exc:
+        return BeltCheckResult(False, None, None, fill, None, None, (*reasons, str(exc)))
+    ref = stored_plane(cal)
+    origin_cam = cal.pose.inverse().translation_mm
+    drift = -float(plane.heights(origin_cam[None, :])[0])
+    tilt = angle_deg(ref.normal, plane.normal)
+    residual = float(np.sqrt(np.mean(plane.heights(pts[inliers]) ** 2)))
+    belt_fraction = float(inliers.mean())
+    if abs(drift) > th.max_drift_mm:
+        reasons.append(f"belt plane drifted {drift:+.1f} mm (limit {th.max_drift_mm:g} mm): the "
+                       "camera or the belt moved; re-run edge-calibrate belt")
+    if tilt > th.max_tilt_deg:
+        reasons.append(f"belt plane tilted {tilt:.2f} deg (limit {th.max_tilt_deg:g} deg): the "
+                       "camera mount moved; re-run edge-calibrate belt")
+    if belt_fraction < th.min_belt_fraction:
+        reasons.append(f"only {belt_fraction:.0%} of the region is on one plane: clear the belt "
+                       "and check again")
+    return BeltCheckResult(not reasons, drift, tilt, fill, residual, belt_fraction, tuple(reasons))
+
+
+@dataclass(frozen=True, slots=True)
+class BoardCheckResult:
+    found: bool
+    rms_px: float | None
+    passed: bool
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"found": self.found, "passed": self.passed,
+                "rms_px": None if self.rms_px is None else round(self.rms_px, 3),
+                "reasons": list(self.reasons)}
+
+
+def check_board(calibration: CameraCalibration, color: U8Array, spec: BoardSpec, *,
+                max_rms_px: float = 1.0) -> BoardCheckResult:
+    """Reprojection RMS of a board in view under the stored intrinsics (board not shown: passes)."""
+    gray = color if color.ndim == 2 else cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
+    det = detect_board(gray, spec)
+    if det is None:
+        return BoardCheckResult(False, None, True, ())
+    intr = calibration.intrinsics
+    K, dist = intr.matrix(), np.array(intr.coeffs)
+    ok, rvec, tvec = cv2.solvePnP(det.object_points, det.image_points, K, dist)
+    if not ok:
+        return BoardCheckResult(True, None, False, ("the board pose could not be solved",))
+    proj, _ = cv2.projectPoints(det.object_points, rvec, tvec, K, dist)
+    rms = float(np.sqrt(np.mean(np.sum((proj.reshape(-1, 2) - det.image_points) ** 2, axis=1))))
+    if rms > max_rms_px:
+        return BoardCheckResult(True, rms, False, (
+            f"board reprojection RMS {rms:.2f} px > {max_rms_px:g} px under the stored "
+            "intrinsics: re-run edge-calibrate intrinsics",))
+    return BoardCheckResult(True, rms, True, ())

@@ -1,0 +1,409 @@
+"""The node's MQTT client: verdicts out (through the durable outbox), inductions and feedback in.
+
+paho-mqtt 2 with MQTT 5 (falls back to 3.1.1 when the broker refuses 5 and
+``mqtt.protocol`` is ``auto``), QoS 1 and a persistent session. The network
+loop runs in one named thread that owns connecting, so a refused CONNACK is
+never mistaken for a connection and a TLS failure is reported with its cause
+(`last_error`). Every connect publishes a retained ``online`` status, subscribes
+to the inputs and re-sends unacknowledged outbox rows that paho does not hold
+in memory (paho itself re-sends its in-flight messages). PUBACKs travel from
+paho's thread through a queue to the ``mqtt-acks`` thread, which marks the
+outbox rows done: paho calls `on_publish` with its own locks held.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge import __version__
+from edge.publish.connection import (
+    describe_connect_error,
+    load_credentials,
+    parse_url,
+    tls_context,
+)
+from edge.publish.inputs import InputGate
+from edge.publish.outbox import Outbox, OutboxRow
+from edge.publish.payloads import dumps, event_payload, status_payload, verdict_payload
+from edge.publish.topics import Topics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Mapping
+    from pathlib import Path
+
+    from edge.clock import Clock
+    from edge.config import MqttConfig, NodeConfig
+    from edge.publish.payloads import InputRejected
+    from edge.types import Announcement, Feedback, Verdict
+
+log = structlog.get_logger(__name__)
+
+SESSION_EXPIRY_S = 24 * 3600
+_UNSUPPORTED_PROTOCOL = 132
+
+
+@dataclass(frozen=True, slots=True)
+class AckedVerdict:
+    """A verdict the broker acknowledged (for capture-to-PUBACK latency)."""
+
+    seq: int
+    item_id: str
+    captured_ms: float | None
+    decided_ms: float
+    published_ms: float
+    acked_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherMetrics:
+    connected: bool
+    protocol: str
+    published: int  # verdicts written to the outbox and handed to MQTT
+    acked: int
+    resent: int  # re-sends after a reconnect or a restart
+    refused: int  # PUBACK with an error reason code (e.g. not authorized)
+    reconnects: int
+    connect_failures: int
+    events_published: int
+    outbox_depth: int
+    dropped_expired: int
+    dropped_actionable: int
+    inputs_received: int
+    accepted: Mapping[str, int] = field(default_factory=dict)
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+
+
+class VerdictPublisher:
+    """Publishes verdicts durably and delivers inductions and feedback to the node."""
+
+    backoff_min_s = 0.05
+    backoff_max_s = 2.0
+
+    def __init__(self, mqtt_cfg: MqttConfig, node_cfg: NodeConfig, outbox_path: Path,
+                 clock: Clock, on_announcement: Callable[[Announcement], None],
+                 on_feedback: Callable[[Feedback], None],
+                 on_acked: Callable[[AckedVerdict], None] | None = None, *,
+                 known_products: Collection[str] | None = None,
+                 versions: Mapping[str, str] | None = None, outbox_max_rows: int = 100_000,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self._cfg = mqtt_cfg
+        self._node = node_cfg
+        self._clock = clock
+        self._on_acked = on_acked
+        self.topics = Topics(mqtt_cfg.topic_prefix, node_cfg.line_id, node_cfg.node_id)
+        self._addr = parse_url(mqtt_cfg.url)
+        self._credentials = load_credentials(mqtt_cfg, environ)
+        self._tls = tls_context(mqtt_cfg.tls) if self._addr.tls else None
+        self._versions = {"node": __version__, **(versions or {})}
+        self._health: dict[str, object] = {}
+        self._outbox = Outbox(outbox_path, outbox_max_rows)
+        self._gate = InputGate(self.topics, clock, on_announcement, on_feedback, self._report,
+                               known_products, self._outbox.has_item)
+        self._protocol = (MQTTProtocolVersion.MQTTv311 if mqtt_cfg.protocol == "3.1.1"
+                          else MQTTProtocolVersion.MQTTv5)
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._lock = threading.Lock()  # mid <-> seq maps and counters
+        self._mid_seq: dict[int, int] = {}
+        self._seq_mid: dict[int, int] = {}
+        self._acks: queue.Queue[tuple[int, bool, str, float]] = queue.Queue()
+        self._counts = {k: 0 for k in ("published", "acked", "resent", "refused", "reconnects",
+                                       "connect_failures", "events", "connects")}
+        self._last_error: str | None = None
+        self._fallback = False
+        self._threads: list[threading.Thread] = []
+        self._client = self._make_client()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._run_network, name="mqtt-net", daemon=True),
+                         threading.Thread(target=self._run_acks, name="mqtt-acks", daemon=True)]
+        for t in self._threads:
+            t.start()
+        log.info("mqtt.starting", host=self._addr.host, port=self._addr.port, tls=self._addr.tls,
+                 client_id=self._client_id, root=self.topics.root,
+                 credentials=repr(self._credentials) if self._credentials else None,
+                 outbox_unacked=self._outbox.unacked)
+
+    def stop(self, flush_timeout_s: float = 5.0) -> int:
+        """Flush the outbox (up to the timeout), publish `offline`, disconnect.
+
+        Returns how many verdicts are still unacknowledged (they stay in the
+        outbox and are re-sent by the next start).
+        """
+        deadline = self._clock_s() + flush_timeout_s
+        while self._outbox.unacked and self._connected.is_set() and self._clock_s() < deadline:
+            self._stop.wait(0.01)
+        if self._connected.is_set():
+            info = self._client.publish(self.topics.status, self._status_bytes("offline"),
+                                        qos=1, retain=True)
+            try:
+                info.wait_for_publish(max(0.1, deadline - self._clock_s()))
+            except (RuntimeError, ValueError):
+                pass
+            self._client.disconnect()
+            end = self._clock_s() + 1.0
+            while self._connected.is_set() and self._clock_s() < end:
+                self._stop.wait(0.01)
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        left = self._outbox.unacked
+        self._outbox.close()
+        log.info("mqtt.stopped", unacked=left)
+        return left
+
+    @staticmethod
+    def _clock_s() -> float:
+        return time.monotonic()  # timeouts run on real time, whatever the node's clock does
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def outbox_depth(self) -> int:
+        return self._outbox.unacked
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    # --- publishing ---------------------------------------------------------------------
+
+    def publish_verdict(self, verdict: Verdict) -> int:
+        """Store the verdict in the outbox, then publish it; returns its sequence number."""
+        now = self._clock.now_ms()
+
+        def render(seq: int) -> bytes:
+            return dumps(verdict_payload(verdict, node_id=self._node.node_id,
+                                         line_id=self._node.line_id, seq=seq, published_ms=now))
+
+        row = self._outbox.append(
+            item_id=verdict.item_id, topic=self.topics.verdict, deadline_ms=verdict.deadline_ms,
+            captured_ms=verdict.captured_ms, decided_ms=verdict.decided_ms, published_ms=now,
+            now_ms=now, render=render)
+        self._gate.remember(verdict.item_id)
+        with self._lock:
+            self._counts["published"] += 1
+        self._send(row)
+        return row.seq
+
+    def publish_status(self, health: Mapping[str, object]) -> None:
+        """Publish (retained) `online` with this health; it is re-published on every connect."""
+        self._health = dict(health)
+        if self._connected.is_set():
+            self._client.publish(self.topics.status, self._status_bytes("online"), qos=1,
+                                 retain=True)
+
+    def publish_event(self, kind: str, detail: Mapping[str, object]) -> None:
+        payload = dumps(event_payload(kind, detail, node_id=self._node.node_id,
+                                      line_id=self._node.line_id, now_ms=self._clock.now_ms()))
+        self._client.publish(self.topics.events, payload, qos=1, retain=False)
+        with self._lock:
+            self._counts["events"] += 1
+
+    def _send(self, row: OutboxRow) -> bool:
+        """Hand a row to paho unless paho already holds it."""
+        props = None
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            left_ms = row.deadline_ms - self._clock.now_ms()
+            if left_ms > 0:  # after the deadline: audit only, no expiry
+                props.MessageExpiryInterval = max(1, math.ceil(left_ms / 1000.0))
+        with self._lock:
+            if row.seq in self._seq_mid:
+                return False
+            info = self._client.publish(row.topic, row.payload, qos=1, retain=False,
+                                        properties=props)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                log.error("mqtt.publish_failed", seq=row.seq, rc=paho.error_string(info.rc))
+                return False
+            self._mid_seq[info.mid] = row.seq
+            self._seq_mid[row.seq] = info.mid
+        return True
+
+    def _resend_pending(self) -> None:
+        with self._lock:
+            held = set(self._seq_mid)
+            self._counts["resent"] += len(held)  # paho re-sends what it holds itself
+        sent = sum(self._send(row) for row in self._outbox.pending(exclude=held))
+        with self._lock:
+            self._counts["resent"] += sent
+        if sent or held:
+            log.info("mqtt.resending", from_outbox=sent, in_flight=len(held))
+
+    def _status_bytes(self, state: str) -> bytes:
+        return dumps(status_payload(state, node_id=self._node.node_id,
+                                    line_id=self._node.line_id, now_ms=self._clock.now_ms(),
+                                    versions=self._versions,
+                                    health=self._health if state == "online" else {}))
+
+    def _report(self, topic: str, exc: InputRejected, size: int) -> None:
+        self.publish_event("rejected_input", {"topic": topic, "reason": exc.reason,
+                                              "field": exc.field, "error": str(exc)[:300],
+                                              "size": size})
+
+    # --- paho plumbing ------------------------------------------------------------------
+
+    @property
+    def _client_id(self) -> str:
+        return self._cfg.client_id or f"cv-{self._node.node_id}"
+
+    def _make_client(self) -> paho.Client:
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=self._client_id, protocol=self._protocol,
+                             clean_session=None if v5 else False, reconnect_on_failure=False)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        # Never write from the caller's thread: the mqtt-net thread does all socket I/O.
+        client.on_socket_register_write = lambda *_: None
+        client.max_inflight_messages_set(100)
+        if self._credentials is not None:
+            client.username_pw_set(self._credentials.username, self._credentials.password)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+        client.will_set(self.topics.status, self._status_bytes("offline"), qos=1, retain=True)
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            client.connect_async(self._addr.host, self._addr.port, self._cfg.keepalive_s,
+                                 clean_start=False, properties=props)
+        else:
+            client.connect_async(self._addr.host, self._addr.port, self._cfg.keepalive_s)
+        return client
+
+    def _run_network(self) -> None:
+        backoff = self.backoff_min_s
+        while not self._stop.is_set():
+            if self._fallback:
+                self._fall_back_to_311()
+            try:
+                self._client.reconnect()
+            except Exception as exc:  # OSError, ssl errors, paho's ValueErrors: report, retry
+                self._connect_failed(describe_connect_error(exc, self._cfg))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max_s)
+                continue
+            while not self._stop.is_set():
+                rc = self._client.loop(0.05)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                if self._connected.is_set():
+                    backoff = self.backoff_min_s
+            self._connected.clear()
+            if not self._stop.is_set():
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max_s)
+        self._acks.put((-1, False, "", 0.0))
+
+    def _connect_failed(self, message: str) -> None:
+        with self._lock:
+            self._counts["connect_failures"] += 1
+            first = self._last_error != message
+        self._last_error = message
+        (log.error if first else log.debug)("mqtt.connect_failed", error=message)
+
+    def _fall_back_to_311(self) -> None:
+        log.warning("mqtt.protocol_fallback", to="3.1.1")
+        self._fallback = False
+        self._protocol = MQTTProtocolVersion.MQTTv311
+        with self._lock:
+            self._mid_seq.clear()
+            self._seq_mid.clear()
+        self._client = self._make_client()
+
+    def _on_connect(self, client: paho.Client, _userdata: Any, flags: paho.ConnectFlags,
+                    reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            if (reason.value == _UNSUPPORTED_PROTOCOL and self._cfg.protocol == "auto"
+                    and self._protocol == MQTTProtocolVersion.MQTTv5):
+                self._fallback = True
+            self._connect_failed(f"broker refused the connection: {reason}")
+            return
+        with self._lock:
+            self._counts["connects"] += 1
+            if self._counts["connects"] > 1:
+                self._counts["reconnects"] += 1
+        self._last_error = None
+        self._connected.set()
+        log.info("mqtt.connected", session_present=flags.session_present,
+                 protocol="5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1")
+        client.publish(self.topics.status, self._status_bytes("online"), qos=1, retain=True)
+        client.subscribe([(t, 1) for t in self.topics.inputs])
+        self._resend_pending()
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
+                       _props: Any) -> None:
+        if self._connected.is_set():
+            log.warning("mqtt.disconnected", reason=str(reason))
+        self._connected.clear()
+
+    def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: Any,
+                    _props: Any) -> None:
+        # paho holds its message lock here: hand over, do nothing else.
+        self._acks.put((mid, bool(reason.is_failure), str(reason), self._clock.now_ms()))
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._gate.handle(msg.topic, bytes(msg.payload))
+
+    def _run_acks(self) -> None:
+        while True:
+            mid, failed, reason, acked_ms = self._acks.get()
+            if mid < 0:
+                return
+            with self._lock:
+                seq = self._mid_seq.pop(mid, None)
+                if seq is not None:
+                    self._seq_mid.pop(seq, None)
+            if seq is None:
+                continue  # status or event message
+            self._record_ack(seq, failed, reason, acked_ms)
+
+    def _record_ack(self, seq: int, failed: bool, reason: str, acked_ms: float) -> None:
+        row = self._outbox.mark_acked(seq, acked_ms, f"refused: {reason}" if failed else "acked")
+        with self._lock:
+            self._counts["refused" if failed else "acked"] += 1
+        if failed:
+            log.error("mqtt.verdict_refused", seq=seq, reason=reason)
+            return
+        if row is not None and self._on_acked is not None:
+            try:
+                self._on_acked(AckedVerdict(seq, row.item_id, row.captured_ms, row.decided_ms,
+                                            row.published_ms, acked_ms))
+            except Exception:
+                log.exception("mqtt.on_acked_failed", seq=seq)
+
+    def metrics(self) -> PublisherMetrics:
+        received, accepted, rejected = self._gate.snapshot()
+        stats = self._outbox.stats()
+        with self._lock:
+            c = dict(self._counts)
+        return PublisherMetrics(
+            connected=self.connected,
+            protocol="5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
+            published=c["published"], acked=c["acked"], resent=c["resent"],
+            refused=c["refused"], reconnects=c["reconnects"],
+            connect_failures=c["connect_failures"], events_published=c["events"],
+            outbox_depth=stats.unacked, dropped_expired=stats.dropped_expired,
+            dropped_actionable=stats.dropped_actionable, inputs_received=received,
+            accepted=accepted, rejected=rejected, last_error=self._last_error)

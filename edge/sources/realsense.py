@@ -1,0 +1,324 @@
+"""RealSense cameras and `.db3`/`.bag` recordings behind the `FrameSource` protocol.
+
+A live camera is opened by serial number through an `rs.pipeline`; a recording
+is loaded as a playback device whose sensors feed a bounded queue (playback
+that is not real time then waits for the reader instead of dropping frames,
+which the pipeline does not guarantee). Both deliver (depth, colour) pairs
+that are aligned to colour with `rs.align` (skipped when the recording is
+already aligned), post-processed by the configured filters, and handed on as
+`Frame`s whose intrinsics, depth scale and serial come from the device.
+
+Faults: a live camera that stops delivering (USB unplug, "frame didn't
+arrive") is re-opened by serial with exponential backoff; after
+`RetryPolicy.resets_after` failed attempts the device gets a `hardware_reset`;
+after `max_attempts` the source raises `SourceError`. A recording that fails
+mid-file is re-opened and fast-forwarded past the last delivered frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import structlog
+
+from edge.config import DepthFilters
+from edge.sources import EndOfStream, SourceCounters, SourceError
+from edge.sources._rs_session import LiveSession, PlaybackSession, Session, intrinsics_of
+from edge.sources.recording import import_realsense
+from edge.types import Frame, Intrinsics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from edge.config import CameraConfig
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard a source tries to get a lost camera back."""
+
+    timeouts_before_reconnect: int = 3  # consecutive empty waits that mean "device lost"
+    backoff_initial_s: float = 0.25
+    backoff_max_s: float = 8.0
+    resets_after: int = 4  # failed re-opens before a hardware_reset
+    max_attempts: int = 12  # failed re-opens before giving up (SourceError)
+
+
+class RealSenseSource:
+    """A RealSense camera by serial, or a recording played back through pyrealsense2."""
+
+    def __init__(self, camera_id: str, *, serial: str | None = None,
+                 recording: Path | None = None, width: int = 640, height: int = 480,
+                 fps: int = 30, filters: DepthFilters | None = None,
+                 sync_mode: str = "default", realtime: bool = False,
+                 skew_tolerance_ms: float | None = None, retry: RetryPolicy | None = None,
+                 on_device_change: Callable[[str, bool], None] | None = None) -> None:
+        if (serial is None) == (recording is None):
+            raise SourceError(f"camera {camera_id!r}: give exactly one of serial or recording")
+        self._camera_id = camera_id
+        self.serial = serial
+        self.recording = recording
+        self.size = (width, height)
+        self.fps = fps
+        self.filters = filters or DepthFilters()
+        self.sync_mode = sync_mode
+        self.realtime = realtime
+        self.skew_tolerance_ms = skew_tolerance_ms if skew_tolerance_ms is not None else (
+            500.0 / fps)
+        self.retry = retry or RetryPolicy()
+        self.on_device_change = on_device_change
+        self._counters = SourceCounters()
+        self._rs: Any = None
+        self._session: Session | None = None
+        self._blocks: list[Any] = []
+        self._align: Any = None
+        self._lost = threading.Event()  # set by the device-change callback
+        self._stop = threading.Event()
+        self._empty_waits = 0
+        self._failed_opens = 0
+        self._resets = 0
+        self._next_attempt = 0.0
+        self._last_ts: float | None = None
+        self._last_index: int | None = None
+        self._domain_logged = False
+        self._context: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: CameraConfig, *, retry: RetryPolicy | None = None
+                    ) -> RealSenseSource:
+        return cls(cfg.id, serial=cfg.serial if cfg.source == "realsense" else None,
+                   recording=cfg.recording if cfg.source == "recording" else None,
+                   width=cfg.width, height=cfg.height, fps=cfg.fps, filters=cfg.filters,
+                   sync_mode=cfg.sync_mode, realtime=cfg.realtime, retry=retry)
+
+    @property
+    def camera_id(self) -> str:
+        return self._camera_id
+
+    @property
+    def counters(self) -> SourceCounters:
+        return self._counters
+
+    @property
+    def what(self) -> str:
+        return f"recording {self.recording}" if self.recording else f"camera {self.serial}"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the device or recording; raises `SourceError` naming it and the problem."""
+        self._rs = import_realsense()
+        if self.recording is not None:
+            self._check_recording_file(self.recording)
+        else:
+            self._context = self._rs.context()
+            self._context.set_devices_changed_callback(self._devices_changed)
+        self._stop.clear()
+        self._session = self._open()
+        self._build_blocks()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _open(self) -> Session:
+        if self.recording is not None:
+            return PlaybackSession(self._rs, self.recording, realtime=self.realtime,
+                                   expect_size=self.size, stop=self._stop)
+        assert self.serial is not None
+        return LiveSession(self._rs, self.serial, self.size, self.fps, self.sync_mode)
+
+    def _check_recording_file(self, path: Path) -> None:
+        if not path.is_file():
+            raise SourceError(f"recording {path} does not exist (camera {self.camera_id!r})")
+        if path.stat().st_size == 0:
+            raise SourceError(f"recording {path} is empty (camera {self.camera_id!r})")
+
+    def _build_blocks(self) -> None:
+        rs, f = self._rs, self.filters
+        self._blocks = []
+        if f.decimation > 1:
+            dec = rs.decimation_filter()
+            dec.set_option(rs.option.filter_magnitude, float(f.decimation))
+            self._blocks.append(dec)
+        if f.spatial:
+            self._blocks.append(rs.spatial_filter())
+        if f.temporal:
+            self._blocks.append(rs.temporal_filter())
+        if f.hole_filling:
+            self._blocks.append(rs.hole_filling_filter())
+        self._align = rs.align(rs.stream.color)
+
+    def _devices_changed(self, event: Any) -> None:
+        """pyrealsense2's device-change callback (runs on an SDK thread)."""
+        for dev in event.get_new_devices():
+            if dev.get_info(self._rs.camera_info.serial_number) == self.serial:
+                log.info("camera_connected", camera=self.camera_id, serial=self.serial)
+                self._next_attempt = 0.0  # try right away
+                if self.on_device_change is not None:
+                    self.on_device_change(self.camera_id, True)
+        if self._session is not None and self._session.removed_by(event):
+            log.warning("camera_removed", camera=self.camera_id, serial=self.serial)
+            self._lost.set()
+            if self.on_device_change is not None:
+                self.on_device_change(self.camera_id, False)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self, timeout_s: float) -> Frame | None:
+        """The next frame; None on timeout; `EndOfStream` at the end of a recording."""
+        if self._rs is None:
+            raise SourceError(f"{self.what}: read() before start()")
+        deadline = time.monotonic() + timeout_s
+        while not self._stop.is_set():
+            if self._session is None or self._lost.is_set():
+                if not self._reconnect(deadline):
+                    return None
+                continue
+            remaining = deadline - time.monotonic()
+            try:
+                pair = self._session.wait(max(1, int(remaining * 1000)))
+            except EndOfStream:
+                raise
+            except (RuntimeError, SourceError) as exc:
+                self._session_failed(f"{type(exc).__name__}: {exc}")
+                continue
+            if pair is None:
+                self._counters.timeouts += 1
+                self._empty_waits += 1
+                if self._empty_waits >= self.retry.timeouts_before_reconnect:
+                    self._session_failed("no frames")
+                return None
+            self._empty_waits = 0
+            frame = self._to_frame(*pair)
+            if frame is not None:
+                return frame
+            if time.monotonic() >= deadline:
+                return None
+        return None
+
+    def _session_failed(self, why: str) -> None:
+        log.warning("camera_lost", camera=self.camera_id, source=self.what, reason=why)
+        self._lost.set()
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _reconnect(self, deadline: float) -> bool:
+        """Try to re-open when the backoff allows; False when `deadline` came first."""
+        now = time.monotonic()
+        if now < self._next_attempt:
+            self._stop.wait(max(0.0, min(self._next_attempt, deadline) - now))
+            if time.monotonic() < self._next_attempt:
+                return False
+        try:
+            self._session = self._open()
+        except (RuntimeError, SourceError) as exc:
+            self._failed_opens += 1
+            if self._failed_opens >= self.retry.max_attempts:
+                raise SourceError(f"{self.what} (camera {self.camera_id!r}) is gone: "
+                                  f"{self._failed_opens} re-opens failed; last error: {exc}"
+                                  ) from exc
+            if self._failed_opens % self.retry.resets_after == 0:
+                self._hardware_reset()
+            delay = min(self.retry.backoff_max_s,
+                        self.retry.backoff_initial_s * 2 ** (self._failed_opens - 1))
+            self._next_attempt = time.monotonic() + delay
+            log.warning("camera_reopen_failed", camera=self.camera_id, attempt=self._failed_opens,
+                        retry_in_s=delay, error=str(exc))
+            return time.monotonic() < deadline
+        self._counters.reconnects += 1
+        self._failed_opens = 0
+        self._empty_waits = 0
+        self._lost.clear()
+        log.info("camera_reopened", camera=self.camera_id, source=self.what,
+                 reconnects=self._counters.reconnects)
+        return True
+
+    def _hardware_reset(self) -> None:
+        """Reset the camera by serial (live only): the SDK's cure for a wedged USB device."""
+        self._resets += 1
+        if self.serial is None or self._context is None:
+            return
+        for dev in self._context.query_devices():
+            if dev.get_info(self._rs.camera_info.serial_number) == self.serial:
+                log.warning("camera_hardware_reset", camera=self.camera_id, serial=self.serial)
+                dev.hardware_reset()
+                return
+        log.warning("camera_not_enumerated", camera=self.camera_id, serial=self.serial)
+
+    # -- conversion ----------------------------------------------------------------------
+
+    def _to_frame(self, depth: Any, color: Any) -> Frame | None:
+        session = self._session
+        assert session is not None
+        ts = float(color.get_timestamp())
+        if self._last_ts is not None and ts <= self._last_ts:
+            return None  # replayed after a re-open, or a duplicate
+        self._log_domain(color)
+        if abs(float(depth.get_timestamp()) - ts) > self.skew_tolerance_ms:
+            self._counters.skewed_frames += 1
+        if session.needs_align:
+            aligned = self._align.process(session.composite(depth, color))
+            depth = aligned.get_depth_frame()
+        for block in self._blocks:
+            depth = block.process(depth)
+        index = int(color.get_frame_number())
+        if self._last_index is not None and index > self._last_index + 1:
+            self._counters.frames_dropped += index - self._last_index - 1
+        self._last_index, self._last_ts = index, ts
+        depth_np = np.asanyarray(depth.get_data()).copy()
+        color_np = np.asanyarray(color.get_data())
+        if session.color_is_rgb:
+            color_np = color_np[..., ::-1]
+        intr = session.color_intrinsics
+        if depth_np.shape != color_np.shape[:2]:
+            factor = depth_np.shape[1] / color_np.shape[1]
+            intr = dataclasses.replace(intr.scaled(factor), width=depth_np.shape[1],
+                                       height=depth_np.shape[0])
+            color_np = cv2.resize(color_np, (depth_np.shape[1], depth_np.shape[0]),
+                                  interpolation=cv2.INTER_AREA)
+        self._counters.frames_received += 1
+        return Frame(camera_id=self.camera_id, index=index, timestamp_ms=ts,
+                     color=np.ascontiguousarray(color_np), depth=depth_np,
+                     depth_scale_m=session.depth_scale_m, intrinsics=intr)
+
+    def _log_domain(self, color: Any) -> None:
+        if self._domain_logged:
+            return
+        self._domain_logged = True
+        domain = color.get_frame_timestamp_domain()
+        if domain == self._rs.timestamp_domain.global_time:
+            log.info("camera_timestamp_domain", camera=self.camera_id, domain="global_time")
+        else:
+            log.warning("camera_timestamp_domain", camera=self.camera_id, domain=str(domain),
+                        hint="no frame metadata: timestamps fall back to host arrival time; "
+                        "install the kernel patches or the RSUSB backend for global time")
+
+    @property
+    def intrinsics(self) -> Intrinsics:
+        """Colour intrinsics as delivered (after decimation)."""
+        if self._session is None:
+            raise SourceError(f"{self.what}: not started")
+        intr = self._session.color_intrinsics
+        if self.filters.decimation > 1:
+            intr = intr.scaled(1.0 / self.filters.decimation)
+        return intr
+
+    @property
+    def device_serial(self) -> str | None:
+        return self._session.serial if self._session is not None else None
+
+
+__all__ = ["RealSenseSource", "RetryPolicy", "intrinsics_of"]

@@ -1,0 +1,65 @@
+"""The damage head (trunk features + depth branch) and ONNX export of both models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.effnet import Trunk
+
+TRUNK_CHANNELS = 80
+PATCH_CHANNELS = 120
+N_OUTPUTS = 6  # any damage + the classifier's five types
+LSE_R = 5.0
+
+
+class DamageHead(nn.Module):
+    """(trunk [N,80,8,8], depth [N,3,S,S]) -> probs [N,6], maps [N,6,8,8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = nn.Sequential(
+            nn.Conv2d(3, 16, 4, 4), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d(TRUNK_CHANNELS + 32, 96, 3, 1, 1), nn.BatchNorm2d(96), nn.ReLU(),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(96, 64, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(64, N_OUTPUTS, 1),
+        )
+
+    def logits(self, trunk: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.depth(depth)
+        if d.shape[-2:] != trunk.shape[-2:]:
+            d = nn.functional.adaptive_avg_pool2d(d, trunk.shape[-2:])
+        maps = self.fuse(torch.cat([trunk, d], dim=1))
+        n_cells = maps.shape[-1] * maps.shape[-2]
+        pooled = (torch.logsumexp(LSE_R * maps.flatten(2), dim=2) - math.log(n_cells)) / LSE_R
+        return pooled, maps
+
+    def forward(self, trunk: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, maps = self.logits(trunk, depth)
+        return torch.sigmoid(pooled), torch.sigmoid(maps)
+
+
+def export_embedding(trunk: Trunk, path: Path, size: int) -> None:
+    dummy = torch.zeros(1, 3, size, size)
+    torch.onnx.export(trunk.eval(), (dummy,), str(path), input_names=["rgb"],
+                      output_names=["patches", "trunk"], opset_version=17,
+                      dynamic_axes={"rgb": {0: "batch"}, "patches": {0: "batch"},
+                                    "trunk": {0: "batch"}}, dynamo=False)
+
+
+def export_damage(head: DamageHead, path: Path, size: int) -> None:
+    cells = size // 16
+    trunk = torch.zeros(1, TRUNK_CHANNELS, cells, cells)
+    depth = torch.zeros(1, 3, size, size)
+    torch.onnx.export(head.eval(), (trunk, depth), str(path), input_names=["trunk", "depth"],
+                      output_names=["probs", "maps"], opset_version=17,
+                      dynamic_axes={"trunk": {0: "batch"}, "depth": {0: "batch"},
+                                    "probs": {0: "batch"}, "maps": {0: "batch"}}, dynamo=False)
