@@ -176,6 +176,7 @@ class HealthFile:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(data), encoding="utf-8")
+            tmp.chmod(0o644)  # not secret; the updater (another user) reads it
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("health_file_write_failed", path=str(self.path), error=str(exc))

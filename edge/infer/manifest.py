@@ -179,5 +179,6 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
 def write_manifest(path: Path, data: Mapping[str, Any]) -> None:
     """Write atomically (temporary file + rename), keeping key order."""
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False), encoding="utf-8")
+    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=None),
+                   encoding="utf-8")
     tmp.replace(path)

@@ -22,6 +22,7 @@ from edge.decide import Fusion, combo_name
 from edge.infer.backend import Backend, Tensor, open_backend
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.geometry import geometry_check
+from edge.infer.golden import GoldenReport
 from edge.infer.manifest import Manifest, load_manifest, sha256_file
 from edge.types import CLASSIFIER_DAMAGE_TYPES, F32Array, ItemCrop, ItemRecord, Scores
 
@@ -97,17 +98,28 @@ def map_box(prob_map: F32Array, size: int) -> tuple[int, int, int, int]:
     return (x0, y0, int((xs.max() + 1) * step) - x0, int((ys.max() + 1) * step) - y0)
 
 
+class ModelRefused(RuntimeError):
+    """New models failed the golden self-test; the old ones stay in use."""
+
+    def __init__(self, report: GoldenReport) -> None:
+        self.report = report
+        super().__init__("golden self-test failed: " + "; ".join(report.failures[:5]))
+
+
 class ItemInspector:
     """Runs the models on items' crops; thread-compatible (one caller at a time)."""
 
     def __init__(self, manifest: Manifest, embedding: Backend, damage: Backend,
                  gallery: ReferenceGallery, catalogue: Catalogue, cfg: ModelsConfig) -> None:
-        self.manifest = manifest
-        self.embedding = embedding
-        self.damage = damage
         self.gallery = gallery
         self.catalogue = catalogue
         self.cfg = cfg
+        self._configure(manifest, embedding, damage)
+
+    def _configure(self, manifest: Manifest, embedding: Backend, damage: Backend) -> None:
+        self.manifest = manifest
+        self.embedding = embedding
+        self.damage = damage
         self.fusion = Fusion.from_mapping(manifest.fusion)
         pre = manifest.model(DAMAGE).preprocessing
         self.size = int(manifest.model(EMBEDDING).preprocessing.get("size", 128))
@@ -116,7 +128,7 @@ class ItemInspector:
         self.expected_fill = {str(k): float(v) for k, v in
                               dict(geo.get("expected_fill") or {}).items()}
         self.geometry_slack = float(geo.get("slack", 0.0))
-        cap = 2 * cfg.max_batch
+        cap = 2 * self.cfg.max_batch
         self._rgb = np.zeros((cap, 3, self.size, self.size), np.float32)
         self._depth = np.zeros((cap, 3, self.size, self.size), np.float32)
 
@@ -146,7 +158,7 @@ class ItemInspector:
             rgb, products, cams = data["rgb"], data["product_id"], data["camera_id"]
         for pid, cam in sorted({(str(p), str(c)) for p, c in zip(products, cams, strict=True)}):
             sel = [i for i in range(len(rgb)) if products[i] == pid and cams[i] == cam]
-            self._learn(pid, cam, [rgb[i] for i in sel])
+            self.learn_views(pid, cam, [rgb[i] for i in sel])
         log.info("gallery_seeded", views=len(rgb), products=len(set(products.tolist())))
         return len(rgb)
 
@@ -163,7 +175,8 @@ class ItemInspector:
             trunks.append(out["trunk"])
         return np.concatenate(patches), np.concatenate(trunks)
 
-    def _learn(self, product_id: str, camera_id: str, colors: Sequence[np.ndarray]) -> None:
+    def learn_views(self, product_id: str, camera_id: str, colors: Sequence[np.ndarray]) -> None:
+        """Add BGR crops of one camera as references (in every orientation of the long side)."""
         variants = [np.ascontiguousarray(c[::-1 if fy else 1, ::-1 if fx else 1])
                     for c in colors for fx, fy in _VARIANTS]
         patches, _ = self.embed(variants)
@@ -172,7 +185,7 @@ class ItemInspector:
     def learn_reference(self, product_id: str, crops: Mapping[str, ItemCrop]) -> None:
         """Add an item's views as pristine references of `product_id` (persisted)."""
         for camera_id, crop in crops.items():
-            self._learn(product_id, camera_id, [crop.color])
+            self.learn_views(product_id, camera_id, [crop.color])
 
     def infer(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
         """Scores for each record, batching up to `max_batch` items per model call."""
@@ -236,6 +249,29 @@ class ItemInspector:
         res = geometry_check(record.box_mm, product, record.crops, self.expected_fill,
                              self.geometry_slack)
         return None if res is None else res.score
+
+    def reload(self, manifest_path: Path | None = None) -> GoldenReport:
+        """Re-read manifest and models; switch to them only if the golden self-test passes.
+
+        Raises `ModelRefused` (keeping the current models) when it does not.
+        """
+        from edge.infer.golden import golden_self_test
+
+        manifest = load_manifest(manifest_path or self.cfg.manifest)
+        candidate = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), self.cfg),
+                                  open_backend(manifest.model(DAMAGE), self.cfg), self.gallery,
+                                  self.catalogue, self.cfg)
+        report = golden_self_test(candidate)
+        if not report.passed:
+            candidate.close()
+            raise ModelRefused(report)
+        old = (self.embedding, self.damage)
+        self._configure(manifest, candidate.embedding, candidate.damage)
+        for backend in old:
+            backend.close()
+        log.info("models_reloaded", versions=manifest.model_versions(),
+                 thresholds=manifest.threshold_version)
+        return report
 
     def model_versions(self) -> dict[str, str]:
         return self.manifest.model_versions()

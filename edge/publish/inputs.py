@@ -50,7 +50,7 @@ class _BoundedSet:
 class InputGate:
     """Turns raw induct/feedback payloads into typed values, or counted rejections."""
 
-    def __init__(self, topics: Topics, clock: Clock,
+    def __init__(self, topics: Topics, clock: Clock, *,
                  on_announcement: Callable[[Announcement], None],
                  on_feedback: Callable[[Feedback], None],
                  report: Callable[[str, InputRejected, int], None],

@@ -13,6 +13,7 @@ outbox rows done: paho calls `on_publish` with its own locks held.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -53,6 +54,10 @@ SESSION_EXPIRY_S = 24 * 3600
 _UNSUPPORTED_PROTOCOL = 132
 
 
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+
+
 @dataclass(frozen=True, slots=True)
 class AckedVerdict:
     """A verdict the broker acknowledged (for capture-to-PUBACK latency)."""
@@ -91,13 +96,13 @@ class VerdictPublisher:
     backoff_min_s = 0.05
     backoff_max_s = 2.0
 
-    def __init__(self, mqtt_cfg: MqttConfig, node_cfg: NodeConfig, outbox_path: Path,
-                 clock: Clock, on_announcement: Callable[[Announcement], None],
-                 on_feedback: Callable[[Feedback], None],
-                 on_acked: Callable[[AckedVerdict], None] | None = None, *,
-                 known_products: Collection[str] | None = None,
-                 versions: Mapping[str, str] | None = None, outbox_max_rows: int = 100_000,
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(  # noqa: PLR0917 - the node's documented constructor
+        self, mqtt_cfg: MqttConfig, node_cfg: NodeConfig, outbox_path: Path, clock: Clock,
+        on_announcement: Callable[[Announcement], None], on_feedback: Callable[[Feedback], None],
+        on_acked: Callable[[AckedVerdict], None] | None = None, *,
+        known_products: Collection[str] | None = None, versions: Mapping[str, str] | None = None,
+        outbox_max_rows: int = 100_000, environ: Mapping[str, str] | None = None,
+    ) -> None:
         self._cfg = mqtt_cfg
         self._node = node_cfg
         self._clock = clock
@@ -109,8 +114,9 @@ class VerdictPublisher:
         self._versions = {"node": __version__, **(versions or {})}
         self._health: dict[str, object] = {}
         self._outbox = Outbox(outbox_path, outbox_max_rows)
-        self._gate = InputGate(self.topics, clock, on_announcement, on_feedback, self._report,
-                               known_products, self._outbox.has_item)
+        self._gate = InputGate(self.topics, clock, on_announcement=on_announcement,
+                               on_feedback=on_feedback, report=self._report,
+                               known_products=known_products, item_known=self._outbox.has_item)
         self._protocol = (MQTTProtocolVersion.MQTTv311 if mqtt_cfg.protocol == "3.1.1"
                           else MQTTProtocolVersion.MQTTv5)
         self._stop = threading.Event()
@@ -119,10 +125,11 @@ class VerdictPublisher:
         self._mid_seq: dict[int, int] = {}
         self._seq_mid: dict[int, int] = {}
         self._acks: queue.Queue[tuple[int, bool, str, float]] = queue.Queue()
-        self._counts = {k: 0 for k in ("published", "acked", "resent", "refused", "reconnects",
-                                       "connect_failures", "events", "connects")}
+        self._counts = dict.fromkeys(("published", "acked", "resent", "refused", "reconnects",
+                                      "connect_failures", "events", "connects"), 0)
         self._last_error: str | None = None
         self._fallback = False
+        self._closing = False
         self._threads: list[threading.Thread] = []
         self._client = self._make_client()
 
@@ -144,16 +151,17 @@ class VerdictPublisher:
         Returns how many verdicts are still unacknowledged (they stay in the
         outbox and are re-sent by the next start).
         """
+        if self._stop.is_set():
+            return self._outbox.unacked
+        self._closing = True
         deadline = self._clock_s() + flush_timeout_s
         while self._outbox.unacked and self._connected.is_set() and self._clock_s() < deadline:
             self._stop.wait(0.01)
         if self._connected.is_set():
             info = self._client.publish(self.topics.status, self._status_bytes("offline"),
                                         qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):  # best effort: the will covers it
                 info.wait_for_publish(max(0.1, deadline - self._clock_s()))
-            except (RuntimeError, ValueError):
-                pass
             self._client.disconnect()
             end = self._clock_s() + 1.0
             while self._connected.is_set() and self._clock_s() < end:
@@ -223,7 +231,7 @@ class VerdictPublisher:
         """Hand a row to paho unless paho already holds it."""
         props = None
         if self._protocol == MQTTProtocolVersion.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = _properties(PacketTypes.PUBLISH)
             left_ms = row.deadline_ms - self._clock.now_ms()
             if left_ms > 0:  # after the deadline: audit only, no expiry
                 props.MessageExpiryInterval = max(1, math.ceil(left_ms / 1000.0))
@@ -284,7 +292,7 @@ class VerdictPublisher:
             client.tls_set_context(self._tls)
         client.will_set(self.topics.status, self._status_bytes("offline"), qos=1, retain=True)
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = _properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             client.connect_async(self._addr.host, self._addr.port, self._cfg.keepalive_s,
                                  clean_start=False, properties=props)
@@ -355,7 +363,7 @@ class VerdictPublisher:
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any) -> None:
         if self._connected.is_set():
-            log.warning("mqtt.disconnected", reason=str(reason))
+            (log.info if self._closing else log.warning)("mqtt.disconnected", reason=str(reason))
         self._connected.clear()
 
     def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: Any,

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Collection, Mapping
-from typing import Any, cast
+from typing import Any
 
 from edge.types import Announcement, Feedback, FeedbackKind, Verdict
 
@@ -248,5 +248,5 @@ def parse_feedback(raw: bytes, received_ms: float,
         raise InputRejected("wrong_type", "note must be a string", "note")
     if note is not None and len(note) > MAX_NOTE_LEN:
         raise InputRejected("bad_value", f"note longer than {MAX_NOTE_LEN} characters", "note")
-    return Feedback(item_id=item_id, kind=cast(FeedbackKind, kind), product_id=product_id,
+    return Feedback(item_id=item_id, kind=kind, product_id=product_id,
                     received_ms=received_ms, note=note)

@@ -279,9 +279,10 @@ class RealSenseSource:
             self._counters.frames_dropped += index - self._last_index - 1
         self._last_index, self._last_ts = index, ts
         depth_np = np.asanyarray(depth.get_data()).copy()
-        color_np = np.asanyarray(color.get_data())
+        # Copy: holding SDK buffers starves its frame pool and stalls the stream.
+        color_np = np.array(np.asanyarray(color.get_data()), copy=True)
         if session.color_is_rgb:
-            color_np = color_np[..., ::-1]
+            color_np = np.ascontiguousarray(color_np[..., ::-1])
         intr = session.color_intrinsics
         if depth_np.shape != color_np.shape[:2]:
             factor = depth_np.shape[1] / color_np.shape[1]

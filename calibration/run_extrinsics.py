@@ -1,0 +1,98 @@
+"""`edge-calibrate extrinsics`: camera-to-camera pose from a shared ChArUco board."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import yaml
+
+from calibration.extrinsics import camera_to_camera, pose_b_in_belt
+from calibration.files import CameraCalibration, load_camera_calibration
+from calibration.intrinsics import CalibrationInputError, detect_board, find_images
+from calibration.report import corners_sheet, write_summary
+from edge.types import Pose, U8Array
+
+
+def _load(folder: Path) -> list[tuple[str, U8Array]]:
+    out = []
+    for p in find_images(folder):
+        gray = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        if gray is None:
+            raise CalibrationInputError(f"{p}: not a readable image")
+        out.append((p.name, gray))
+    return out
+
+
+def _pose_dict(pose: Pose) -> dict[str, object]:
+    return {"rotation": pose.rotation.round(8).tolist(),
+            "translation_mm": pose.translation_mm.round(4).tolist()}
+
+
+def run_extrinsics(args: argparse.Namespace) -> int:
+    from calibration.cli import Refused, report_dir
+
+    path_a, path_b = args.calibrations
+    cal_a = load_camera_calibration(path_a)
+    cal_b = load_camera_calibration(path_b)
+    images_a, images_b = _load(args.images[0]), _load(args.images[1])
+    for cal, imgs, which in ((cal_a, images_a, "A"), (cal_b, images_b, "B")):
+        h, w = imgs[0][1].shape
+        if (w, h) != (cal.intrinsics.width, cal.intrinsics.height):
+            raise CalibrationInputError(
+                f"camera {which} images are {w}x{h} but its calibration is for "
+                f"{cal.intrinsics.width}x{cal.intrinsics.height}")
+    result = camera_to_camera(images_a, images_b, args.board, cal_a, cal_b)
+    rdir = report_dir(args, args.out.with_name(args.out.stem + "-report"))
+    rdir.mkdir(parents=True, exist_ok=True)
+    for which, imgs in (("a", images_a), ("b", images_b)):
+        corners_sheet(rdir / f"corners_{which}.png", [g for _, g in imgs],
+                      [detect_board(g, args.board, n) for n, g in imgs], [n for n, _ in imgs])
+    problems = []
+    if result.belt_translation_diff_mm is not None and result.belt_rotation_diff_deg is not None:
+        if (result.belt_translation_diff_mm > args.max_diff_mm
+                or result.belt_rotation_diff_deg > args.max_diff_deg):
+            problems.append(
+                f"the belt poses imply a camera-to-camera pose {result.belt_translation_diff_mm:.1f}"
+                f" mm / {result.belt_rotation_diff_deg:.2f} deg from the board's: re-run "
+                "edge-calibrate belt for both cameras (or use --update-b)")
+    summary = {
+        "command": "extrinsics", "camera_a": cal_a.serial, "camera_b": cal_b.serial,
+        "board": str(args.board), "pose_b_from_a": _pose_dict(result.pose_b_from_a),
+        "pairs": [{"images": p.name, "used": p.pose_b_from_a is not None,
+                   "rms_a_px": p.rms_a_px, "rms_b_px": p.rms_b_px, "problem": p.problem}
+                  for p in result.pairs],
+        "spread_translation_mm": round(result.spread_translation_mm, 3),
+        "spread_rotation_deg": round(result.spread_rotation_deg, 4),
+        "belt_consistency": None if result.belt_translation_diff_mm is None else {
+            "translation_mm": round(result.belt_translation_diff_mm, 3),
+            "rotation_deg": round(result.belt_rotation_diff_deg or 0.0, 4)},
+        "problems": problems,
+    }
+    write_summary(rdir, summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(yaml.safe_dump({
+        "format": "edge-calibrate-extrinsics/1", "camera_a": cal_a.serial,
+        "camera_b": cal_b.serial, "pose_b_from_a": _pose_dict(result.pose_b_from_a),
+        "pairs_used": sum(p.pose_b_from_a is not None for p in result.pairs),
+        "spread_translation_mm": summary["spread_translation_mm"],
+        "spread_rotation_deg": summary["spread_rotation_deg"]}, sort_keys=False),
+        encoding="utf-8")
+    t = result.pose_b_from_a.translation_mm
+    print(f"camera {cal_a.serial} -> {cal_b.serial}: translation [{t[0]:.1f}, {t[1]:.1f}, "
+          f"{t[2]:.1f}] mm from {summary['pairs'].__len__()} pair(s), spread "
+          f"{result.spread_translation_mm:.2f} mm / {result.spread_rotation_deg:.3f} deg")
+    if summary["belt_consistency"] is not None:
+        print(f"consistency with the belt poses: {summary['belt_consistency']}")
+    print(f"saved {args.out}; report: {rdir}")
+    if args.update_b:
+        new_b: CameraCalibration = cal_b.replace(
+            pose=pose_b_in_belt(cal_a, result.pose_b_from_a),
+            region=cal_b.region or cal_a.region)
+        new_b.save(path_b)
+        print(f"updated the belt pose of camera {cal_b.serial} in {path_b}")
+        return 0
+    if problems:
+        raise Refused(problems[0])
+    return 0

@@ -1,0 +1,71 @@
+"""Opening the configured cameras: frame sources plus the belt geometry of each view."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from edge.clock import Clock
+from edge.config import CameraConfig, Config, ConfigError
+from edge.geometry import BeltPlane
+from edge.sources import FrameSource
+from edge.sources.synthetic import SyntheticConveyor, SyntheticSource
+
+if TYPE_CHECKING:
+    from calibration.files import CameraCalibration
+
+
+@dataclass(slots=True)
+class Cameras:
+    """The node's views: a source and a belt plane per camera ID."""
+
+    sources: dict[str, FrameSource]
+    planes: dict[str, BeltPlane]
+    calibrations: dict[str, CameraCalibration] = field(default_factory=dict)
+    world: SyntheticConveyor | None = None
+
+
+def _calibration(cam: CameraConfig, index: int) -> CameraCalibration:
+    from calibration.files import load_camera_calibration
+
+    if cam.calibration is None:
+        raise ConfigError(f"cameras[{index}].calibration", None,
+                          "a calibration file from `edge-calibrate belt` for a real camera")
+    return load_camera_calibration(cam.calibration, serial=cam.serial,
+                                   resolution=(cam.width // cam.filters.decimation,
+                                               cam.height // cam.filters.decimation))
+
+
+def open_cameras(cfg: Config, clock: Clock, world: SyntheticConveyor | None = None, *,
+                 max_frames: int | None = None) -> Cameras:
+    """Build every configured camera; synthetic views share one `world`."""
+    sources: dict[str, FrameSource] = {}
+    planes: dict[str, BeltPlane] = {}
+    calibrations: dict[str, CameraCalibration] = {}
+    synthetic = [c for c in cfg.cameras if c.source == "synthetic"]
+    if synthetic and world is None:
+        from edge.catalogue import load_catalogue
+
+        world = SyntheticConveyor(cfg.synthetic, cfg.belt, synthetic, load_catalogue(),
+                                  start_ms=clock.now_ms())
+    for i, cam in enumerate(cfg.cameras):
+        if cam.source == "synthetic":
+            assert world is not None
+            sources[cam.id] = SyntheticSource(world, cam.id, clock, realtime=cam.realtime,
+                                              max_frames=max_frames)
+            planes[cam.id] = BeltPlane(world.intrinsics(cam.id), world.camera_pose(cam.id))
+            continue
+        from edge.sources.realsense import RealSenseSource
+
+        cal = _calibration(cam, i)
+        calibrations[cam.id] = cal
+        if cal.pose is None:
+            raise ConfigError(f"cameras[{i}].calibration", str(cam.calibration),
+                              "a calibration with the camera's belt pose (edge-calibrate belt)")
+        sources[cam.id] = RealSenseSource(
+            cam.id, serial=cam.serial if cam.source == "realsense" else None,
+            recording=cam.recording if cam.source == "recording" else None,
+            width=cam.width, height=cam.height, fps=cam.fps, filters=cam.filters,
+            sync_mode=cam.sync_mode, realtime=cam.realtime)
+        planes[cam.id] = BeltPlane(cal.intrinsics, cal.pose)
+    return Cameras(sources, planes, calibrations, world)

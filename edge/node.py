@@ -1,0 +1,294 @@
+"""The node: wiring only. Stages, queues, start, stop, reload, health.
+
+    capture (1 thread per camera) -> frames queue -> sync -> framesets queue
+    -> items (find, track, tie to announcements, crop) -> items queue
+    -> inference (batched; fusion + decision) -> deadline scheduler -> outbox -> MQTT
+
+Announcements and feedback arrive on the MQTT client's thread and go
+straight to the scheduler / tracker / gallery.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from edge import __version__
+from edge.cameras import Cameras
+from edge.catalogue import Catalogue
+from edge.clock import Clock
+from edge.config import Config
+from edge.deadlines import DeadlineScheduler
+from edge.decide import VerdictPolicy
+from edge.infer.models import ItemInspector
+from edge.items import ItemTracker
+from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot
+from edge.publish.mqtt import AckedVerdict, VerdictPublisher
+from edge.stage import BoundedQueue, StageThread
+from edge.stages import CaptureStage, Decided, InferenceStage, ItemStage, SyncStage
+from edge.sync import FrameSynchronizer
+from edge.types import Announcement, Feedback, Frame, FrameSet, ItemRecord, Verdict
+
+log = structlog.get_logger(__name__)
+
+#: A stage that makes no progress for this long is stalled (watchdog, health).
+STALL_AFTER_S = 10.0
+#: Items kept after their verdict, for feedback (packaging changed -> learn their views).
+RECENT_ITEMS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHooks:
+    """Optional observers (demo, snapshots, tests); called on the stage's thread."""
+
+    on_decided: Callable[[Decided], None] | None = None
+    on_acked: Callable[[AckedVerdict], None] | None = None
+    on_frameset: Callable[[FrameSet], None] | None = None
+
+
+class Node:
+    """One inspection node on one conveyor line."""
+
+    def __init__(self, cfg: Config, clock: Clock, cameras: Cameras, inspector: ItemInspector,
+                 catalogue: Catalogue, *, outbox_path: Path, hooks: NodeHooks | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.cameras = cameras
+        self.inspector = inspector
+        self.catalogue = catalogue
+        self.hooks = hooks or NodeHooks()
+        self.stop_event = threading.Event()
+        self.policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
+        self._recent: OrderedDict[str, ItemRecord] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self.metrics = NodeMetrics(self.snapshot)
+        self.publisher = VerdictPublisher(
+            cfg.mqtt, cfg.node, outbox_path, clock, self._on_announcement, self._on_feedback,
+            self._on_acked, known_products=catalogue.ids(),
+            versions={"node": __version__, **inspector.model_versions()},
+            outbox_max_rows=cfg.storage.outbox_max_rows)
+        self.scheduler = DeadlineScheduler(
+            self.publisher, cfg.decision, clock, cfg.belt.safety_margin_ms,
+            threshold_version=self.policy.thresholds.version,
+            model_versions=inspector.model_versions())
+        n_cams = len(cameras.sources)
+        self.frames_q: BoundedQueue[Frame] = BoundedQueue("frames", 4 * n_cams)
+        self.framesets_q: BoundedQueue[FrameSet] = BoundedQueue("framesets", 4)
+        self.items_q: BoundedQueue[ItemRecord] = BoundedQueue("items", 4 * cfg.models.max_batch)
+        self.captures = {cid: CaptureStage(src, self.frames_q, self.stop_event)
+                         for cid, src in cameras.sources.items()}
+        fps = max(c.fps for c in cfg.cameras)
+        self.synchronizer = FrameSynchronizer(
+            list(cameras.sources), tolerance_ms=cfg.sync.tolerance_ms or 500.0 / fps,
+            camera_timeout_ms=cfg.sync.camera_timeout_ms)
+        self.tracker = ItemTracker(cfg, cameras.planes, clock=clock, on_seen=self.scheduler.mark_seen)
+        self.sync_stage = SyncStage(self.synchronizer, self.frames_q, self.framesets_q, clock)
+        self.item_stage = ItemStage(self.tracker, self.framesets_q, self.items_q, self.stop_event)
+        self.inference = InferenceStage(self.inspector.infer, self._decide, self._complete,
+                                        self.items_q, clock, cfg.models.max_batch)
+        self._threads: list[StageThread] = []
+        self._lock = threading.Lock()
+        self.started_mono: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, open the cameras and start every stage."""
+        self.publisher.start()
+        self.scheduler.start()
+        observe = self.metrics.observe_stage
+        self._threads = [StageThread(f"capture-{cid}", st.step, self.stop_event, observe)
+                         for cid, st in self.captures.items()]
+        self._threads += [
+            StageThread("sync", self.sync_stage.step, self.stop_event, observe),
+            StageThread("items", self.item_stage.step, self.stop_event, observe),
+            StageThread("inference", self.inference.step, self.stop_event, observe),
+        ]
+        for src in self.cameras.sources.values():
+            src.start()
+        for t in self._threads:
+            t.start()
+        self.started_mono = time.monotonic()
+        log.info("node_started", cameras=list(self.cameras.sources), version=__version__,
+                 models=self.inspector.model_versions())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop capture, finish or fail-safe every item in flight, flush, go offline."""
+        log.info("node_stopping")
+        for src in self.cameras.sources.values():
+            src.stop()
+        self.stop_event.set()
+        for t in self._threads:
+            if not t.join(timeout_s / 4):
+                log.warning("stage_did_not_stop", stage=t.name)
+        self._finish_in_flight(deadline_mono=time.monotonic() + timeout_s / 2)
+        drained = self.scheduler.drain()
+        self.scheduler.stop()
+        left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
+        log.info("node_stopped", fail_safe_on_shutdown=drained, outbox_left=left)
+
+    def _finish_in_flight(self, deadline_mono: float) -> None:
+        """Inspect what is already queued or tracked, while time allows."""
+        for frameset in self.sync_stage.flush():
+            self.framesets_q.put_nowait_or_drop(frameset)
+        records: list[ItemRecord] = []
+        while (fs := self.framesets_q.get_nowait()) is not None:
+            records.extend(self.tracker.update(fs))
+        records.extend(self.item_stage.finish())
+        while (rec := self.items_q.get_nowait()) is not None:
+            records.append(rec)
+        for i in range(0, len(records), self.cfg.models.max_batch):
+            if time.monotonic() > deadline_mono:
+                break  # the scheduler's drain fail-safes the rest
+            batch = records[i : i + self.cfg.models.max_batch]
+            now = self.clock.now_ms()
+            for record, result in zip(batch, self.inspector.infer(batch), strict=True):
+                self._complete(Decided(record, self._decide(record, result, now)))
+
+    def reload(self) -> None:
+        """SIGHUP: new thresholds and gallery without dropping items."""
+        self.inference.gate.clear()  # finish the current batch, hold the next
+        try:
+            report = self.inspector.reload()
+            self.policy = VerdictPolicy.from_manifest(self.inspector.manifest, self.cfg.decision)
+            log.info("node_reloaded", threshold_version=self.policy.thresholds.version,
+                     golden=report.passed if report is not None else None)
+        finally:
+            self.inference.gate.set()
+
+    # --- callbacks --------------------------------------------------------------------------
+
+    def _deadline_ms(self, announcement: Announcement) -> float:
+        belt = self.cfg.belt
+        travel_m = belt.induct_to_camera_m + belt.camera_to_divert_m
+        return announcement.induct_time_ms + travel_m / belt.speed_mps * 1000.0
+
+    def _on_announcement(self, announcement: Announcement) -> None:
+        if self.scheduler.announce(announcement, self._deadline_ms(announcement)):
+            self.tracker.announce(announcement)
+
+    def _on_feedback(self, feedback: Feedback) -> None:
+        log.info("feedback", item_id=feedback.item_id, kind=feedback.kind)
+        if feedback.kind != "packaging_changed":
+            return
+        with self._recent_lock:
+            record = self._recent.get(feedback.item_id)
+        product = feedback.product_id or (record.product_id if record else None)
+        if record is None or product is None:
+            self.publisher.publish_event("feedback_ignored", {
+                "item_id": feedback.item_id, "why": "item not among recent items"})
+            return
+        self.inspector.learn_reference(product, record.crops)
+        log.info("gallery_learned", product_id=product, item_id=feedback.item_id)
+
+    def _on_acked(self, acked: AckedVerdict) -> None:
+        if acked.captured_ms is not None:
+            self.metrics.capture_to_ack.observe(max(0.0, acked.acked_ms - acked.captured_ms)
+                                                / 1000.0)
+        if self.hooks.on_acked is not None:
+            self.hooks.on_acked(acked)
+
+    def _decide(self, record: ItemRecord, result: object, now_ms: float) -> Verdict:
+        return self.policy.decide(record, result, now_ms)  # type: ignore[arg-type]
+
+    def _complete(self, decided: Decided) -> None:
+        verdict = decided.verdict
+        if verdict.captured_ms is not None:
+            self.metrics.capture_to_decision.observe(
+                max(0.0, verdict.decided_ms - verdict.captured_ms) / 1000.0)
+        with self._recent_lock:
+            self._recent[decided.record.item_id] = decided.record
+            while len(self._recent) > RECENT_ITEMS:
+                self._recent.popitem(last=False)
+        if self.hooks.on_decided is not None:
+            self.hooks.on_decided(decided)
+        self.scheduler.complete(verdict)
+
+    # --- health -----------------------------------------------------------------------------
+
+    def stalled_stages(self) -> list[str]:
+        """Stages that died or made no progress for `STALL_AFTER_S`."""
+        return [t.name for t in self._threads
+                if not t.alive or t.stalled_for_s() > STALL_AFTER_S]
+
+    def streaming(self) -> bool:
+        return all(c.last_frame_ms is not None for c in self.captures.values())
+
+    def health(self) -> dict[str, object]:
+        stats = self.scheduler.stats()
+        return {
+            "stalled_stages": self.stalled_stages(),
+            "cameras": {cid: ("failed: " + c.failed) if c.failed else
+                        ("streaming" if c.last_frame_ms is not None else "waiting")
+                        for cid, c in self.captures.items()},
+            "broker_connected": self.publisher.connected,
+            "outbox_depth": self.publisher.outbox_depth,
+            "in_flight": stats.in_flight,
+            "deadline_misses": stats.deadline_misses,
+        }
+
+    def summary_line(self) -> str:
+        s = self.scheduler.stats()
+        stalled = self.stalled_stages()
+        return (f"items={s.admitted} pass={s.passed} sideline={s.sidelined} "
+                f"failsafe={s.fail_safe} inflight={s.in_flight} misses={s.deadline_misses} "
+                f"outbox={self.publisher.outbox_depth} "
+                f"broker={'up' if self.publisher.connected else 'down'}"
+                + (f" STALLED={','.join(stalled)}" if stalled else ""))
+
+    def snapshot(self) -> NodeSnapshot:
+        cams = {cid: CameraSnapshot(
+            frames=c.source.counters.frames_received,
+            dropped=c.source.counters.frames_dropped,
+            timeouts=c.source.counters.timeouts,
+            reconnects=c.source.counters.reconnects,
+            skewed=c.source.counters.skewed_frames,
+            fps=_fps(c.source.counters.frames_received, self.started_mono))
+            for cid, c in self.captures.items()}
+        s = self.scheduler.stats()
+        pub = self.publisher.metrics()
+        return NodeSnapshot(
+            cameras=cams,
+            queue_depth={q.name: q.depth() for q in self._queues()},
+            queue_drops={q.name: q.dropped for q in self._queues()},
+            stage_steps={t.name: t.stats.steps for t in self._threads},
+            stage_errors={t.name: t.stats.errors for t in self._threads},
+            stage_stalled_s={t.name: t.stalled_for_s() for t in self._threads},
+            items={"admitted": s.admitted, "passed": s.passed, "sidelined": s.sidelined,
+                   "fail_safe": s.fail_safe, "in_flight": s.in_flight},
+            verdicts_by_decision=dict(s.by_decision),
+            verdicts_by_reason=dict(s.by_reason),
+            deadline_misses=s.deadline_misses,
+            late_verdicts=s.late,
+            outbox_depth=self.publisher.outbox_depth,
+            broker_connected=self.publisher.connected,
+            rejected_inputs=dict(pub.rejected),
+            model_versions=self.inspector.model_versions(),
+            unmatched_frames=self.synchronizer.unmatched,
+        )
+
+    def _queues(self) -> tuple[BoundedQueue[Frame] | BoundedQueue[FrameSet]
+                               | BoundedQueue[ItemRecord], ...]:
+        return (self.frames_q, self.framesets_q, self.items_q)
+
+
+def _fps(frames: int, started_mono: float | None) -> float:
+    if started_mono is None:
+        return 0.0
+    return frames / max(1e-3, time.monotonic() - started_mono)
+
+
+def stage_timings(node: Node) -> Mapping[str, float]:
+    """Median step time (ms) per stage, recent window."""
+    out = {}
+    for t in node._threads:
+        recent = sorted(t.stats.recent_ms)
+        out[t.name] = recent[len(recent) // 2] if recent else 0.0
+    return out

@@ -1,0 +1,173 @@
+"""The pipeline's stages: capture -> sync -> items -> inference (+ decision) -> deadlines/publish.
+
+Each stage is a small class with one `step()` (one unit of work, True when
+it did something) and its own counters; `edge.node` wires them with bounded
+queues and runs each in a `StageThread`.
+
+Backpressure policy: capture never blocks (a full frame queue drops the
+frame and counts it, as a camera would); sync drops framesets when the item
+stage is behind (counted); items are never dropped: the item stage blocks
+on the inference queue, and an item that cannot be inspected in time gets
+its fail-safe verdict from the deadline scheduler.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from edge.clock import Clock
+from edge.sources import EndOfStream, FrameSource, SourceError
+from edge.stage import BoundedQueue
+from edge.types import Frame, FrameSet, ItemRecord, Verdict
+
+log = structlog.get_logger(__name__)
+
+
+class CaptureStage:
+    """Reads one camera; never blocks on the rest of the pipeline."""
+
+    def __init__(self, source: FrameSource, out: BoundedQueue[Frame], stop: threading.Event,
+                 read_timeout_s: float = 0.2) -> None:
+        self.source = source
+        self._out = out
+        self._stop = stop
+        self._timeout = read_timeout_s
+        self.finished = threading.Event()
+        self.failed: str | None = None
+        self.last_frame_ms: float | None = None
+
+    def step(self) -> bool:
+        if self.finished.is_set():
+            self._stop.wait(0.1)
+            return False
+        try:
+            frame = self.source.read(self._timeout)
+        except EndOfStream as exc:
+            log.info("camera_end_of_stream", camera=self.source.camera_id, detail=str(exc))
+            self.finished.set()
+            return False
+        except SourceError as exc:
+            # The source retries by itself; one that gives up is reported and left alone,
+            # the other cameras go on (sync proceeds without this view).
+            self.failed = str(exc)
+            log.error("camera_failed", camera=self.source.camera_id, error=str(exc))
+            self.finished.set()
+            return False
+        if frame is None:
+            return False
+        self.last_frame_ms = frame.timestamp_ms
+        self._out.put_nowait_or_drop(frame)
+        return True
+
+
+class SyncStage:
+    """Groups frames of all cameras into framesets."""
+
+    def __init__(self, synchronizer: FrameSynchronizerLike, inbox: BoundedQueue[Frame],
+                 out: BoundedQueue[FrameSet], clock: Clock) -> None:
+        self._sync = synchronizer
+        self._in = inbox
+        self._out = out
+        self._clock = clock
+        self.framesets = 0
+
+    def step(self) -> bool:
+        frame = self._in.get(0.05)
+        ready = self._sync.push(frame) if frame is not None else self._sync.poll(
+            self._clock.now_ms())
+        for frameset in ready:
+            self.framesets += 1
+            self._out.put_nowait_or_drop(frameset)
+        return frame is not None
+
+    def flush(self) -> list[FrameSet]:
+        return self._sync.flush()
+
+
+class ItemStage:
+    """Finds and tracks items, ties them to announcements, emits one record per item."""
+
+    def __init__(self, tracker: ItemTrackerLike, inbox: BoundedQueue[FrameSet],
+                 out: BoundedQueue[ItemRecord], stop: threading.Event) -> None:
+        self._tracker = tracker
+        self._in = inbox
+        self._out = out
+        self._stop = stop
+        self.records = 0
+
+    def step(self) -> bool:
+        frameset = self._in.get(0.05)
+        if frameset is None:
+            return False
+        for record in self._tracker.update(frameset):
+            self.records += 1
+            self._out.put(record, self._stop)  # items are never dropped: backpressure
+        return True
+
+    def finish(self) -> list[ItemRecord]:
+        """Records of every item still being tracked (shutdown)."""
+        return self._tracker.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    record: ItemRecord
+    verdict: Verdict
+
+
+class InferenceStage:
+    """Runs the models on batches of items and turns scores into verdicts."""
+
+    def __init__(self, infer: Callable[[Sequence[ItemRecord]], Sequence[object]],
+                 decide: Callable[[ItemRecord, object, float], Verdict],
+                 complete: Callable[[Decided], None], inbox: BoundedQueue[ItemRecord],
+                 clock: Clock, max_batch: int) -> None:
+        self._infer = infer
+        self._decide = decide
+        self._complete = complete
+        self._in = inbox
+        self._clock = clock
+        self._max_batch = max_batch
+        self.items = 0
+        self.batches = 0
+        self.gate = threading.Event()  # cleared: inference is paused (tests, reload)
+        self.gate.set()
+
+    def step(self) -> bool:
+        if not self.gate.wait(0.05):
+            return False
+        first = self._in.get(0.05)
+        if first is None:
+            return False
+        batch = [first]
+        while len(batch) < self._max_batch:
+            more = self._in.get_nowait()
+            if more is None:
+                break
+            batch.append(more)
+        results = self._infer(batch)
+        now = self._clock.now_ms()
+        for record, result in zip(batch, results, strict=True):
+            self._complete(Decided(record, self._decide(record, result, now)))
+        self.items += len(batch)
+        self.batches += 1
+        return True
+
+
+class FrameSynchronizerLike:  # pragma: no cover - structural interface
+    """What the sync stage needs from `edge.sync.FrameSynchronizer`."""
+
+    def push(self, frame: Frame) -> list[FrameSet]: ...
+    def poll(self, now_ms: float) -> list[FrameSet]: ...
+    def flush(self) -> list[FrameSet]: ...
+
+
+class ItemTrackerLike:  # pragma: no cover - structural interface
+    """What the item stage needs from `edge.items`."""
+
+    def update(self, frameset: FrameSet) -> list[ItemRecord]: ...
+    def flush(self) -> list[ItemRecord]: ...

@@ -1,0 +1,46 @@
+"""Rendered calibration targets with known truth, shared by the calibration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.boards import BoardSpec, parse_board
+from calibration.render import board_views, render_board, undistorted_rays
+from edge.types import Intrinsics
+
+#: The camera the boards are rendered with (truth for the intrinsics tests).
+TRUE_CAMERA = Intrinsics(640, 480, 600.0, 605.0, 322.5, 236.0,
+                         (-0.12, 0.08, 0.001, -0.0015, 0.0))
+CHESSBOARD = "chessboard:9x6:25"
+CHARUCO = "charuco:9x7:25:18:DICT_4X4_50"
+
+
+def render_views(spec: BoardSpec, out: Path, count: int, seed: int, **kw: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    rays = undistorted_rays(TRUE_CAMERA, 3)
+    for k, (rvec, tvec) in enumerate(board_views(spec, TRUE_CAMERA, count, seed=seed)):
+        img = render_board(spec, TRUE_CAMERA, rvec, tvec, rays=rays, seed=k, **kw)
+        cv2.imwrite(str(out / f"view{k:02d}.png"), img)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chessboard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 noise-free chessboard views (9x6 inner corners, 25 mm) of TRUE_CAMERA."""
+    return render_views(parse_board(CHESSBOARD), tmp_path_factory.mktemp("chess"), 12, seed=2)
+
+
+@pytest.fixture(scope="session")
+def charuco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """15 noise-free ChArUco views (9x7 squares) of TRUE_CAMERA."""
+    return render_views(parse_board(CHARUCO), tmp_path_factory.mktemp("charuco"), 15, seed=2)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded random generator."""
+    return np.random.default_rng(1234)

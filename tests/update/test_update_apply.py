@@ -1,0 +1,348 @@
+"""Applying bundles in a temporary root: install, commit, refuse, roll back, retain."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge.update.bundle import Manifest, write_bundle
+from edge.update.store import ReleaseStore
+from edge.update.updater import ENGINES_UNIT, NODE_UNIT, UpdateError
+
+from .conftest import BundleFactory, FakeNode, FakeServices, UpdaterFactory
+
+
+def _rewrite(bundle: Path, out: Path, edit: dict[str, bytes | None]) -> Path:
+    """Copy a bundle member by member, replacing (or dropping, None) the named members."""
+    with tarfile.open(bundle, "r:*") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
+            if m.name in edit:
+                if edit[m.name] is None:
+                    continue
+                data = edit[m.name]  # type: ignore[assignment]
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    return out
+
+
+@pytest.fixture
+def installed_v1(make_updater: UpdaterFactory, make_bundle: BundleFactory) -> str:
+    make_updater().apply(make_bundle("1.0.0"))
+    return "1.0.0"
+
+
+def test_good_bundle_installs_and_commits(make_updater: UpdaterFactory, make_bundle: BundleFactory,
+                                          root: Path, services: FakeServices,
+                                          fake_node: FakeNode, installed_v1: str,
+                                          signing_key: Ed25519PrivateKey) -> None:
+    """A signed bundle is installed under releases/<v>, `current` switches to it, the node
+    is restarted, and once it is READY and healthy for the gate time the update commits
+    with the old release kept as `previous`."""
+    event = make_updater().apply(make_bundle("1.1.0"))
+    store = ReleaseStore(root)
+    assert event.outcome == "committed" and event.version == "1.1.0"
+    assert event.previous == installed_v1
+    assert os.readlink(root / "current") == "releases/1.1.0"
+    assert store.previous_version() == "1.0.0"
+    assert (root / "current" / "engines" / "damage.onnx").read_bytes() == b"1.1.0" * 1000
+    assert fake_node.versions_run == ["1.0.0", "1.1.0"]
+    assert services.calls[-1] == ("restart", NODE_UNIT)
+    info = store.info("1.1.0")
+    assert info is not None and info.status == "committed"
+    assert "healthy for" in info.reason
+    # The kept manifest is the exact signed one: the release can be re-verified later.
+    raw = (root / "current" / "release.json").read_bytes()
+    sig = base64.b64decode((root / "current" / "manifest.sig").read_bytes())
+    signing_key.public_key().verify(sig, raw)
+    assert store.last_event() == event
+    assert store.pending() is None
+
+
+def test_first_install_on_an_empty_root_commits(make_updater: UpdaterFactory,
+                                                make_bundle: BundleFactory, root: Path) -> None:
+    """The very first release needs no previous one: it installs, gates and commits."""
+    event = make_updater().apply(make_bundle("0.9.0"))
+    assert event.outcome == "committed" and event.previous is None
+    assert ReleaseStore(root).current_version() == "0.9.0"
+
+
+def _tampered_payload(bundle: Path, tmp: Path) -> Path:
+    data = bytearray(b"1.1.0" * 1000)
+    data[100] ^= 0xFF  # same size, different content
+    return _rewrite(bundle, tmp / "hash.cvb", {"payload/engines/damage.onnx": bytes(data)})
+
+
+def _truncated_payload_file(bundle: Path, tmp: Path) -> Path:
+    return _rewrite(bundle, tmp / "short.cvb",
+                    {"payload/engines/damage.onnx": (b"1.1.0" * 1000)[:1234]})
+
+
+def _truncated_archive(bundle: Path, tmp: Path) -> Path:
+    out = tmp / "cut.cvb"
+    out.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    return out
+
+
+def _extra_file(bundle: Path, tmp: Path) -> Path:
+    out = tmp / "extra.cvb"
+    with tarfile.open(bundle, "r:*") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        evil = tarfile.TarInfo("payload/venv/bin/edge-node")
+        evil.size = 3
+        dst.addfile(evil, io.BytesIO(b"rm!"))
+    return out
+
+
+def _missing_file(bundle: Path, tmp: Path) -> Path:
+    return _rewrite(bundle, tmp / "missing.cvb", {"payload/engines/manifest.yaml": None})
+
+
+def _symlink_member(bundle: Path, tmp: Path) -> Path:
+    out = tmp / "link.cvb"
+    with tarfile.open(bundle, "r:*") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            if m.name == "payload/engines/manifest.yaml":
+                link = tarfile.TarInfo(m.name)
+                link.type = tarfile.SYMTYPE
+                link.linkname = "/etc/shadow"
+                dst.addfile(link)
+            else:
+                dst.addfile(m, src.extractfile(m))
+    return out
+
+
+def _unsigned(bundle: Path, tmp: Path) -> Path:
+    return _rewrite(bundle, tmp / "unsigned.cvb", {"manifest.sig": None})
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (_tampered_payload, "sha256 mismatch"),
+    (_truncated_payload_file, "bytes, manifest says"),
+    (_truncated_archive, "truncated archive"),
+    (_extra_file, "does not list"),
+    (_missing_file, "missing from the archive"),
+    (_symlink_member, "not a regular file"),
+    (_unsigned, "no manifest.sig"),
+])
+def test_damaged_bundle_is_refused_with_nothing_changed(
+        damage: object, reason: str, make_updater: UpdaterFactory, make_bundle: BundleFactory,
+        root: Path, services: FakeServices, installed_v1: str, tmp_path: Path) -> None:
+    """A bundle with a wrong hash, a truncated file or archive, an extra, missing or linked
+    file is refused: releases, links and state are byte-for-byte as before, no unit is
+    touched, and the refusal is reported."""
+    bad = damage(make_bundle("1.1.0"), tmp_path)  # type: ignore[operator]
+    before = list(ReleaseStore(root).iter_tree())
+    calls = list(services.calls)
+    with pytest.raises(UpdateError, match=reason) as err:
+        make_updater().apply(bad)
+    assert err.value.event.outcome == "refused"
+    assert list(ReleaseStore(root).iter_tree()) == before
+    assert services.calls == calls
+    assert ReleaseStore(root).current_version() == installed_v1
+    last = ReleaseStore(root).last_event()
+    assert last is not None and last.outcome == "refused" and reason in last.reason
+
+
+def test_bad_signature_is_refused_with_nothing_changed(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str) -> None:
+    """A bundle signed by a key the device does not trust is refused before anything is
+    unpacked."""
+    before = list(ReleaseStore(root).iter_tree())
+    rogue = make_bundle("1.1.0", key=Ed25519PrivateKey.generate())
+    with pytest.raises(UpdateError, match="bad signature"):
+        make_updater().apply(rogue)
+    assert list(ReleaseStore(root).iter_tree()) == before
+
+
+def test_manifest_edited_after_signing_is_refused(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str, tmp_path: Path) -> None:
+    """Changing one byte of the signed manifest (e.g. to match a swapped file) breaks the
+    signature."""
+    bundle = make_bundle("1.1.0")
+    with tarfile.open(bundle) as tf:
+        raw = tf.extractfile("manifest.json").read()  # type: ignore[union-attr]
+    edited = _rewrite(bundle, tmp_path / "edited.cvb",
+                      {"manifest.json": raw.replace(b'"1.1.0"', b'"1.1.1"')})
+    before = list(ReleaseStore(root).iter_tree())
+    with pytest.raises(UpdateError, match="bad signature"):
+        make_updater().apply(edited)
+    assert list(ReleaseStore(root).iter_tree()) == before
+
+
+def test_release_that_never_becomes_ready_is_rolled_back(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        services: FakeServices, fake_node: FakeNode, installed_v1: str) -> None:
+    """A release whose node never reports READY within the timeout is switched back by
+    the updater itself; `current` is the old release again, the old node runs, and the
+    reason is recorded for the status topic."""
+    with pytest.raises(UpdateError, match="not READY within") as err:
+        make_updater().apply(make_bundle("1.1.0", behaviour="never-ready"))
+    store = ReleaseStore(root)
+    assert err.value.event.outcome == "rolled_back"
+    assert store.current_version() == installed_v1
+    assert fake_node.versions_run == ["1.0.0", "1.1.0", "1.0.0"]
+    assert services.calls[-1] == ("restart", NODE_UNIT)
+    info = store.info("1.1.0")
+    assert info is not None and info.status == "rolled_back"
+    last = store.last_event()
+    assert last is not None and last.outcome == "rolled_back" and last.version == "1.1.0"
+    assert last.previous == "1.0.0" and "READY" in last.reason
+    assert store.pending() is None
+
+
+def test_release_that_stalls_after_ready_is_rolled_back(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str) -> None:
+    """READY is not enough: a stage that stalls during the healthy window rolls back,
+    and the reason names the stalled stage."""
+    with pytest.raises(UpdateError, match="stalled stages: infer"):
+        make_updater().apply(make_bundle("1.1.0", behaviour="stall-after-ready"))
+    assert ReleaseStore(root).current_version() == installed_v1
+
+
+def test_same_version_twice_is_refused(make_updater: UpdaterFactory, make_bundle: BundleFactory,
+                                       installed_v1: str) -> None:
+    """Re-applying an installed version is refused (versions are immutable)."""
+    with pytest.raises(UpdateError, match="already installed"):
+        make_updater().apply(make_bundle(installed_v1))
+
+
+def test_keeps_k_releases(make_updater: UpdaterFactory, make_bundle: BundleFactory,
+                          root: Path) -> None:
+    """With keep=3, after five updates only the newest three remain; `current` and
+    `previous` are among them."""
+    updater = make_updater(keep=3)
+    for minor in range(5):
+        updater.apply(make_bundle(f"1.{minor}.0"))
+    store = ReleaseStore(root)
+    assert sorted(p.name for p in store.releases.iterdir()) == ["1.2.0", "1.3.0", "1.4.0"]
+    assert (store.current_version(), store.previous_version()) == ("1.4.0", "1.3.0")
+
+
+def test_rolled_back_release_is_pruned_first(make_updater: UpdaterFactory,
+                                             make_bundle: BundleFactory, root: Path) -> None:
+    """A release that failed its gate does not take a retention slot from good ones."""
+    updater = make_updater(keep=3)
+    updater.apply(make_bundle("1.0.0"))
+    updater.apply(make_bundle("1.1.0"))
+    with pytest.raises(UpdateError):
+        updater.apply(make_bundle("1.2.0", behaviour="never-ready"))
+    updater.apply(make_bundle("1.3.0"))
+    assert sorted(p.name for p in ReleaseStore(root).releases.iterdir()) == [
+        "1.0.0", "1.1.0", "1.3.0"]
+
+
+def test_models_only_update_reuses_the_venv_and_rebuilds_engines(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        services: FakeServices, installed_v1: str) -> None:
+    """A models bundle makes a new release with the new ONNX and manifest, the rest of the
+    running release (config) and its venv shared; the engine unit is started before the
+    node restarts; the old release's models are untouched."""
+    new_model = b"retrained" * 500
+    services.calls.clear()
+    event = make_updater().apply(make_bundle(
+        "1.0.0+m1", kind="models", base_version="1.0.0",
+        files={"engines/damage.onnx": new_model, "engines/manifest.yaml": b"v2 models\n"}))
+    assert event.outcome == "committed"
+    new, old = root / "releases" / "1.0.0+m1", root / "releases" / "1.0.0"
+    assert (new / "engines" / "damage.onnx").read_bytes() == new_model
+    assert (old / "engines" / "damage.onnx").read_bytes() == b"1.0.0" * 1000
+    assert (new / "config" / "behaviour").read_text() == "healthy"
+    assert os.readlink(new / "venv") == "../1.0.0/venv"
+    assert (new / "venv" / "bin" / "built-for").read_text() == "1.0.0"
+    assert services.calls == [("start", ENGINES_UNIT), ("restart", NODE_UNIT)]
+
+
+def test_models_release_keeps_the_release_that_owns_its_venv(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path) -> None:
+    """Retention never removes the release whose venv a kept models release runs."""
+    updater = make_updater(keep=2)
+    updater.apply(make_bundle("1.0.0"))
+    for n in range(1, 4):
+        updater.apply(make_bundle(f"1.0.0+m{n}", kind="models",
+                                  files={"engines/damage.onnx": bytes([n]) * 10}))
+    names = sorted(p.name for p in ReleaseStore(root).releases.iterdir())
+    assert names == ["1.0.0", "1.0.0+m2", "1.0.0+m3"]
+    assert (root / "current" / "venv" / "bin" / "built-for").read_text() == "1.0.0"
+
+
+def test_models_bundle_for_another_release_is_refused(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str) -> None:
+    """A models bundle built for release X does not apply on top of release Y."""
+    before = list(ReleaseStore(root).iter_tree())
+    with pytest.raises(UpdateError, match="is for release 2.0.0"):
+        make_updater().apply(make_bundle("2.0.0+m1", kind="models", base_version="2.0.0",
+                                         files={"engines/damage.onnx": b"x"}))
+    assert list(ReleaseStore(root).iter_tree()) == before
+
+
+def test_models_bundle_may_not_carry_code(
+        make_updater: UpdaterFactory, signing_key: Ed25519PrivateKey, root: Path,
+        installed_v1: str, tmp_path: Path) -> None:
+    """Even correctly signed, a models bundle with files outside engines/ is refused."""
+    payload = tmp_path / "evil"
+    (payload / "venv").mkdir(parents=True)
+    (payload / "venv" / "x.py").write_bytes(b"import os")
+    from edge.update.bundle import FileEntry, sha256_file
+    manifest = Manifest("1.0.0+m9", "models", (FileEntry(
+        "venv/x.py", sha256_file(payload / "venv" / "x.py"), 9),))
+    bundle = write_bundle(payload, manifest, signing_key, tmp_path / "evil.cvb")
+    with pytest.raises(UpdateError, match="only carry files under engines/"):
+        make_updater().apply(bundle)
+
+
+def test_interrupted_update_is_finished_after_reboot(
+        make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        fake_node: FakeNode, installed_v1: str) -> None:
+    """If the updater dies after switching (power cut), the next run gates the pending
+    release: here it never becomes READY, so it is rolled back."""
+    store = ReleaseStore(root)
+    updater = make_updater()
+    # Install 1.1.0 without a gate, then fake the crash state: pending + switched.
+    updater.apply(make_bundle("1.1.0", behaviour="never-ready"), restart=False)
+    store.set_pending("1.1.0", "1.0.0")
+    fake_node.restart()  # the node comes up on the new release after the reboot
+    event = updater.resume()
+    assert event is not None and event.outcome == "rolled_back"
+    assert store.current_version() == "1.0.0" and store.pending() is None
+
+
+def test_operator_rollback_goes_to_previous(make_updater: UpdaterFactory,
+                                            make_bundle: BundleFactory, root: Path,
+                                            fake_node: FakeNode, installed_v1: str) -> None:
+    """`update rollback` switches back to `previous`, restarts the node and reports it."""
+    updater = make_updater()
+    updater.apply(make_bundle("1.1.0"))
+    event = updater.rollback("operator saw false sidelines")
+    assert event.outcome == "rolled_back" and event.previous == "1.0.0"
+    assert ReleaseStore(root).current_version() == "1.0.0"
+    assert fake_node.versions_run[-1] == "1.0.0"
+
+
+def test_rollback_with_a_single_release_is_refused(make_updater: UpdaterFactory,
+                                                   root: Path, installed_v1: str) -> None:
+    """With nothing to go back to, rollback changes nothing and says so."""
+    with pytest.raises(UpdateError, match="nothing to roll back to"):
+        make_updater().rollback()
+    assert ReleaseStore(root).current_version() == installed_v1
+
+
+def test_concurrent_update_is_refused(make_updater: UpdaterFactory, make_bundle: BundleFactory,
+                                      root: Path, installed_v1: str) -> None:
+    """Two updaters never run at once (timer and operator): the second one is refused."""
+    import fcntl
+    with (root / ".update.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another update is running"):
+            make_updater().apply(make_bundle("1.1.0"))

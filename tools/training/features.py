@@ -1,0 +1,75 @@
+"""Training tensors from a synthetic dataset, with the frozen backbone's features cached once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edge.infer.dataset import Dataset
+from edge.infer.models import TYPE_NAMES, depth_channels, rgb_channels
+from training.effnet import Trunk
+
+HEIGHT_SCALE_MM = 200.0
+
+
+@dataclass
+class CropTensors:
+    trunk: torch.Tensor  # (N, 80, 8, 8), float32 (variant-major: all originals, then rot180)
+    depth: torch.Tensor  # (N, 3, S, S), float16
+    targets: torch.Tensor  # (N, 6): any damage + per type
+    map_target: torch.Tensor  # (N, 8, 8): damaged cells (any damage)
+    map_known: torch.Tensor  # (N,): the crop has a damage mask to supervise the map
+
+
+def _crop_labels(damage: str | None, truth_mask: np.ndarray | None) -> np.ndarray:
+    y = np.zeros(1 + len(TYPE_NAMES), np.float32)
+    if damage is None:
+        return y
+    visible = truth_mask is None or bool(truth_mask.any())
+    y[0] = 1.0 if visible else 0.0
+    if damage in TYPE_NAMES and visible:
+        y[1 + TYPE_NAMES.index(damage)] = 1.0
+    return y
+
+
+def _cells(mask: np.ndarray, cells: int) -> np.ndarray:
+    s = mask.shape[0] // cells
+    return mask[: s * cells, : s * cells].reshape(cells, s, cells, s).max(axis=(1, 3))
+
+
+def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTensors:
+    """Every crop of every item, plus its 180-degree rotation (the other travel direction)."""
+    colors, depths, labels, maps, known = [], [], [], [], []
+    cells = size // 16
+    for rec in dataset.items:
+        damage = None if rec.truth is None or rec.truth.damage is None else rec.truth.damage.value
+        for crop in rec.crops.values():
+            rgb = np.empty((3, size, size), np.float32)
+            rgb_channels(crop.color, size, rgb)
+            d = np.empty((3, size, size), np.float32)
+            depth_channels(crop, size, HEIGHT_SCALE_MM, d)
+            colors.append(rgb)
+            depths.append(d.astype(np.float16))
+            labels.append(_crop_labels(damage, crop.truth_damage))
+            tm = crop.truth_damage
+            maps.append(_cells(tm, cells) if tm is not None else np.zeros((cells, cells), bool))
+            known.append(tm is not None or damage is None)
+    rgb_all = torch.from_numpy(np.stack(colors))
+    feats = []
+    with torch.no_grad():
+        for variant in (rgb_all, torch.flip(rgb_all, dims=(2, 3))):
+            for i in range(0, len(variant), batch):
+                feats.append(trunk(variant[i:i + batch])[1])
+    depth = torch.from_numpy(np.stack(depths))
+    y = torch.from_numpy(np.stack(labels))
+    m = torch.from_numpy(np.stack(maps).astype(np.float32))
+    k = torch.from_numpy(np.array(known, dtype=np.float32))
+    return CropTensors(
+        trunk=torch.cat(feats),
+        depth=torch.cat([depth, torch.flip(depth, dims=(2, 3))]),
+        targets=torch.cat([y, y]),
+        map_target=torch.cat([m, torch.flip(m, dims=(1, 2))]),
+        map_known=torch.cat([k, k]),
+    )

