@@ -74,7 +74,7 @@ def _add_intrinsics(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-rms", type=float, default=0.5, help="refuse to save above this RMS (px)")
     p.add_argument("--force", action="store_true", help="save even if the RMS is above --max-rms")
     p.add_argument("--min-views", type=int, default=6, help="fewest usable views to calibrate")
-    p.add_argument("--max-edge-width", type=float, default=3.0,
+    p.add_argument("--max-edge-width", type=float, default=4.0,
                    help="chessboards: views whose edges are wider (blurred) than this are dropped")
     p.add_argument("--compare-factory", action="store_true",
                    help="report the difference to the factory intrinsics (--camera or "

@@ -55,7 +55,7 @@ def _info(rs: Any, profile: Any) -> StreamInfo:
             depth = _intrinsics(sp.as_video_stream_profile().get_intrinsics())
     for sensor in dev.query_sensors():
         if sensor.supports(rs.option.depth_units):
-            scale = float(sensor.get_option(rs.option.depth_units))
+            scale = float(f"{sensor.get_option(rs.option.depth_units):.7g}")  # float32 in the SDK
     return StreamInfo(str(serial), color, depth, scale)
 
 

@@ -27,7 +27,9 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 
 def _text(img: U8Array, text: str, org: tuple[int, int], scale: float = 0.5,
           colour: tuple[int, int, int] = (0, 0, 0), thickness: int = 1) -> None:
-    cv2.putText(img, text, org, _FONT, scale, (255, 255, 255), thickness + 2, cv2.LINE_AA)
+    (w, h), base = cv2.getTextSize(text, _FONT, scale, thickness)
+    x, y = org
+    cv2.rectangle(img, (x - 3, y - h - 3), (x + w + 3, y + base + 2), (255, 255, 255), -1)
     cv2.putText(img, text, org, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 

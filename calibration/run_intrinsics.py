@@ -81,12 +81,16 @@ def _no_views(folder: Path, spec: BoardSpec, count: int, rejected: dict[str, str
         raise CalibrationInputError(
             f"all {blurred} views of {folder} where the board was found are blurred: hold the "
             "board (and camera) still, add light or shorten the exposure, and take them again")
-    what = ("COLSxROWS counts the inner corners, e.g. a board of 10x7 squares is chessboard:9x6:"
-            "SQUARE_MM" if spec.kind == "chessboard" else "COLSxROWS counts the squares; check "
-            "the dictionary and the marker size")
     raise CalibrationInputError(
         f"the board {spec} was not found in any of the {count} images in {folder}: check --board "
-        f"({what}) and that the whole board is in view, sharp and evenly lit")
+        f"({_count_hint(spec)}) and that the whole board is in view, sharp and evenly lit")
+
+
+def _count_hint(spec: BoardSpec) -> str:
+    if spec.kind == "chessboard":
+        return ("COLSxROWS counts the inner corners, e.g. a board of 10x7 squares is "
+                "chessboard:9x6:SQUARE_MM")
+    return "COLSxROWS counts the squares; check the dictionary and the marker size"
 
 
 def _live_views(args: argparse.Namespace, spec: BoardSpec) -> tuple[
@@ -154,10 +158,13 @@ def run_intrinsics(args: argparse.Namespace) -> int:
                                     "camera's serial number (printed on the camera)")
     if len(dets) < args.min_views:
         reasons = ", ".join(f"{n}: {r}" for n, r in rejected.items()) or "none rejected"
+        not_found = sum(1 for r in rejected.values() if r == "board not found")
+        hint = (f"; the board was not found in {not_found} image(s): check --board "
+                f"({_count_hint(spec)})" if not_found > len(dets) else "")
         raise CalibrationInputError(
-            f"only {len(dets)} usable view(s), at least {args.min_views} are needed ({reasons}): "
-            "take more sharp views with the whole board in view, spread over the image, near "
-            "and far, tilted left/right and up/down")
+            f"only {len(dets)} usable view(s), at least {args.min_views} are needed ({reasons})"
+            f"{hint}: take more sharp views with the whole board in view, spread over the image, "
+            "near and far, tilted left/right and up/down")
     result = calibrate(dets, min_views=args.min_views)
     rejected.update(result.rejected)
     rdir = report_dir(args, out.with_name(out.stem + "-report"))

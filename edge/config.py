@@ -110,6 +110,11 @@ class ItemsConfig:
     association_tolerance_ms: float = _f(400.0, lo=1.0, hi=60000.0,
                                          doc="induct-to-arrival timing tolerance")
     crop_size: int = _f(128, lo=32, hi=1024, doc="side of the square model crop")
+    max_item_length_mm: float = _f(360.0, lo=50.0, hi=5000.0,
+                                   doc="longer footprints are touching items (split or merged)")
+    lost_after_ms: float = _f(250.0, lo=10.0, hi=10000.0,
+                              doc="a track unseen this long has left the view: emit its record")
+    min_observations: int = _f(2, lo=1, hi=100, doc="sightings before a track becomes an item")
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,6 +211,32 @@ def health_file_path(state_dir: Path, env: Mapping[str, str] | None = None) -> P
     return Path(runtime or state_dir) / HEALTH_FILE_NAME
 
 
+class StageHeartbeats:
+    """Progress of the pipeline's stages: each calls `beat(name)` every loop round (idle
+    rounds too); `stalled()` names those silent for longer than their limit. Its `stalled`
+    method is a ready-made health callback for `WatchdogPinger`."""
+
+    def __init__(self, limits_s: Mapping[str, float],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._limits = dict(limits_s)
+        self._clock = clock
+        now = clock()
+        self._last = dict.fromkeys(self._limits, now)
+        self._lock = threading.Lock()
+
+    def beat(self, name: str) -> None:
+        if name not in self._limits:
+            raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(self._limits))}")
+        now = self._clock()
+        with self._lock:
+            self._last[name] = now
+
+    def stalled(self) -> tuple[str, ...]:
+        now = self._clock()
+        with self._lock:
+            return tuple(n for n, t in self._last.items() if now - t > self._limits[n])
+
+
 class WatchdogPinger:
     """Pings the watchdog only while no stage is stalled; keeps STATUS= and the health file.
 

@@ -70,6 +70,8 @@ class SyntheticConveyor:
         }
         self._renderers = {c.id: SceneRenderer() for c in cameras}
         self._induct_x = -belt.induct_to_camera_m * 1000.0
+        #: items inducted at or after this world time (ms) never appear (a run's end)
+        self.induct_cutoff_ms = float("inf")
 
     @property
     def camera_ids(self) -> tuple[str, ...]:
@@ -100,7 +102,9 @@ class SyntheticConveyor:
         lo, hi = self._rigs[camera_id].view_x_mm
         v = self.schedule.speed_mm_per_ms
         out = []
-        for item in self.schedule.items_until(t_ms):
+        for item in self.schedule.items_until(min(t_ms, self.induct_cutoff_ms)):
+            if item.induct_ms >= self.induct_cutoff_ms:
+                continue
             x = item.x_mm(t_ms, v, self._induct_x)
             if lo <= x <= hi:
                 out.append((item, x))
@@ -134,7 +138,7 @@ class SyntheticConveyor:
 
     def announcements_until(self, t_ms: float) -> list[Announcement]:
         """Induct events the controller has sent by world time `t_ms`."""
-        return self.schedule.announcements_until(t_ms, self.start_ms)
+        return self.schedule.announcements_until(min(t_ms, self.induct_cutoff_ms), self.start_ms)
 
     def arrival_delay_ms(self) -> float:
         """Time from the induct point to the camera centre."""

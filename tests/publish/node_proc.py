@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import structlog
+
 from edge.clock import WallClock
 from edge.config import MqttConfig, NodeConfig
 from edge.publish.mqtt import VerdictPublisher
@@ -17,6 +19,7 @@ from tests.publish.helpers import make_verdict
 
 
 def main() -> None:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     url, outbox, count, pace_ms = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), \
         float(sys.argv[4])
     pub = VerdictPublisher(MqttConfig(url=url, keepalive_s=5), NodeConfig(), outbox,

@@ -108,8 +108,9 @@ def test_node_killed_mid_stream_resends_from_outbox_after_restart(
     node = node_factory(broker, outbox=outbox)
     assert wait_until(lambda: node.publisher.outbox_depth == 0, 20), node.publisher.metrics()
     assert node.publisher.metrics().resent >= unacked
-    assert collector.wait_for(lambda _ms: set(collector.verdict_seqs()) >= set(
-        range(1, written + 1)), 20)
+    expected = set(range(1, written + 1))
+    assert collector.wait_for(lambda _ms: set(collector.verdict_seqs()) >= expected, 20), (
+        sorted(expected - set(collector.verdict_seqs())))
     assert node.publisher.publish_verdict(make_verdict("after-restart")) == written + 1
 
 

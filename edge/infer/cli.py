@@ -1,0 +1,211 @@
+"""`edge-node engines build|list|verify`, `thresholds fit`, `inspect`: the model tools."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge.catalogue import load_catalogue
+from edge.config import Config, ConfigError, ModelsConfig, load_config
+from edge.decide import VerdictPolicy
+from edge.infer.backend import BackendError, open_backend
+from edge.infer.dataset import DatasetError, load_dataset
+from edge.infer.gallery import ReferenceGallery
+from edge.infer.manifest import ManifestError, load_manifest, write_manifest
+from edge.infer.models import DAMAGE, EMBEDDING, ItemInspector
+from edge.infer.photo import PhotoError, load_photo
+
+SubParsers = argparse._SubParsersAction  # noqa: SLF001 - argparse exposes no public name
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    if getattr(args, "manifest", None) is not None:
+        return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models,
+                                                                   manifest=args.manifest))
+    return cfg
+
+
+def memory_inspector(models: ModelsConfig, gallery_dir: Path | None = None) -> ItemInspector:
+    """An inspector whose gallery lives in memory (seeded from the shipped references)."""
+    manifest = load_manifest(models.manifest)
+    inspector = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), models),
+                              open_backend(manifest.model(DAMAGE), models),
+                              ReferenceGallery(gallery_dir), load_catalogue(), models)
+    if inspector.gallery.is_empty():
+        inspector.seed_gallery()
+    return inspector
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    inspector = memory_inspector(cfg.models, args.gallery)
+    product = None if args.product is None else inspector.catalogue.get(args.product)
+    if args.product is not None and product is None:
+        raise ConfigError("--product", args.product,
+                          f"a catalogue product ID ({', '.join(inspector.catalogue.ids())})")
+    photo = load_photo(args.rgb, args.depth, product, args.product, inspector.size,
+                       args.depth_unit_mm)
+    inference = inspector.infer([photo.record])[0]
+    policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
+    verdict = policy.decide(photo.record, inference, now_ms=0.0)
+    notes = list(photo.notes)
+    if not inference.has_gallery:
+        notes.append("no reference gallery for this product: classifier (and geometry) only"
+                     if args.product else "no --product: gallery and geometry checks skipped")
+    out = {
+        "damage_score": round(inference.damage, 5),
+        "anomaly_score": None if inference.anomaly is None else round(inference.anomaly, 4),
+        "geometry_score": None if inference.geometry is None else round(inference.geometry, 4),
+        "fused_score": round(inference.fused, 5),
+        "threshold": policy.thresholds.fused[inference.combo],
+        "inputs": inference.combo,
+        "decision": verdict.decision.value,
+        "reasons": [r.value for r in verdict.reasons],
+        "per_type": {k: round(v, 4) for k, v in inference.per_type.items()},
+        "findings": [{"type": f.type.value, "probability": round(f.probability, 4),
+                      "box_px": f.box_px} for f in verdict.findings],
+        "item_found": photo.item_found, "has_depth": photo.has_depth,
+        "product_id": args.product, "threshold_version": verdict.threshold_version,
+        "model_versions": dict(verdict.model_versions), "notes": notes,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_inspect(out)
+    return 0
+
+
+def _print_inspect(out: dict[str, Any]) -> None:
+    print(f"decision:  {out['decision'].upper()}  (fused {out['fused_score']:.4f}, threshold "
+          f"{out['threshold']:.4f}, inputs {out['inputs']})")
+    print(f"reasons:   {', '.join(out['reasons']) or '-'}")
+    print(f"damage:    {out['damage_score']:.4f}   anomaly: {out['anomaly_score']}   "
+          f"geometry: {out['geometry_score']}")
+    print("per type:  " + ", ".join(f"{k} {v:.3f}" for k, v in out["per_type"].items()))
+    for note in out["notes"]:
+        print(f"note:      {note}")
+
+
+def _thresholds_fit(args: argparse.Namespace) -> int:
+    from edge.infer.fit import (
+        ScoreTable,
+        fit_fusion,
+        fit_thresholds,
+        thresholds_to_mapping,
+    )
+
+    cfg = _config(args)
+    inspector = memory_inspector(cfg.models, None)
+    data = load_dataset(args.data, limit=args.limit)
+    if data.references:
+        inspector.gallery = ReferenceGallery(None)
+        for product, by_cam in data.references.items():
+            for camera, crops in by_cam.items():
+                inspector.learn_views(product, camera, [c.color for c in crops])
+    table = ScoreTable.collect(data.items, inspector.infer(data.items))
+    fusion = fit_fusion(table) if args.refit_fusion else inspector.fusion
+    thresholds = fit_thresholds(table, fusion, args.target_fpr)
+    raw = dict(inspector.manifest.raw)
+    if args.refit_fusion:
+        raw["fusion"] = {**fusion.to_mapping(), "geometry": raw["fusion"].get("geometry", {})}
+    raw["thresholds"] = thresholds_to_mapping(thresholds, str(args.data), len(data.items))
+    summary = {"version": thresholds.version, "target_fpr": args.target_fpr,
+               "fused": dict(thresholds.fused), "items": len(data.items),
+               "nominal_items": int((~table.damaged).sum()), "written": not args.dry_run}
+    if not args.dry_run:
+        write_manifest(inspector.manifest.path, raw)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from edge.infer.engines import EngineCache
+
+    cfg = _config(args)
+    manifest = load_manifest(cfg.models.manifest)
+    cache = EngineCache(args.cache or cfg.models.engine_cache,
+                        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    rows = []
+    for spec in manifest.models.values():
+        for precision in args.precision:
+            if args.action == "build":
+                cache.ensure(spec, precision)
+            st = cache.verify(spec, precision) if args.action == "verify" else cache.status(
+                spec, precision)
+            rows.append({"model": spec.name, "precision": precision, "state": st.state,
+                         "detail": st.detail, "plan": str(st.plan)})
+    print(json.dumps(rows, indent=2))
+    return 0 if all(r["state"] == "fresh" for r in rows) or args.action == "list" else 1
+
+
+def _guarded(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except (ManifestError, BackendError, DatasetError, PhotoError) as exc:
+            print(f"edge-node: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_model_commands(sub: SubParsers[argparse.ArgumentParser]) -> None:
+    """Register `engines`, `thresholds` and `inspect` on the `edge-node` parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=None, help="node config YAML")
+    common.add_argument("--manifest", type=Path, default=None,
+                        help="engines/manifest.yaml (default: models.manifest of the config)")
+
+    eng = sub.add_parser("engines", help="TensorRT engine cache: build, list, verify")
+    eng_sub = eng.add_subparsers(dest="action", required=True)
+    for action, text in (("build", "build missing or stale plans"), ("list", "show the cache"),
+                         ("verify", "check plans' keys, hashes and that they load")):
+        p = eng_sub.add_parser(action, help=text, parents=[common])
+        p.add_argument("--cache", type=Path, default=None, help="default: models.engine_cache")
+        p.add_argument("--precision", nargs="+", choices=("fp16", "int8"), default=["fp16"])
+        p.set_defaults(handler=_guarded(_engines))
+
+    thr = sub.add_parser("thresholds", help="operating thresholds")
+    thr_sub = thr.add_subparsers(dest="action", required=True)
+    fit = thr_sub.add_parser("fit", parents=[common],
+                             help="fit the threshold for a target sideline rate on a dataset")
+    fit.add_argument("--data", type=Path, required=True, help="synthetic or labelled dataset")
+    fit.add_argument("--target-fpr", type=float, default=0.005,
+                     help="share of good items allowed to the sideline")
+    fit.add_argument("--limit", type=int, default=None, help="use the first N items")
+    fit.add_argument("--refit-fusion", action="store_true", help="also refit fusion weights")
+    fit.add_argument("--dry-run", action="store_true", help="print, do not write the manifest")
+    fit.set_defaults(handler=_guarded(_thresholds_fit))
+
+    ins = sub.add_parser("inspect", parents=[common], help="run the models on one photograph")
+    ins.add_argument("--rgb", type=Path, required=True, help="colour image (any size)")
+    ins.add_argument("--depth", type=Path, default=None,
+                     help="height map PNG (uint16, height above the belt)")
+    ins.add_argument("--depth-unit-mm", type=float, default=0.1,
+                     help="mm per height-map unit (synthetic datasets: 0.1)")
+    ins.add_argument("--product", default=None, help="catalogue product ID")
+    ins.add_argument("--gallery", type=Path, default=None,
+                     help="reference gallery directory (default: shipped references, in memory)")
+    ins.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ins.set_defaults(handler=_guarded(_inspect))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the model commands alone (tests; `python -m edge.infer.cli`)."""
+    parser = argparse.ArgumentParser(prog="edge-node")
+    add_model_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"edge-node: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

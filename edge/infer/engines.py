@@ -1,0 +1,213 @@
+"""TensorRT engine cache: build plans from the manifest's ONNX files once per environment.
+
+A plan is only valid for the TensorRT version, GPU and JetPack/L4T release
+that built it. Each plan has a JSON sidecar with its key (ONNX sha256,
+TensorRT version, L4T, compute capability, precision, shape profile, DLA
+core) and its own sha256; a plan whose key or hash does not match is
+rebuilt, never loaded (and never rebuilt on every start). Builds go to a
+temporary file that is renamed into place atomically; the previous good
+plan is kept beside it (`*.prev.plan`) and stays in use when a build fails.
+INT8 plans must match the FP16 plan on the golden/calibration inputs before
+they are accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from edge.infer.backend import BackendError, Tensor
+from edge.infer.manifest import ModelSpec, sha256_file
+
+log = structlog.get_logger(__name__)
+
+Progress = Callable[[str], None]
+PRECISIONS = ("fp16", "int8")
+DEFAULT_PROFILE = (1, 8, 16)  # min, opt, max batch
+
+
+@dataclass(frozen=True, slots=True)
+class EngineKey:
+    onnx_sha256: str
+    tensorrt: str
+    l4t: str | None
+    compute_capability: str
+    precision: str
+    profile: tuple[int, int, int]
+    dla_core: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["profile"] = list(self.profile)
+        return d
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> EngineKey:
+        p = d["profile"]
+        return EngineKey(str(d["onnx_sha256"]), str(d["tensorrt"]), d.get("l4t"),
+                         str(d["compute_capability"]), str(d["precision"]),
+                         (int(p[0]), int(p[1]), int(p[2])), d.get("dla_core"))
+
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    tensorrt: str
+    compute_capability: str
+    l4t: str | None
+
+
+class EngineBuilder(Protocol):
+    """What the cache needs from TensorRT (a fake in tests where TensorRT is absent)."""
+
+    def environment(self) -> Environment: ...
+
+    def build(self, onnx: Path, out: Path, key: EngineKey, progress: Progress,
+              calibration: Sequence[Mapping[str, Tensor]] | None,
+              calibration_cache: Path | None) -> None: ...
+
+    def loads(self, plan: Path) -> bool: ...
+
+
+def read_l4t(path: Path = Path("/etc/nv_tegra_release")) -> str | None:
+    """The JetPack/L4T release line of a Jetson (None elsewhere)."""
+    try:
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return " ".join(first.split()[:5]).strip("# ,") or None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStatus:
+    model: str
+    precision: str
+    plan: Path
+    state: str  # fresh | missing | stale | corrupt
+    detail: str
+    key: dict[str, Any] | None
+
+
+class EngineCache:
+    """Plans under `root`: `<model>.<precision>.plan` + `.plan.json` sidecar."""
+
+    def __init__(self, root: Path, builder: EngineBuilder | None = None, *,
+                 profile: tuple[int, int, int] = DEFAULT_PROFILE, dla_core: int | None = None,
+                 progress: Progress | None = None) -> None:
+        self.root = root
+        self._builder = builder
+        self.profile = profile
+        self.dla_core = dla_core
+        self.progress = progress or (lambda msg: log.info("engine_build", step=msg))
+
+    @property
+    def builder(self) -> EngineBuilder:
+        if self._builder is None:
+            try:
+                from edge.infer.tensorrt import TensorRTBuilder
+            except ImportError as exc:
+                raise BackendError(f"TensorRT is not installed here ({exc}); engines can only "
+                                   "be built on a machine with TensorRT and a CUDA GPU") from None
+            self._builder = TensorRTBuilder()
+        return self._builder
+
+    def plan_path(self, model: str, precision: str) -> Path:
+        return self.root / f"{model}.{precision}.plan"
+
+    def key_for(self, spec: ModelSpec, precision: str) -> EngineKey:
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision {precision!r}; expected one of {PRECISIONS}")
+        env = self.builder.environment()
+        return EngineKey(spec.sha256, env.tensorrt, env.l4t, env.compute_capability, precision,
+                         self.profile, self.dla_core)
+
+    def status(self, spec: ModelSpec, precision: str = "fp16") -> PlanStatus:
+        plan = self.plan_path(spec.name, precision)
+        sidecar = plan.with_name(plan.name + ".json")
+        want = self.key_for(spec, precision)
+        if not plan.is_file() or not sidecar.is_file():
+            return PlanStatus(spec.name, precision, plan, "missing", "no plan yet", None)
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            have = EngineKey.from_dict(meta["key"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return PlanStatus(spec.name, precision, plan, "corrupt", f"sidecar: {exc}", None)
+        if have != want:
+            changed = [k for k, v in want.to_dict().items() if have.to_dict().get(k) != v]
+            return PlanStatus(spec.name, precision, plan, "stale",
+                              "key changed: " + ", ".join(changed), have.to_dict())
+        if sha256_file(plan) != meta.get("plan_sha256"):
+            return PlanStatus(spec.name, precision, plan, "corrupt", "plan sha256 differs",
+                              have.to_dict())
+        return PlanStatus(spec.name, precision, plan, "fresh", meta.get("built_at", ""),
+                          have.to_dict())
+
+    def ensure(self, spec: ModelSpec, precision: str = "fp16", *,
+               calibration: Sequence[Mapping[str, Tensor]] | None = None,
+               accept: Callable[[Path], bool] | None = None) -> Path:
+        """A fresh plan for `spec`, building it if missing, stale or corrupt.
+
+        `accept` (INT8: the golden-set check against FP16) may reject a new
+        plan; it is then kept as `*.rejected.plan` and `BackendError` raised.
+        """
+        st = self.status(spec, precision)
+        if st.state == "fresh":
+            return st.plan
+        log.info("engine_rebuild", model=spec.name, precision=precision, state=st.state,
+                 detail=st.detail)
+        key = self.key_for(spec, precision)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = st.plan.with_name(f".{st.plan.name}.{os.getpid()}.tmp")
+        calib_cache = self.root / f"{spec.name}.{spec.sha256[:12]}.int8.calib"
+        started = time.monotonic()
+        try:
+            self.progress(f"{spec.name} {precision}: building from {spec.path.name}")
+            self.builder.build(spec.path, tmp, key, self.progress,
+                               calibration if precision == "int8" else None,
+                               calib_cache if precision == "int8" else None)
+            if not self.builder.loads(tmp):
+                raise BackendError(f"{spec.name}: the new plan does not deserialize")
+            if accept is not None and not accept(tmp):
+                tmp.replace(st.plan.with_name(f"{spec.name}.{precision}.rejected.plan"))
+                raise BackendError(f"{spec.name} {precision}: plan rejected by the golden-set "
+                                   "check against FP16; not used")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._install(st.plan, tmp, key, time.monotonic() - started)
+        return st.plan
+
+    def _install(self, plan: Path, tmp: Path, key: EngineKey, seconds: float) -> None:
+        sidecar = plan.with_name(plan.name + ".json")
+        if plan.is_file():
+            os.replace(plan, plan.with_name(plan.name.replace(".plan", ".prev.plan")))
+        meta = {"key": key.to_dict(), "key_digest": key.digest(),
+                "plan_sha256": sha256_file(tmp), "build_seconds": round(seconds, 1),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        side_tmp = sidecar.with_name(sidecar.name + ".tmp")
+        side_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.replace(tmp, plan)
+        os.replace(side_tmp, sidecar)
+        self.progress(f"{plan.name}: built in {seconds:.1f} s")
+
+    def plan_for(self, spec: ModelSpec, precision: str = "fp16") -> Path:
+        return self.ensure(spec, precision)
+
+    def verify(self, spec: ModelSpec, precision: str = "fp16") -> PlanStatus:
+        """Status plus a deserialization check of a fresh plan."""
+        st = self.status(spec, precision)
+        if st.state == "fresh" and not self.builder.loads(st.plan):
+            return PlanStatus(st.model, precision, st.plan, "corrupt", "does not deserialize",
+                              st.key)
+        return st

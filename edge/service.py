@@ -1,0 +1,146 @@
+"""The production node under systemd: start-up order, READY, watchdog, status, reload, stop.
+
+READY=1 goes out only once the models are loaded (and pass their golden
+self-test), the broker is connected and every camera streams. The watchdog
+is pinged only while no stage is stalled. The belt part of the calibration
+check runs at start and periodically, and its result is in the status.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from edge import __version__
+from edge.cameras import Cameras, open_cameras
+from edge.catalogue import load_catalogue
+from edge.clock import Clock, WallClock
+from edge.config import Config
+from edge.node import Node, NodeHooks
+from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
+from edge.types import FrameSet
+
+log = structlog.get_logger(__name__)
+
+#: How often the node publishes its health on `…/status`, and re-checks the belt.
+STATUS_INTERVAL_S = 30.0
+BELT_CHECK_INTERVAL_S = 600.0
+#: Start-up may take this long per step (models, broker, cameras) before systemd gives up.
+STARTUP_STEP_USEC = 120_000_000
+
+
+@dataclass(slots=True)
+class BeltMonitor:
+    """Runs the calibration belt check on the newest frame of each calibrated camera."""
+
+    cameras: Cameras
+    latest: dict[str, FrameSet] = field(default_factory=dict)
+    results: dict[str, dict[str, object]] = field(default_factory=dict)
+    last_run_mono: float = 0.0
+
+    def on_frameset(self, frameset: FrameSet) -> None:
+        self.latest["last"] = frameset  # a reference, no copy
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_run_mono > BELT_CHECK_INTERVAL_S
+
+    def run(self) -> dict[str, dict[str, object]]:
+        from calibration.check import check_belt
+
+        frameset = self.latest.get("last")
+        if frameset is None:
+            return self.results
+        self.last_run_mono = time.monotonic()
+        for cam_id, cal in self.cameras.calibrations.items():
+            frame = frameset.frames.get(cam_id)
+            if frame is None:
+                continue
+            result = check_belt(cal, frame.depth, frame.depth_scale_m)
+            self.results[cam_id] = result.as_dict()
+            if not result.passed:
+                log.warning("belt_check_failed", camera=cam_id, reasons=list(result.reasons))
+        return self.results
+
+    def ok(self) -> dict[str, bool]:
+        return {cam: bool(r.get("passed")) for cam, r in self.results.items()}
+
+
+class NodeService:
+    """Owns one `Node` for the life of the process."""
+
+    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or WallClock()
+        self.notifier = SystemdNotifier()
+
+    def _build(self) -> tuple[Node, BeltMonitor]:
+        from edge.infer.models import ItemInspector
+
+        catalogue = load_catalogue()
+        self.notifier.extend_timeout(STARTUP_STEP_USEC, "loading models")
+        inspector = ItemInspector.load(self.cfg.models, catalogue)
+        self.notifier.extend_timeout(STARTUP_STEP_USEC, "opening cameras")
+        cameras = open_cameras(self.cfg, self.clock)
+        monitor = BeltMonitor(cameras)
+        state = Path(self.cfg.storage.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        node = Node(self.cfg, self.clock, cameras, inspector, catalogue,
+                    outbox_path=state / "outbox.sqlite",
+                    hooks=NodeHooks(on_frameset=monitor.on_frameset))
+        return node, monitor
+
+    def run(self, stop: threading.Event, reload: threading.Event) -> int:
+        node, monitor = self._build()
+        health_file = HealthFile(health_file_path(Path(self.cfg.storage.state_dir)), __version__)
+        pinger = WatchdogPinger(self.notifier, node.stalled_stages, summary=node.summary_line,
+                                health_file=health_file)
+        http = None
+        if self.cfg.http.port:
+            from edge.web.server import start_http
+
+            http = start_http(self.cfg.http, node)
+        node.start()
+        pinger.start()
+        try:
+            self._wait_ready(node, stop)
+            if not stop.is_set():
+                pinger.mark_ready()
+                monitor.run()
+                self.notifier.ready(node.summary_line())
+                log.info("node_ready")
+            next_status = 0.0
+            while not stop.wait(0.5):
+                if reload.is_set():
+                    reload.clear()
+                    self.notifier.reloading()
+                    node.reload()
+                    self.notifier.ready(node.summary_line())
+                if monitor.due():
+                    monitor.run()
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + STATUS_INTERVAL_S
+                    node.publisher.publish_status({**node.health(),
+                                                   "calibration": monitor.results})
+        finally:
+            self.notifier.stopping("stopping: finishing items in flight")
+            pinger.stop()
+            node.stop()
+            if http is not None:
+                http.shutdown()
+            health_file.remove()
+            node.inspector.close()
+        return 0
+
+    def _wait_ready(self, node: Node, stop: threading.Event) -> None:
+        """Until the broker is connected and every camera has delivered a frame."""
+        while not stop.is_set():
+            if node.publisher.connected and node.streaming():
+                return
+            self.notifier.extend_timeout(STARTUP_STEP_USEC, "waiting for " + ", ".join(
+                what for what, ok in (("broker", node.publisher.connected),
+                                      ("cameras", node.streaming())) if not ok))
+            stop.wait(0.2)

@@ -1,0 +1,226 @@
+"""Tracking items along the belt across frames and cameras; one `ItemRecord` per physical item.
+
+Every camera's detections live in the belt frame, so one tracker serves all
+cameras: a track's footprint moves with the belt speed, and a detection
+joins the track whose predicted leading or trailing edge it matches (an item
+cut off by the image border still shows one true edge). Complete detections
+(fully inside the image) update the position and vote on the box and on
+`merged`; per camera the most central complete view is kept for the crop.
+A track unseen for `lost_after_ms` has left the inspection region: it is
+tied to the controller's announcement and becomes an `ItemRecord`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge.crops import CROP_MARGIN, rectify_item
+from edge.types import ItemCrop, ItemRecord, ItemTruth
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from edge.config import ItemsConfig
+    from edge.induct import InductAssociator
+    from edge.items import Detection, ItemSegmenter
+    from edge.types import F32Array, FrameSet
+
+#: Edge-position gate (mm) for a detection to join a track.
+GATE_X_MM = 70.0
+GATE_Y_MM = 80.0
+
+
+@dataclass(slots=True)
+class Track:
+    track_id: int
+    x_mm: tuple[float, float]  # footprint extent along the belt at `t_ms`
+    y_mm: float
+    t_ms: float
+    first_seen_ms: float
+    last_seen_ms: float
+    fixed: bool = False  # has had a complete detection
+    sightings: int = 0
+    merged_votes: int = 0
+    single_votes: int = 0
+    boxes: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    best: dict[str, tuple[float, Detection, float]] = field(default_factory=dict)
+
+    def predicted(self, t_ms: float, speed: float) -> tuple[float, float]:
+        dx = (t_ms - self.t_ms) * speed
+        return self.x_mm[0] + dx, self.x_mm[1] + dx
+
+
+class ItemTracker:
+    """Turns framesets into item records (one sync stage owns it; not thread-safe)."""
+
+    def __init__(self, segmenters: Mapping[str, ItemSegmenter], associator: InductAssociator,
+                 cfg: ItemsConfig) -> None:
+        self.segmenters = dict(segmenters)
+        self.associator = associator
+        self.cfg = cfg
+        self.tracks: list[Track] = []
+        self._ids = itertools.count(1)
+        # The camera that looks most straight down measures boxes best.
+        self.primary = max(self.segmenters, key=lambda c: -float(
+            self.segmenters[c].plane.pose.rotation[2, 2]))
+        self.cpu_ms: list[float] = []
+
+    def process(self, fs: FrameSet) -> list[ItemRecord]:
+        """Detect, track and emit the records of items that have left the view."""
+        start = time.process_time()
+        speed = self.associator.speed_mm_per_ms
+        for camera_id, frame in fs.frames.items():
+            seg = self.segmenters.get(camera_id)
+            if seg is None:
+                continue
+            taken: set[int] = set()
+            for det in seg.detect(frame):
+                track = self._match(det, fs.timestamp_ms, speed, taken)
+                if track is None:
+                    track = self._new_track(det, fs.timestamp_ms)
+                taken.add(track.track_id)
+                self._update(track, det, fs.timestamp_ms, speed)
+        records = self._finish(fs.timestamp_ms - self.cfg.lost_after_ms)
+        self.cpu_ms.append((time.process_time() - start) * 1000.0)
+        return records
+
+    def flush(self) -> list[ItemRecord]:
+        """Records for every track still open (end of a run)."""
+        return self._finish(float("inf"))
+
+    # -- association ---------------------------------------------------------------------
+
+    def _match(self, det: Detection, t: float, speed: float, taken: set[int]) -> Track | None:
+        best, best_d = None, GATE_X_MM
+        for track in self.tracks:
+            if track.track_id in taken or abs(track.y_mm - det.centre_mm[1]) > GATE_Y_MM:
+                continue
+            lo, hi = track.predicted(t, speed)
+            d = min(abs(lo - det.extent_x_mm[0]), abs(hi - det.extent_x_mm[1]))
+            if d < best_d:
+                best, best_d = track, d
+        return best
+
+    def _new_track(self, det: Detection, t: float) -> Track:
+        track = Track(next(self._ids), det.extent_x_mm, det.centre_mm[1], t, t, t)
+        self.tracks.append(track)
+        return track
+
+    def _update(self, track: Track, det: Detection, t: float, speed: float) -> None:
+        track.sightings += 1
+        track.last_seen_ms = t
+        if det.complete or not track.fixed:
+            track.x_mm, track.y_mm, track.t_ms = det.extent_x_mm, det.centre_mm[1], t
+        else:
+            track.x_mm, track.t_ms = track.predicted(t, speed), t
+        if det.complete:
+            track.fixed = True
+            track.boxes.setdefault(det.camera_id, []).append(det.box_mm)
+            if det.merged:
+                track.merged_votes += 1
+            else:
+                track.single_votes += 1
+        score = self._view_score(det)
+        current = track.best.get(det.camera_id)
+        if current is None or score > current[0]:
+            track.best[det.camera_id] = (score, det, t)
+
+    def _view_score(self, det: Detection) -> float:
+        """Higher is better: complete views first, then the most central one."""
+        intr = self.segmenters[det.camera_id].plane.intrinsics
+        x0, y0, x1, y1 = det.roi
+        off = abs(0.5 * (x0 + x1) - intr.cx) / intr.width + abs(0.5 * (y0 + y1) - intr.cy) / (
+            intr.height)
+        return (1.0 if det.complete else 0.0) - 0.5 * off
+
+    # -- records -------------------------------------------------------------------------
+
+    def _finish(self, cutoff_ms: float) -> list[ItemRecord]:
+        done = [t for t in self.tracks if t.last_seen_ms < cutoff_ms]
+        if not done:
+            return []
+        self.tracks = [t for t in self.tracks if t.last_seen_ms >= cutoff_ms]
+        records: list[ItemRecord] = []
+        for track in sorted(done, key=lambda t: t.first_seen_ms):
+            if track.sightings >= self.cfg.min_observations and track.best:
+                records.extend(self._records(track))
+        return records
+
+    def _box(self, track: Track) -> tuple[float, float, float]:
+        boxes = track.boxes.get(self.primary) or next(iter(track.boxes.values()), None)
+        if not boxes:
+            _, det, _ = max(track.best.values(), key=lambda b: b[0])
+            return det.box_mm
+        return (statistics.median(b[0] for b in boxes), statistics.median(b[1] for b in boxes),
+                statistics.median(b[2] for b in boxes))
+
+    def _records(self, track: Track) -> list[ItemRecord]:
+        ref_cam = self.primary if self.primary in track.best else max(
+            track.best, key=lambda c: track.best[c][0])
+        _, ref, t_cap = track.best[ref_cam]
+        merged = track.merged_votes > track.single_votes
+        claims = self.associator.claim(ref.centre_mm[0], t_cap, ref.extent_x_mm, merged=merged,
+                                       seen_ms=t_cap)
+        crops = {cam: self.crop(det) for cam, (_, det, _) in track.best.items()}
+        base = dict(
+            track_id=track.track_id, first_seen_ms=track.first_seen_ms, captured_ms=t_cap,
+            deadline_ms=self.associator.deadline_ms(ref.centre_mm[0], t_cap),
+            box_mm=self._box(track), centre_mm=ref.centre_mm, crops=crops,
+            views_missing=tuple(c for c in self.segmenters if c not in track.best),
+            merged=merged, truth=truth_of(ref))
+        if not claims:
+            return [ItemRecord(item_id=self.associator.generated_id(track.track_id, t_cap),
+                               product_id=None, unannounced=True, **base)]  # type: ignore[arg-type]
+        return [ItemRecord(item_id=a.item_id, product_id=a.product_id, **base)  # type: ignore[arg-type]
+                for a in claims]
+
+    def crop(self, det: Detection) -> ItemCrop:
+        """The model crop of one view (rectified, `crop_size` square)."""
+        frame = det.frame
+        x0, y0, x1, y1 = det.roi
+        pad = int(0.5 * max(x1 - x0, y1 - y0) * (CROP_MARGIN + 0.2)) + 2
+        h, w = frame.depth.shape
+        px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+        mask = np.zeros((py1 - py0, px1 - px0), bool)
+        mask[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = det.mask
+        heights = self._roi_heights(det, (px0, py0, px1, py1))
+        damage = None
+        if frame.truth is not None:
+            labels = frame.truth.labels[py0:py1, px0:px1]
+            label = _majority_label(labels, mask)
+            damage = frame.truth.damage_mask[py0:py1, px0:px1] & ((labels == 0) | (labels == label))
+        return rectify_item(det.camera_id, frame.color[py0:py1, px0:px1], heights, mask,
+                            self.cfg.crop_size, truth_damage=damage)
+
+    def _roi_heights(self, det: Detection, roi: tuple[int, int, int, int]) -> F32Array:
+        x0, y0, x1, y1 = roi
+        plane = self.segmenters[det.camera_id].plane
+        depth = det.frame.depth[y0:y1, x0:x1]
+        z = depth.astype(np.float32) * np.float32(det.frame.depth_scale_m * 1000.0)
+        out = z * plane.rays[y0:y1, x0:x1, 2] + np.float32(plane.pose.translation_mm[2])
+        out[depth == 0] = np.nan
+        return out.astype(np.float32)
+
+
+def _majority_label(labels: np.ndarray, mask: np.ndarray) -> int:
+    values = labels[mask]
+    values = values[values > 0]
+    if values.size == 0:
+        return 0
+    return int(np.bincount(values).argmax())
+
+
+def truth_of(det: Detection) -> ItemTruth | None:
+    """Synthetic ground truth of the item most of a detection's pixels belong to."""
+    truth = det.frame.truth
+    if truth is None:
+        return None
+    x0, y0, x1, y1 = det.roi
+    label = _majority_label(truth.labels[y0:y1, x0:x1], det.mask)
+    return truth.items[label - 1] if label > 0 else None
