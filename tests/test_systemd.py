@@ -108,14 +108,14 @@ class StandInNode:
 
     STAGES = ("capture", "infer")
 
-    def __init__(self, notifier: SystemdNotifier, broker_port: int, health: HealthFile) -> None:
-        self.notifier = notifier
+    def __init__(self, env: dict[str, str], broker_port: int, health: HealthFile) -> None:
+        self.notifier = notifier = SystemdNotifier(env=env)
         self.stop = threading.Event()
         self.stall = {name: threading.Event() for name in self.STAGES}
         self.beats = StageHeartbeats(dict.fromkeys(self.STAGES, 0.2))
         self.pinger = WatchdogPinger(notifier, self.beats.stalled, health_file=health,
                                      summary=lambda: "running: 2 cameras, 0 items/s",
-                                     stop=self.stop)
+                                     env=env, stop=self.stop)
         self.session: ort.InferenceSession | None = None
         self.connected = threading.Event()
         self.state_at_ready: tuple[bool, bool] | None = None
@@ -160,19 +160,20 @@ class StandInNode:
 
 
 def test_notify_socket_ready_after_broker_and_models_then_watchdog_until_stall(
-        fake_systemd: tuple[FakeSystemd, str], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        fake_systemd: tuple[FakeSystemd, str], tmp_path: Path) -> None:
     """Under a NOTIFY_SOCKET, READY=1 comes only after the model is loaded AND the broker
     is connected (not while the broker is down); WATCHDOG=1 then arrives every
     WatchdogSec/2; when a stage stalls the pings stop and STATUS= names the stage; when
-    it recovers they resume; shutdown sends STOPPING=1."""
+    it recovers they resume; shutdown sends STOPPING=1.
+
+    The node's environment is passed explicitly rather than set on the test process:
+    Debian's mosquitto speaks sd_notify too and would inherit NOTIFY_SOCKET."""
     manager, path = fake_systemd
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # WatchdogSec=0.1 s -> ping every 50 ms
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    # WatchdogSec=0.1 s -> a ping every 50 ms
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}
     broker = MosquittoBroker(tmp_path / "broker")  # not started yet: the broker is down
     health = HealthFile(tmp_path / "run" / "health.json", "1.2.3")
-    node = StandInNode(SystemdNotifier(), broker.port, health)
+    node = StandInNode(env, broker.port, health)
     assert node.pinger.interval_s == pytest.approx(0.05)
     node.start()
     try:

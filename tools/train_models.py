@@ -26,6 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parent.parent
 
+from training import package  # noqa: E402
+from training.cards import write_cards  # noqa: E402
+from training.effnet import Trunk, load_lite0  # noqa: E402
+from training.features import build  # noqa: E402
+from training.fit_head import train_head  # noqa: E402
+from training.heads import export_damage, export_embedding  # noqa: E402
+
 from edge.catalogue import load_catalogue  # noqa: E402
 from edge.config import ModelsConfig  # noqa: E402
 from edge.infer.dataset import load_dataset  # noqa: E402
@@ -34,12 +41,6 @@ from edge.infer.geometry import fill_ratio  # noqa: E402
 from edge.infer.golden import golden_scores, load_golden  # noqa: E402
 from edge.infer.manifest import sha256_file, write_manifest  # noqa: E402
 from edge.infer.models import ItemInspector  # noqa: E402
-from training import package  # noqa: E402
-from training.cards import write_cards  # noqa: E402
-from training.effnet import Trunk, load_lite0  # noqa: E402
-from training.features import build  # noqa: E402
-from training.fit_head import train_head  # noqa: E402
-from training.heads import export_damage, export_embedding  # noqa: E402
 
 SIZE = 128
 SPLITS = {"train": (11, 2400, 0.5), "val": (22, 1500, 0.3), "test": (33, 2000, 0.3)}
@@ -118,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     seed_info = package.write_gallery_seed(eng / "gallery_seed.npz", train, per_product=4)
     geometry = {"expected_fill": expected_fill(train), "slack": 0.0}
     placeholder = {"version": "uncalibrated", "target_fpr": args.target_fpr,
-                   "fused": {c: 0.5 for c in package.COMBOS}, "components": {}}
+                   "fused": dict.fromkeys(package.COMBOS, 0.5), "components": {}}
     manifest_path = eng / "manifest.yaml"
     extra = {"gallery_seed": seed_info}
     write_manifest(manifest_path, package.manifest_data(
-        eng, args.version, SIZE, package.neutral_fusion(), placeholder, geometry, extra))
+        eng, args.version, SIZE, fusion=package.neutral_fusion(), thresholds=placeholder,
+        geometry=geometry, extra=extra))
     lap("export")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         thresholds = fit_thresholds(val_table, fusion, args.target_fpr, version=args.version)
         lap("calibrate_val")
         data = package.manifest_data(
-            eng, args.version, SIZE, fusion,
-            thresholds_to_mapping(thresholds, str(args.val.name), len(val.items)), geometry, extra)
+            eng, args.version, SIZE, fusion=fusion,
+            thresholds=thresholds_to_mapping(thresholds, str(args.val.name), len(val.items)),
+            geometry=geometry, extra=extra)
         write_manifest(manifest_path, data)
         inspector = ItemInspector.load(cfg, catalogue)
         test = load_dataset(args.test)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["datasets"] = {k: str(getattr(args, k)) for k in ("train", "val", "test")}
     metrics["version"] = args.version
     (eng / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    write_cards(eng, metrics, data, len(train.items), len(val.items), args)
+    write_cards(eng, metrics, data, n_train=len(train.items), n_val=len(val.items), args=args)
     print(json.dumps({k: metrics[k] for k in ("fused", "per_type_recall", "broken_set_recall",
                                               "confounder_fpr", "test_items")}, indent=2))
     return 0

@@ -20,7 +20,13 @@ from edge.infer.manifest import ManifestError, load_manifest, write_manifest
 from edge.infer.models import DAMAGE, EMBEDDING, ItemInspector
 from edge.infer.photo import PhotoError, load_photo
 
-SubParsers = argparse._SubParsersAction  # noqa: SLF001 - argparse exposes no public name
+SubParsers = argparse._SubParsersAction
+
+
+def _emit(text: str, *, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -36,7 +42,8 @@ def memory_inspector(models: ModelsConfig, gallery_dir: Path | None = None) -> I
     manifest = load_manifest(models.manifest)
     inspector = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), models),
                               open_backend(manifest.model(DAMAGE), models),
-                              ReferenceGallery(gallery_dir), load_catalogue(), models)
+                              gallery=ReferenceGallery(gallery_dir), catalogue=load_catalogue(),
+                              cfg=models)
     if inspector.gallery.is_empty():
         inspector.seed_gallery()
     return inspector
@@ -49,8 +56,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.product is not None and product is None:
         raise ConfigError("--product", args.product,
                           f"a catalogue product ID ({', '.join(inspector.catalogue.ids())})")
-    photo = load_photo(args.rgb, args.depth, product, args.product, inspector.size,
-                       args.depth_unit_mm)
+    photo = load_photo(args.rgb, args.depth, product=product, product_id=args.product,
+                       size=inspector.size, depth_unit_mm=args.depth_unit_mm)
     inference = inspector.infer([photo.record])[0]
     policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
     verdict = policy.decide(photo.record, inference, now_ms=0.0)
@@ -75,21 +82,21 @@ def _inspect(args: argparse.Namespace) -> int:
         "model_versions": dict(verdict.model_versions), "notes": notes,
     }
     if args.json:
-        print(json.dumps(out))
+        _emit(json.dumps(out))
     else:
         _print_inspect(out)
     return 0
 
 
 def _print_inspect(out: dict[str, Any]) -> None:
-    print(f"decision:  {out['decision'].upper()}  (fused {out['fused_score']:.4f}, threshold "
+    _emit(f"decision:  {out['decision'].upper()}  (fused {out['fused_score']:.4f}, threshold "
           f"{out['threshold']:.4f}, inputs {out['inputs']})")
-    print(f"reasons:   {', '.join(out['reasons']) or '-'}")
-    print(f"damage:    {out['damage_score']:.4f}   anomaly: {out['anomaly_score']}   "
+    _emit(f"reasons:   {', '.join(out['reasons']) or '-'}")
+    _emit(f"damage:    {out['damage_score']:.4f}   anomaly: {out['anomaly_score']}   "
           f"geometry: {out['geometry_score']}")
-    print("per type:  " + ", ".join(f"{k} {v:.3f}" for k, v in out["per_type"].items()))
+    _emit("per type:  " + ", ".join(f"{k} {v:.3f}" for k, v in out["per_type"].items()))
     for note in out["notes"]:
-        print(f"note:      {note}")
+        _emit(f"note:      {note}")
 
 
 def _thresholds_fit(args: argparse.Namespace) -> int:
@@ -120,7 +127,7 @@ def _thresholds_fit(args: argparse.Namespace) -> int:
                "nominal_items": int((~table.damaged).sum()), "written": not args.dry_run}
     if not args.dry_run:
         write_manifest(inspector.manifest.path, raw)
-    print(json.dumps(summary, indent=2))
+    _emit(json.dumps(summary, indent=2))
     return 0
 
 
@@ -130,7 +137,7 @@ def _engines(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = load_manifest(cfg.models.manifest)
     cache = EngineCache(args.cache or cfg.models.engine_cache,
-                        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+                        progress=lambda msg: _emit(f"  {msg}", err=True))
     rows = []
     for spec in manifest.models.values():
         for precision in args.precision:
@@ -140,7 +147,7 @@ def _engines(args: argparse.Namespace) -> int:
                 spec, precision)
             rows.append({"model": spec.name, "precision": precision, "state": st.state,
                          "detail": st.detail, "plan": str(st.plan)})
-    print(json.dumps(rows, indent=2))
+    _emit(json.dumps(rows, indent=2))
     return 0 if all(r["state"] == "fresh" for r in rows) or args.action == "list" else 1
 
 
@@ -149,7 +156,7 @@ def _guarded(func: Any) -> Any:
         try:
             return int(func(args))
         except (ManifestError, BackendError, DatasetError, PhotoError) as exc:
-            print(f"edge-node: {exc}", file=sys.stderr)
+            _emit(f"edge-node: {exc}", err=True)
             return 2
     return run
 
@@ -203,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except ConfigError as exc:
-        print(f"edge-node: {exc}", file=sys.stderr)
+        _emit(f"edge-node: {exc}", err=True)
         return 2
 
 

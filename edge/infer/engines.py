@@ -73,7 +73,7 @@ class EngineBuilder(Protocol):
 
     def environment(self) -> Environment: ...
 
-    def build(self, onnx: Path, out: Path, key: EngineKey, progress: Progress,
+    def build(self, onnx: Path, out: Path, key: EngineKey, *, progress: Progress,
               calibration: Sequence[Mapping[str, Tensor]] | None,
               calibration_cache: Path | None) -> None: ...
 
@@ -173,9 +173,9 @@ class EngineCache:
         started = time.monotonic()
         try:
             self.progress(f"{spec.name} {precision}: building from {spec.path.name}")
-            self.builder.build(spec.path, tmp, key, self.progress,
-                               calibration if precision == "int8" else None,
-                               calib_cache if precision == "int8" else None)
+            self.builder.build(spec.path, tmp, key, progress=self.progress,
+                               calibration=calibration if precision == "int8" else None,
+                               calibration_cache=calib_cache if precision == "int8" else None)
             if not self.builder.loads(tmp):
                 raise BackendError(f"{spec.name}: the new plan does not deserialize")
             if accept is not None and not accept(tmp):

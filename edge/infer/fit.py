@@ -88,7 +88,7 @@ def fit_fusion(table: ScoreTable) -> Fusion:
     for combo in COMBOS:
         w = logistic_regression(_design(table, (mean, std), combo), table.damaged)
         weights[combo] = (float(w[0]), float(w[1]), float(w[2]), float(w[3]))
-    return Fusion(mean, std, weights)  # type: ignore[arg-type]
+    return Fusion(mean, std, weights)
 
 
 def fused_scores(table: ScoreTable, fusion: Fusion, combo: str) -> Vector:

@@ -169,4 +169,5 @@ def nearest_sq_distance(query: F32Array, bank: F32Array,
     qsq = np.einsum("ij,ij->i", query, query)
     # max over (2 q.b - |b|^2) is one GEMM plus a row reduction.
     best = ((2.0 * query) @ bank.T - bsq[None, :]).max(axis=1)
-    return np.maximum(qsq - best, 0.0).astype(np.float32)
+    out: F32Array = np.maximum(qsq - best, 0.0).astype(np.float32)
+    return out

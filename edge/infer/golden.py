@@ -89,7 +89,8 @@ def golden_scores(inspector: ItemInspector, golden: GoldenSet) -> list[ItemInfer
     from edge.infer.models import ItemInspector
 
     probe = ItemInspector(inspector.manifest, inspector.embedding, inspector.damage,
-                          ReferenceGallery(None), inspector.catalogue, inspector.cfg)
+                          gallery=ReferenceGallery(None), catalogue=inspector.catalogue,
+                          cfg=inspector.cfg)
     for product, camera in sorted({(p, c) for p, c, _ in golden.references}):
         views = [img for p, c, img in golden.references if (p, c) == (product, camera)]
         probe.learn_views(product, camera, views)

@@ -160,7 +160,8 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ManifestError(str(path), f"cannot be read ({exc})", "a YAML manifest") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ManifestError(str(path), f"schema is {getattr(data, 'get', dict().get)('schema')!r}",
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise ManifestError(str(path), f"schema is {schema!r}",
                             f"a mapping with schema: {SCHEMA}")
     raw_models = data.get("models")
     if not isinstance(raw_models, dict) or not raw_models:

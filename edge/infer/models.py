@@ -73,7 +73,7 @@ def depth_channels(crop: ItemCrop, size: int, abs_scale_mm: float, out: F32Array
         return
     h = crop.height_mm
     if h.shape[0] != size:
-        h = cv2.resize(h, (size, size), interpolation=cv2.INTER_LINEAR)
+        h = np.asarray(cv2.resize(h, (size, size), interpolation=cv2.INTER_LINEAR), np.float32)
     inside = h[h > 0]
     top = float(np.percentile(inside, 95)) if inside.size else 1.0
     np.multiply(h, 1.0 / abs_scale_mm, out=out[0])
@@ -98,7 +98,7 @@ def map_box(prob_map: F32Array, size: int) -> tuple[int, int, int, int]:
     return (x0, y0, int((xs.max() + 1) * step) - x0, int((ys.max() + 1) * step) - y0)
 
 
-class ModelRefused(RuntimeError):
+class ModelRejectedError(RuntimeError):
     """New models failed the golden self-test; the old ones stay in use."""
 
     def __init__(self, report: GoldenReport) -> None:
@@ -109,7 +109,7 @@ class ModelRefused(RuntimeError):
 class ItemInspector:
     """Runs the models on items' crops; thread-compatible (one caller at a time)."""
 
-    def __init__(self, manifest: Manifest, embedding: Backend, damage: Backend,
+    def __init__(self, manifest: Manifest, embedding: Backend, damage: Backend, *,
                  gallery: ReferenceGallery, catalogue: Catalogue, cfg: ModelsConfig) -> None:
         self.gallery = gallery
         self.catalogue = catalogue
@@ -139,8 +139,8 @@ class ItemInspector:
         manifest = load_manifest(manifest_path or cfg.manifest)
         embedding = open_backend(manifest.model(EMBEDDING), cfg)
         damage = open_backend(manifest.model(DAMAGE), cfg)
-        inspector = cls(manifest, embedding, damage, ReferenceGallery(cfg.gallery_dir),
-                        catalogue, cfg)
+        inspector = cls(manifest, embedding, damage, gallery=ReferenceGallery(cfg.gallery_dir),
+                        catalogue=catalogue, cfg=cfg)
         if inspector.gallery.is_empty():
             inspector.seed_gallery()
         return inspector
@@ -219,10 +219,10 @@ class ItemInspector:
         per_type: dict[str, float] = {}
         boxes: dict[str, tuple[int, int, int, int]] = {}
         for t, name in enumerate(TYPE_NAMES, start=1):
-            best = max(views, key=lambda v, t=t: float(v[2][t]), default=None)
-            if best is not None:
-                per_type[name] = float(best[2][t])
-                boxes[name] = map_box(best[3][t], best[1].color.shape[0])
+            if views:
+                top = max(views, key=lambda v, t=t: float(v[2][t]))  # type: ignore[misc]
+                per_type[name] = float(top[2][t])
+                boxes[name] = map_box(top[3][t], top[1].color.shape[0])
         raw, amap, acam = self._anomaly(record.product_id, views)
         geometry = self._geometry(record)
         anomaly = self.fusion.normalize_anomaly(raw)
@@ -238,8 +238,9 @@ class ItemInspector:
             res = None if product_id is None else self.gallery.score(product_id, cam, patches)
             if res is not None and (best is None or res.score > best[0]):
                 size = crop.color.shape[0]
-                best = (res.score, cv2.resize(res.patch_map, (size, size),
-                                              interpolation=cv2.INTER_LINEAR), cam)
+                amap = np.asarray(cv2.resize(res.patch_map, (size, size),
+                                             interpolation=cv2.INTER_LINEAR), np.float32)
+                best = (res.score, amap, cam)
         return (None, None, None) if best is None else best
 
     def _geometry(self, record: ItemRecord) -> float | None:
@@ -253,18 +254,18 @@ class ItemInspector:
     def reload(self, manifest_path: Path | None = None) -> GoldenReport:
         """Re-read manifest and models; switch to them only if the golden self-test passes.
 
-        Raises `ModelRefused` (keeping the current models) when it does not.
+        Raises `ModelRejectedError` (keeping the current models) when it does not.
         """
         from edge.infer.golden import golden_self_test
 
         manifest = load_manifest(manifest_path or self.cfg.manifest)
         candidate = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), self.cfg),
-                                  open_backend(manifest.model(DAMAGE), self.cfg), self.gallery,
-                                  self.catalogue, self.cfg)
+                                  open_backend(manifest.model(DAMAGE), self.cfg),
+                                  gallery=self.gallery, catalogue=self.catalogue, cfg=self.cfg)
         report = golden_self_test(candidate)
         if not report.passed:
             candidate.close()
-            raise ModelRefused(report)
+            raise ModelRejectedError(report)
         old = (self.embedding, self.damage)
         self._configure(manifest, candidate.embedding, candidate.damage)
         for backend in old:

@@ -65,16 +65,18 @@ def read_height(path: Path, shape: tuple[int, int], unit_mm: float) -> F32Array:
         raise PhotoError(f"{path}: not a single-channel height PNG")
     height = raw.astype(np.float32) * np.float32(unit_mm)
     if height.shape != shape:
-        height = cv2.resize(height, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        height = np.asarray(cv2.resize(height, (shape[1], shape[0]),
+                                       interpolation=cv2.INTER_NEAREST), np.float32)
     height[raw == 0 if raw.shape == shape else height == 0] = np.nan
     return height
 
 
-def load_photo(rgb: Path, depth: Path | None, product: Product | None, product_id: str | None,
-               size: int, depth_unit_mm: float = 0.1) -> Photo:
-    color = cv2.imread(str(rgb), cv2.IMREAD_COLOR)
-    if color is None:
+def load_photo(rgb: Path, depth: Path | None, *, product: Product | None,
+               product_id: str | None, size: int, depth_unit_mm: float = 0.1) -> Photo:
+    raw = cv2.imread(str(rgb), cv2.IMREAD_COLOR)
+    if raw is None:
         raise PhotoError(f"{rgb}: missing or not an image")
+    color = np.asarray(raw, np.uint8)
     notes = []
     height = None if depth is None else read_height(depth, color.shape[:2], depth_unit_mm)
     mask = find_item(color, height)

