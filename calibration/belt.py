@@ -172,7 +172,7 @@ def travel_from_track(points_cam: Sequence[FloatArray], plane: Plane) -> FloatAr
     direction = direction - np.dot(direction, plane.normal) * plane.normal
     norm = float(np.linalg.norm(direction))
     span = float(np.linalg.norm(pts[-1] - pts[0]))
-    if norm < 1e-6 or span < 20.0:
+    if norm < 1e-6 or span < 200.0:
         raise BeltFitError(f"the marker positions are only {span:.0f} mm apart: move the marker "
                            "(or place the two markers) at least 20 cm apart along the belt")
     return direction / norm

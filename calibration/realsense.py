@@ -104,8 +104,11 @@ def read_recording(path: Path, count: int = 5, *, timeout_s: float = 5.0) -> tup
     with _pipeline(rs, config, f"recording {path}", playback=True) as (pipe, profile):
         info = _info(rs, profile)
         align = rs.align(rs.stream.color) if _needs_align(info) else None
+        playback = profile.get_device().as_playback()
         while len(frames) < count:
-            ok, fs = pipe.try_wait_for_frames(int(timeout_s * 1000))
+            if frames and playback.current_status() == rs.playback_status.stopped:
+                break  # the end of the file
+            ok, fs = pipe.try_wait_for_frames(int(timeout_s * 1000 if not frames else 1000))
             if not ok:
                 break
             frames.append(_to_arrays(rs, fs, align))

@@ -177,6 +177,9 @@ class StorageConfig:
     snapshots_max_mb: float = _f(2048.0, lo=1.0, doc="ring store size cap")
     snapshots_max_age_h: float = _f(168.0, lo=0.01, doc="ring store age cap")
     snapshot_pass_sample: float = _f(0.001, lo=0.0, hi=1.0, doc="share of passed items kept")
+    snapshots: bool = _f(True, doc="keep audit snapshots of sidelined (and sampled) items")
+    snapshots_min_free_mb: float = _f(1024.0, lo=0.0, doc="free disk space the ring store "
+                                      "always leaves; oldest snapshots go first")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,7 @@ class HttpConfig:
     live_page: bool = _f(False, doc="serve the live page besides /metrics")
     token_file: Path | None = _f(None, doc="token required when bound beyond localhost",
                                  path_must_exist=True)
+    live_recent: int = _f(12, lo=1, hi=200, doc="sidelined items shown on the live page")
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,7 +146,8 @@ class VerdictPolicy:
             findings=findings, captured_ms=record.captured_ms, decided_ms=now_ms,
             deadline_ms=record.deadline_ms, late=now_ms > record.deadline_ms,
             fail_safe=fail_safe,
-            anomaly_map=None if inference is None else inference.anomaly_map)
+            anomaly_map=None if inference is None else inference.anomaly_map,
+            anomaly_camera=None if inference is None else inference.anomaly_camera)
 
     def fail_safe(self, record: ItemRecord, reason: Reason, now_ms: float) -> Verdict:
         """The verdict when the models gave nothing usable (timeout, error, not seen)."""

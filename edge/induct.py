@@ -14,7 +14,7 @@ deadline scheduler, which publishes `not_seen` at their deadline.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 import structlog
@@ -41,6 +41,7 @@ class InductAssociator:
         self._speed = belt.speed_mps  # mm/ms
         self._lock = threading.Lock()
         self._open: OrderedDict[str, tuple[Announcement, float]] = OrderedDict()
+        self._claimed: deque[float] = deque(maxlen=64)  # expected arrivals already taken
         self.claimed = 0
         self.unannounced = 0
         self.expired = 0
@@ -92,7 +93,11 @@ class InductAssociator:
                     ids = self._nearest(arrival)
             else:
                 ids = self._nearest(arrival)
-            claimed = [self._open.pop(i)[0] for i in ids]
+            claimed = []
+            for i in ids:
+                a, eta = self._open.pop(i)
+                claimed.append(a)
+                self._claimed.append(eta)
             self._expire(t_ms)
         self.claimed += len(claimed)
         if not claimed:
@@ -103,11 +108,18 @@ class InductAssociator:
         return claimed
 
     def _nearest(self, arrival: float) -> list[str]:
+        """The open announcement nearest in time, unless a claimed one is nearer still.
+
+        Falling back to the second-nearest would let one mistake shift every
+        following item's ID; such a track is better reported unannounced.
+        """
         best, best_err = None, self._tolerance
         for item_id, (_, eta) in self._open.items():
             err = abs(eta - arrival)
             if err <= best_err:
                 best, best_err = item_id, err
+        if best is not None and any(abs(eta - arrival) < best_err for eta in self._claimed):
+            return []
         return [best] if best is not None else []
 
     def _expire(self, now_ms: float) -> None:

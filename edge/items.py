@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 STEP_MM = 18.0
 #: Footprint fill ratio (area / min-area rectangle) below which a blob is not one box.
 MIN_FILL = 0.86
+#: Smallest share of a blob's pixels that a split-off part may have.
+MIN_PART = 0.15
 #: Pixels of image border inside which a detection counts as cut off.
 BORDER_PX = 3
 _KERNEL3 = np.ones((3, 3), np.uint8)
@@ -112,7 +114,7 @@ class ItemSegmenter:
         det = self._detection(frame, comp, roi, merged=False)
         if det is None:
             return []
-        if not self._suspicious(det, comp):
+        if not det.complete or not self._suspicious(det, comp):
             return [det]
         parts = self._split(frame, heights, comp, roi)
         if parts:
@@ -131,16 +133,19 @@ class ItemSegmenter:
                roi: tuple[int, int, int, int]) -> list[Detection]:
         """Cut a blob along height steps; [] when that does not give plausible items."""
         x0, y0, x1, y1 = roi
-        h = np.nan_to_num(heights[y0:y1, x0:x1], nan=0.0)
+        raw = heights[y0:y1, x0:x1]
+        holes = np.isnan(raw)
+        h = np.where(comp, np.nan_to_num(raw, nan=0.0), 0.0).astype(np.float32)
+        h = np.where(holes, cv2.dilate(h, _KERNEL5), h)  # seams and dropouts: not steps
         gx = np.abs(cv2.Sobel(h, cv2.CV_32F, 1, 0, ksize=3)) / 4.0
         gy = np.abs(cv2.Sobel(h, cv2.CV_32F, 0, 1, ksize=3)) / 4.0
-        steps = (np.maximum(gx, gy) > STEP_MM) | np.isnan(heights[y0:y1, x0:x1])
+        steps = np.maximum(gx, gy) > STEP_MM
         cores = (comp & ~cv2.dilate(steps.astype(np.uint8), _KERNEL3).astype(bool)).astype(
             np.uint8)
         count, labels = cv2.connectedComponents(cores, connectivity=4)
-        min_px = self._min_pixels()
+        min_px = max(self._min_pixels(), int(MIN_PART * comp.sum()))
         seeds = [k for k in range(1, count) if int((labels == k).sum()) >= min_px]
-        if len(seeds) < 2:
+        if not 2 <= len(seeds) <= 3:
             return []
         # Give every blob pixel to its nearest core, so the parts keep their full footprints.
         markers = np.zeros(comp.shape, np.int32)

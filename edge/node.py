@@ -27,12 +27,14 @@ from edge.config import Config
 from edge.deadlines import DeadlineScheduler
 from edge.decide import VerdictPolicy
 from edge.infer.models import ItemInspector
-from edge.items import ItemTracker
+from edge.induct import InductAssociator
+from edge.items import ItemSegmenter
 from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot
 from edge.publish.mqtt import AckedVerdict, VerdictPublisher
 from edge.stage import BoundedQueue, StageThread
 from edge.stages import CaptureStage, Decided, InferenceStage, ItemStage, SyncStage
 from edge.sync import FrameSynchronizer
+from edge.tracking import ItemTracker
 from edge.types import Announcement, Feedback, Frame, FrameSet, ItemRecord, Verdict
 
 log = structlog.get_logger(__name__)
@@ -82,15 +84,22 @@ class Node:
         self.frames_q: BoundedQueue[Frame] = BoundedQueue("frames", 4 * n_cams)
         self.framesets_q: BoundedQueue[FrameSet] = BoundedQueue("framesets", 4)
         self.items_q: BoundedQueue[ItemRecord] = BoundedQueue("items", 4 * cfg.models.max_batch)
-        self.captures = {cid: CaptureStage(src, self.frames_q, self.stop_event)
+        offline = {c.id for c in cfg.cameras if not c.realtime}
+        self.captures = {cid: CaptureStage(src, self.frames_q, self.stop_event,
+                                           offline=cid in offline)
                          for cid, src in cameras.sources.items()}
-        fps = max(c.fps for c in cfg.cameras)
         self.synchronizer = FrameSynchronizer(
-            list(cameras.sources), tolerance_ms=cfg.sync.tolerance_ms or 500.0 / fps,
-            camera_timeout_ms=cfg.sync.camera_timeout_ms)
-        self.tracker = ItemTracker(cfg, cameras.planes, clock=clock, on_seen=self.scheduler.mark_seen)
-        self.sync_stage = SyncStage(self.synchronizer, self.frames_q, self.framesets_q, clock)
-        self.item_stage = ItemStage(self.tracker, self.framesets_q, self.items_q, self.stop_event)
+            list(cameras.sources), fps=max(c.fps for c in cfg.cameras),
+            tolerance_ms=cfg.sync.tolerance_ms, camera_timeout_ms=cfg.sync.camera_timeout_ms)
+        self.associator = InductAssociator(cfg.belt, cfg.items, on_seen=self.scheduler.mark_seen,
+                                           id_prefix=f"{cfg.node.node_id}-unannounced")
+        segmenters = {cid: ItemSegmenter(cid, plane.intrinsics, plane.pose, cfg.items)
+                      for cid, plane in cameras.planes.items()}
+        self.tracker = ItemTracker(segmenters, self.associator, cfg.items)
+        self.sync_stage = SyncStage(self.synchronizer, self.frames_q, self.framesets_q, clock,
+                                    self.stop_event, lossless=offline == set(cameras.sources))
+        self.item_stage = ItemStage(self.tracker, self.framesets_q, self.items_q, self.stop_event,
+                                    on_frameset=self.hooks.on_frameset)
         self.inference = InferenceStage(self.inspector.infer, self._decide, self._complete,
                                         self.items_q, clock, cfg.models.max_batch)
         self._threads: list[StageThread] = []
@@ -140,7 +149,7 @@ class Node:
             self.framesets_q.put_nowait_or_drop(frameset)
         records: list[ItemRecord] = []
         while (fs := self.framesets_q.get_nowait()) is not None:
-            records.extend(self.tracker.update(fs))
+            records.extend(self.tracker.process(fs))
         records.extend(self.item_stage.finish())
         while (rec := self.items_q.get_nowait()) is not None:
             records.append(rec)
@@ -172,7 +181,7 @@ class Node:
 
     def _on_announcement(self, announcement: Announcement) -> None:
         if self.scheduler.announce(announcement, self._deadline_ms(announcement)):
-            self.tracker.announce(announcement)
+            self.associator.announce(announcement)
 
     def _on_feedback(self, feedback: Feedback) -> None:
         log.info("feedback", item_id=feedback.item_id, kind=feedback.kind)
@@ -271,7 +280,7 @@ class Node:
             broker_connected=self.publisher.connected,
             rejected_inputs=dict(pub.rejected),
             model_versions=self.inspector.model_versions(),
-            unmatched_frames=self.synchronizer.unmatched,
+            unmatched_frames=self.synchronizer.counters.unmatched_frames,
         )
 
     def _queues(self) -> tuple[BoundedQueue[Frame] | BoundedQueue[FrameSet]

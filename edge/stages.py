@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -28,11 +29,16 @@ log = structlog.get_logger(__name__)
 
 
 class CaptureStage:
-    """Reads one camera; never blocks on the rest of the pipeline."""
+    """Reads one camera; a live camera never blocks on the rest of the pipeline.
+
+    `offline` sources (recordings played as fast as they can be read) wait for
+    room instead of dropping: nothing is lost by waiting on a file.
+    """
 
     def __init__(self, source: FrameSource, out: BoundedQueue[Frame], stop: threading.Event,
-                 read_timeout_s: float = 0.2) -> None:
+                 read_timeout_s: float = 0.2, *, offline: bool = False) -> None:
         self.source = source
+        self._offline = offline
         self._out = out
         self._stop = stop
         self._timeout = read_timeout_s
@@ -60,7 +66,10 @@ class CaptureStage:
         if frame is None:
             return False
         self.last_frame_ms = frame.timestamp_ms
-        self._out.put_nowait_or_drop(frame)
+        if self._offline:
+            self._out.put(frame, self._stop)
+        else:
+            self._out.put_nowait_or_drop(frame)
         return True
 
 
@@ -68,8 +77,11 @@ class SyncStage:
     """Groups frames of all cameras into framesets."""
 
     def __init__(self, synchronizer: FrameSynchronizerLike, inbox: BoundedQueue[Frame],
-                 out: BoundedQueue[FrameSet], clock: Clock) -> None:
+                 out: BoundedQueue[FrameSet], clock: Clock, stop: threading.Event, *,
+                 lossless: bool = False) -> None:
         self._sync = synchronizer
+        self._stop = stop
+        self._lossless = lossless
         self._in = inbox
         self._out = out
         self._clock = clock
@@ -81,7 +93,10 @@ class SyncStage:
             self._clock.now_ms())
         for frameset in ready:
             self.framesets += 1
-            self._out.put_nowait_or_drop(frameset)
+            if self._lossless:
+                self._out.put(frameset, self._stop)
+            else:
+                self._out.put_nowait_or_drop(frameset)
         return frame is not None
 
     def flush(self) -> list[FrameSet]:
@@ -92,8 +107,10 @@ class ItemStage:
     """Finds and tracks items, ties them to announcements, emits one record per item."""
 
     def __init__(self, tracker: ItemTrackerLike, inbox: BoundedQueue[FrameSet],
-                 out: BoundedQueue[ItemRecord], stop: threading.Event) -> None:
+                 out: BoundedQueue[ItemRecord], stop: threading.Event,
+                 on_frameset: Callable[[FrameSet], None] | None = None) -> None:
         self._tracker = tracker
+        self._on_frameset = on_frameset
         self._in = inbox
         self._out = out
         self._stop = stop
@@ -103,7 +120,9 @@ class ItemStage:
         frameset = self._in.get(0.05)
         if frameset is None:
             return False
-        for record in self._tracker.update(frameset):
+        if self._on_frameset is not None:
+            self._on_frameset(frameset)
+        for record in self._tracker.process(frameset):
             self.records += 1
             self._out.put(record, self._stop)  # items are never dropped: backpressure
         return True
@@ -158,7 +177,7 @@ class InferenceStage:
         return True
 
 
-class FrameSynchronizerLike:  # pragma: no cover - structural interface
+class FrameSynchronizerLike(Protocol):
     """What the sync stage needs from `edge.sync.FrameSynchronizer`."""
 
     def push(self, frame: Frame) -> list[FrameSet]: ...
@@ -166,8 +185,8 @@ class FrameSynchronizerLike:  # pragma: no cover - structural interface
     def flush(self) -> list[FrameSet]: ...
 
 
-class ItemTrackerLike:  # pragma: no cover - structural interface
+class ItemTrackerLike(Protocol):
     """What the item stage needs from `edge.items`."""
 
-    def update(self, frameset: FrameSet) -> list[ItemRecord]: ...
+    def process(self, frameset: FrameSet) -> list[ItemRecord]: ...
     def flush(self) -> list[ItemRecord]: ...

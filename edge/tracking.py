@@ -46,8 +46,7 @@ class Track:
     last_seen_ms: float
     fixed: bool = False  # has had a complete detection
     sightings: int = 0
-    merged_votes: int = 0
-    single_votes: int = 0
+    votes: dict[str, list[bool]] = field(default_factory=dict)  # camera -> merged? per view
     boxes: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     best: dict[str, tuple[float, Detection, float]] = field(default_factory=dict)
 
@@ -122,10 +121,7 @@ class ItemTracker:
         if det.complete:
             track.fixed = True
             track.boxes.setdefault(det.camera_id, []).append(det.box_mm)
-            if det.merged:
-                track.merged_votes += 1
-            else:
-                track.single_votes += 1
+            track.votes.setdefault(det.camera_id, []).append(det.merged)
         score = self._view_score(det)
         current = track.best.get(det.camera_id)
         if current is None or score > current[0]:
@@ -164,7 +160,8 @@ class ItemTracker:
         ref_cam = self.primary if self.primary in track.best else max(
             track.best, key=lambda c: track.best[c][0])
         _, ref, t_cap = track.best[ref_cam]
-        merged = track.merged_votes > track.single_votes
+        votes = track.votes.get(self.primary) or [v for vs in track.votes.values() for v in vs]
+        merged = 2 * sum(votes) > len(votes)
         claims = self.associator.claim(ref.centre_mm[0], t_cap, ref.extent_x_mm, merged=merged,
                                        seen_ms=t_cap)
         crops = {cam: self.crop(det) for cam, (_, det, _) in track.best.items()}

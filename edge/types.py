@@ -280,6 +280,7 @@ class Verdict:
     fail_safe: bool = False
     snapshot_id: str | None = None
     anomaly_map: F32Array | None = None  # for snapshots; never published
+    anomaly_camera: str | None = None  # the view `anomaly_map` belongs to; never published
 
 
 FeedbackKind = Literal["confirmed_damage", "false_positive", "packaging_changed"]

@@ -24,6 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from onnx import TensorProto, helper
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.config import config_from_mapping, load_config
 from edge.publish.broker import MosquittoBroker
@@ -99,7 +101,7 @@ def _tiny_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 class StandInNode:
@@ -119,13 +121,18 @@ class StandInNode:
         self.session: ort.InferenceSession | None = None
         self.connected = threading.Event()
         self.state_at_ready: tuple[bool, bool] | None = None
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stand-in")
-        self.client.on_connect = lambda c, u, f, rc, p: rc == 0 and self.connected.set()
-        self.client.reconnect_delay_set(0.05, 0.1)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stand-in")
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(1, 1)
         self.port = broker_port
         self.threads = [threading.Thread(target=self._stage, args=(n,), name=f"stage-{n}")
                         for n in self.STAGES]
         self.threads.append(threading.Thread(target=self._start_up, name="start-up"))
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
+                    reason: ReasonCode, props: object) -> None:
+        if not reason.is_failure:
+            self.connected.set()
 
     def start(self) -> None:
         self.pinger.start()
@@ -181,18 +188,22 @@ def test_notify_socket_ready_after_broker_and_models_then_watchdog_until_stall(
         assert node.session is not None, "model should have loaded meanwhile"
         assert manager.with_key("READY") == [], "READY=1 while the broker was down"
         report = read_health(health.path)
-        assert report is not None and not report.ready
+        assert report is not None
+        assert not report.ready
 
         broker.start()
         t_ready, ready = manager.wait_for("READY", timeout_s=10)
-        assert ready["READY"] == "1" and node.state_at_ready == (True, True)
+        assert ready["READY"] == "1"
+        assert node.state_at_ready == (True, True)
 
         time.sleep(0.6)
         pings = [t for t, _ in manager.with_key("WATCHDOG", since=t_ready)]
         assert len(pings) >= 6
         assert max(np.diff(pings)) < 0.2  # regular: about every 50 ms
         report = read_health(health.path)
-        assert report is not None and report.ready and report.healthy
+        assert report is not None
+        assert report.ready
+        assert report.healthy
         assert report.version == "1.2.3"
 
         node.stall["infer"].set()
@@ -203,7 +214,8 @@ def test_notify_socket_ready_after_broker_and_models_then_watchdog_until_stall(
         statuses = [m["STATUS"] for _, m in manager.with_key("STATUS", since=t_stall)]
         assert "STALLED: infer" in statuses
         report = read_health(health.path)
-        assert report is not None and report.stalled_stages == ("infer",)
+        assert report is not None
+        assert report.stalled_stages == ("infer",)
         assert not report.healthy
 
         node.stall["infer"].clear()
@@ -269,7 +281,8 @@ def test_without_notify_socket_everything_is_a_no_op(monkeypatch: pytest.MonkeyP
 def test_notify_to_a_vanished_manager_does_not_raise(tmp_path: Path) -> None:
     """If the socket is gone the notifier logs and returns False instead of raising."""
     notifier = SystemdNotifier(str(tmp_path / "gone.sock"))
-    assert notifier.enabled and not notifier.watchdog()
+    assert notifier.enabled
+    assert not notifier.watchdog()
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -309,7 +322,8 @@ def test_broken_health_callback_counts_as_stalled(fake_systemd: tuple[FakeSystem
     assert pinger.tick() == ("health-check",)
     _, msg = manager.wait_for("STATUS")
     assert msg["STATUS"] == "STALLED: health-check"
-    assert manager.with_key("WATCHDOG") == [] and pinger.pings == 0
+    assert manager.with_key("WATCHDOG") == []
+    assert pinger.pings == 0
 
 
 def test_health_file_is_replaced_atomically(tmp_path: Path) -> None:
@@ -346,8 +360,8 @@ def test_health_file_is_replaced_atomically(tmp_path: Path) -> None:
 
 def _directives(path: Path) -> list[tuple[str, str, str]]:
     section, out = "", []
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
         if line.startswith("["):
@@ -389,7 +403,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     result = subprocess.run([analyze, "verify", "--man=no", *names], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
+    assert result.stdout.strip() == "", result.stdout
+    assert result.stderr.strip() == "", result.stderr
 
 
 def _exposure(unit: Path) -> float:
@@ -422,25 +437,31 @@ def test_node_unit_supervision_and_sandbox() -> None:
     credential, and reaches only the cameras' and GPU's devices."""
     unit = UNITS / "conveyor-vision.service"
     one = {k: v for _, k, v in _directives(unit)}
-    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
-    assert one["WatchdogSec"] and one["Restart"] == "on-failure"
-    assert int(one["StartLimitBurst"]) > 1 and one["StartLimitIntervalSec"]
+    assert one["Type"] == "notify"
+    assert one["NotifyAccess"] == "main"
+    assert one["WatchdogSec"]
+    assert one["Restart"] == "on-failure"
+    assert int(one["StartLimitBurst"]) > 1
+    assert one["StartLimitIntervalSec"]
     assert "kill -HUP $MAINPID" in one["ExecReload"]
-    assert one["User"] == "conveyor-vision" and one["ProtectSystem"] == "strict"
+    assert one["User"] == "conveyor-vision"
+    assert one["ProtectSystem"] == "strict"
     for key in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory"):
         assert one[key] == "conveyor-vision"
     assert one["NoNewPrivileges"] == one["PrivateTmp"] == "yes"
     assert one["LoadCredential"].startswith("mqtt:")
     assert one["DevicePolicy"] == "closed"
     allowed = " ".join(_values(unit, "DeviceAllow"))
-    assert "char-usb_device" in allowed and "char-nvidia*" in allowed
-    assert one["Environment"] or True
+    assert "char-usb_device" in allowed
+    assert "char-nvidia*" in allowed
     assert "CONVEYOR_VISION_ROOT=/opt/conveyor-vision" in _values(unit, "Environment")
     assert ("Unit", "Requires", "conveyor-vision-engines.service") in _directives(unit)
     engines = {k: v for _, k, v in _directives(UNITS / "conveyor-vision-engines.service")}
-    assert engines["Type"] == "oneshot" and engines["Before"] == "conveyor-vision.service"
+    assert engines["Type"] == "oneshot"
+    assert engines["Before"] == "conveyor-vision.service"
     timer = {k: v for _, k, v in _directives(UNITS / "conveyor-vision-update.timer")}
-    assert timer["OnUnitInactiveSec"] and timer["WantedBy"] == "timers.target"
+    assert timer["OnUnitInactiveSec"]
+    assert timer["WantedBy"] == "timers.target"
 
 
 def test_example_config_is_a_valid_production_config(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ import structlog
 # mypy treats the module as untyped here; on CI with fixed stubs the ignore is unused.
 import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
 
+if not hasattr(trt, "Runtime"):  # the stubs alone leave an empty `tensorrt` namespace package
+    raise ImportError("TensorRT is not installed (only its type stubs are)")
+
 from edge.infer.backend import BackendError, Tensor
 from edge.infer.manifest import ModelSpec, verify_io
 

@@ -115,7 +115,8 @@ def describe_connect_error(exc: BaseException, cfg: MqttConfig) -> str:
     """A message an operator can act on, for an exception raised while connecting."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         ca = cfg.tls.ca_file or "the system CA store"
-        return (f"TLS: refused the broker's certificate ({exc.verify_message}); it is not "
+        return (f"TLS: certificate verify failed: refused the broker's certificate "
+                f"({exc.verify_message}); it is not "
                 f"signed by mqtt.tls.ca_file ({ca}) or does not name the host in mqtt.url")
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed ({exc.reason or exc}); check the broker's TLS listener"

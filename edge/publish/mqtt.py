@@ -130,6 +130,7 @@ class VerdictPublisher:
         self._last_error: str | None = None
         self._fallback = False
         self._closing = False
+        self._connack_seen = False
         self._threads: list[threading.Thread] = []
         self._client = self._make_client()
 
@@ -312,12 +313,19 @@ class VerdictPublisher:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
                 continue
+            self._connack_seen = False
+            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
             while not self._stop.is_set():
                 rc = self._client.loop(0.05)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
                 if self._connected.is_set():
                     backoff = self.backoff_min_s
+            if not self._connack_seen and not self._stop.is_set():
+                hint = " (TLS: does the broker require a client certificate, " \
+                    "mqtt.tls.cert_file?)" if self._addr.tls else ""
+                self._connect_failed(f"the broker closed the connection before CONNACK "
+                                     f"({paho.error_string(rc)}){hint}")
             self._connected.clear()
             if not self._stop.is_set():
                 self._stop.wait(backoff)
@@ -342,6 +350,7 @@ class VerdictPublisher:
 
     def _on_connect(self, client: paho.Client, _userdata: Any, flags: paho.ConnectFlags,
                     reason: Any, _props: Any) -> None:
+        self._connack_seen = True
         if reason.is_failure:
             if (reason.value == _UNSUPPORTED_PROTOCOL and self._cfg.protocol == "auto"
                     and self._protocol == MQTTProtocolVersion.MQTTv5):

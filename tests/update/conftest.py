@@ -47,7 +47,7 @@ def make_bundle(tmp_path: Path, signing_key: Ed25519PrivateKey) -> BundleFactory
     out_dir = tmp_path / "bundles"
     out_dir.mkdir()
 
-    def factory(version: str, kind: Kind = "full", files: dict[str, bytes] | None = None,
+    def factory(version: str, kind: Kind = "full", *, files: dict[str, bytes] | None = None,
                 behaviour: str = "healthy", key: Ed25519PrivateKey | None = None,
                 base_version: str | None = None) -> Path:
         payload = tmp_path / "payloads" / version
@@ -152,7 +152,7 @@ UpdaterFactory = Callable[..., Updater]
 @pytest.fixture
 def make_updater(root: Path, signing_key: Ed25519PrivateKey, services: FakeServices,
                  fake_node: FakeNode) -> UpdaterFactory:
-    def factory(keep: int = 3, gate: GatePolicy = FAST_GATE,
+    def factory(*, keep: int = 3, gate: GatePolicy = FAST_GATE,
                 keys: list[Ed25519PublicKey] | None = None) -> Updater:
         def probe_for(version: str) -> HealthProbe:
             return HealthFileProbe(fake_node.health_path, version, max_age_s=0.5)

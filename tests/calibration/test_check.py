@@ -1,0 +1,143 @@
+"""The belt health check the node runs, and `edge-calibrate check --config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
+from calibration.check import BeltCheckThresholds, check_belt, check_board
+from calibration.cli import main
+from calibration.files import CameraCalibration
+from calibration.render import Box, DepthNoise, board_views, render_belt_depth, render_board
+from edge.sources.recording import write_recording
+from edge.types import Frame, Intrinsics, Pose
+
+from .conftest import CHARUCO, TRUE_CAMERA
+
+CAMERA = Intrinsics(640, 480, 610.0, 610.0, 318.0, 243.0)
+POSE = Pose.look_at(np.array([-200.0, 0.0, 1000.0]), np.array([0.0, 0.0, 0.0]))
+
+
+def _tilted(pose: Pose, degrees: float) -> Pose:
+    """The camera rotated about its own x axis (a knocked mount)."""
+    R = cv2.Rodrigues(np.array([np.radians(degrees), 0.0, 0.0]))[0]
+    return Pose(pose.rotation @ R, pose.translation_mm)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> CameraCalibration:
+    """A belt calibration of CAMERA at POSE made from a noisy empty-belt frame."""
+    depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=11)
+    fit = fit_belt_plane(depth, 0.001, CAMERA)
+    pose, region = inspection_region(fit, CAMERA, travel_from_image(fit.plane, "up"),
+                                     size_mm=(600.0, 500.0))
+    return CameraCalibration("C1", CAMERA, pose=pose, region=region)
+
+
+def test_unchanged_camera_passes(calibration: CameraCalibration) -> None:
+    """A new noisy frame of the same empty belt passes with drift < 1 mm and tilt < 0.2 deg."""
+    depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=12)
+    result = check_belt(calibration, depth, 0.001)
+    assert result.passed, result.reasons
+    assert result.drift_mm is not None and abs(result.drift_mm) < 1.0
+    assert result.tilt_deg is not None and result.tilt_deg < 0.2
+    assert result.fill_rate > 0.9
+
+
+def test_items_on_the_belt_do_not_fail_the_check(calibration: CameraCalibration) -> None:
+    """Boxes covering about a third of the region leave the plane estimate unchanged."""
+    boxes = (Box(-150, 80, 300, 200, 150), Box(180, -120, 250, 250, 60), Box(60, 160, 120, 80, 15))
+    depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=13, boxes=boxes)
+    result = check_belt(calibration, depth, 0.001)
+    assert result.passed, result.reasons
+    assert result.drift_mm is not None and abs(result.drift_mm) < 1.0
+    assert result.belt_fraction is not None and result.belt_fraction < 0.8
+
+
+@pytest.mark.parametrize(("moved", "reason"), [
+    (Pose(POSE.rotation, POSE.translation_mm + np.array([0.0, 0.0, 12.0])), "drifted -12"),
+    (_tilted(POSE, 2.0), "tilted 2.0"),
+])
+def test_moved_camera_fails_with_the_measured_change(calibration: CameraCalibration, moved: Pose,
+                                                     reason: str) -> None:
+    """A camera raised 12 mm or tilted 2 deg fails, and the reason gives the measured change."""
+    depth = render_belt_depth(CAMERA, moved, noise=DepthNoise(), seed=14)
+    result = check_belt(calibration, depth, 0.001)
+    assert not result.passed
+    assert any(reason in r for r in result.reasons), result.reasons
+
+
+def test_poor_depth_fails_on_fill_rate(calibration: CameraCalibration) -> None:
+    """With 60 % of the depth pixels missing the check fails on the fill rate."""
+    depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(dropout=0.6), seed=15)
+    result = check_belt(calibration, depth, 0.001, BeltCheckThresholds(min_fill_rate=0.7))
+    assert not result.passed and "fill rate" in result.reasons[0]
+
+
+def test_other_resolution_fails_cleanly(calibration: CameraCalibration) -> None:
+    """A depth frame of another size fails with a reason instead of raising."""
+    result = check_belt(calibration, np.zeros((240, 320), np.uint16), 0.001)
+    assert not result.passed and "320x240" in result.reasons[0]
+
+
+def test_board_reprojection_under_stored_intrinsics() -> None:
+    """A board in view reprojects well under the right intrinsics and badly under wrong ones."""
+    from calibration.boards import parse_board
+    spec = parse_board(CHARUCO)
+    rvec, tvec = board_views(spec, TRUE_CAMERA, 1, seed=3)[0]
+    image = render_board(spec, TRUE_CAMERA, rvec, tvec)
+    good = check_board(CameraCalibration("X", TRUE_CAMERA), image, spec)
+    assert good.found and good.passed and good.rms_px is not None and good.rms_px < 0.5
+    wrong = Intrinsics(640, 480, 600.0, 605.0, 322.5, 236.0)  # distortion forgotten
+    bad = check_board(CameraCalibration("X", wrong), image, spec)
+    assert bad.found and not bad.passed
+    empty = check_board(CameraCalibration("X", TRUE_CAMERA), np.full((480, 640), 128, np.uint8),
+                        spec)
+    assert not empty.found and empty.passed
+
+
+def _config(tmp_path: Path, recording: Path, calibration: Path) -> Path:
+    cfg = {"cameras": [{"id": "top", "source": "recording", "recording": str(recording),
+                        "calibration": str(calibration)}]}
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_check_command_passes_then_fails_after_the_camera_moves(
+        calibration: CameraCalibration, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`edge-calibrate check --config` exits 0 on the calibrated view and 1 once the camera has
+    been knocked, with a report either way (recordings played back by pyrealsense2)."""
+    calibration.save(tmp_path / "c1.yaml")
+    for name, pose, expected in (("same", POSE, 0), ("knocked", _tilted(POSE, 3.0), 1)):
+        depth = render_belt_depth(CAMERA, pose, noise=DepthNoise(), seed=21)
+        color = np.full((480, 640, 3), 90, np.uint8)
+        write_recording(tmp_path / f"{name}.db3", 3 * [Frame("top", 0, 0.0, color, depth, 0.001,
+                                                         CAMERA)], 30, serial="C1")
+        config = _config(tmp_path, tmp_path / f"{name}.db3", tmp_path / "c1.yaml")
+        report = tmp_path / f"report-{name}"
+        assert main(["check", "--config", str(config), "--report", str(report)]) == expected
+        summary = yaml.safe_load((report / "summary.yaml").read_text())
+        assert summary["passed"] is (expected == 0)
+        assert (report / "top_belt_residuals.png").exists()
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" in out and "tilted" in out
+
+
+def test_check_command_refuses_a_calibration_of_another_camera(
+        calibration: CameraCalibration, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config pointing a camera at another camera's calibration exits 2 naming both serials."""
+    calibration.replace(serial="OTHER").save(tmp_path / "c1.yaml")
+    depth = render_belt_depth(CAMERA, POSE, seed=1)
+    write_recording(tmp_path / "r.db3", 3 * [Frame("top", 0, 0.0, np.zeros((480, 640, 3), np.uint8),
+                                               depth, 0.001, CAMERA)], 30, serial="C1")
+    config = _config(tmp_path, tmp_path / "r.db3", tmp_path / "c1.yaml")
+    assert main(["check", "--config", str(config), "--report", str(tmp_path / "r")]) == 2
+    assert "for camera OTHER, not C1" in capsys.readouterr().err

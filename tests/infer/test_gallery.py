@@ -1,0 +1,87 @@
+"""ReferenceGallery: nearest-neighbour search, persistence, learning at run time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from edge.infer.gallery import ReferenceGallery, nearest_sq_distance
+
+
+def _patches(rng: np.random.Generator, c: int = 16, hw: int = 6) -> np.ndarray:
+    p = rng.normal(size=(c, hw, hw)).astype(np.float32)
+    return p / np.linalg.norm(p, axis=0, keepdims=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, (5, 4), elements=st.floats(-3, 3, width=32)),
+       arrays(np.float32, (7, 4), elements=st.floats(-3, 3, width=32)))
+def test_nearest_distance_matches_brute_force(q: np.ndarray, b: np.ndarray) -> None:
+    """The GEMM formulation equals the brute-force minimum squared distance."""
+    brute = ((q[:, None, :] - b[None, :, :]) ** 2).sum(axis=2).min(axis=1)
+    np.testing.assert_allclose(nearest_sq_distance(q, b), brute, rtol=1e-4, atol=1e-3)
+
+
+def test_seen_view_scores_low_unseen_high_and_unknown_none(tmp_path: Path) -> None:
+    """A reference scores ~0 against itself, a changed patch stands out at its place."""
+    rng = np.random.default_rng(0)
+    ref = _patches(rng)
+    g = ReferenceGallery(tmp_path, top_k=1)
+    g.add("P1", "top", ref)
+    same = g.score("P1", "top", ref)
+    assert same is not None and same.score < 1e-3
+    changed = ref.copy()
+    changed[:, 2, 3] = _patches(rng)[:, 0, 0]
+    res = g.score("P1", "top", changed)
+    assert res is not None and res.score > 0.3
+    assert np.unravel_index(int(np.argmax(res.patch_map)), res.patch_map.shape) == (2, 3)
+    assert g.score("P2", "top", ref) is None
+    assert g.score("P1", "angled", ref) is None
+
+
+def test_position_matters_for_moved_content(tmp_path: Path) -> None:
+    """Content that appears elsewhere in the references but not here is still anomalous."""
+    rng = np.random.default_rng(1)
+    ref = _patches(rng, hw=8)
+    moved = np.roll(ref, 4, axis=2)
+    g = ReferenceGallery(None, top_k=4)
+    g.add("P", "top", ref)
+    assert g.score("P", "top", moved).score > g.score("P", "top", ref).score + 0.2  # type: ignore[union-attr]
+
+
+def test_learned_references_persist_and_reload(tmp_path: Path) -> None:
+    """Views added at run time are on disk and come back in a new gallery instance."""
+    rng = np.random.default_rng(2)
+    g = ReferenceGallery(tmp_path / "g")
+    assert g.is_empty()
+    g.add("P/weird id", "top", np.stack([_patches(rng), _patches(rng)]), views=2)
+    g.add("P/weird id", "top", _patches(rng))
+    again = ReferenceGallery(tmp_path / "g")
+    assert again.products() == ("P/weird id",)
+    assert again.views("P/weird id", "top") == 3
+    assert again.has("P/weird id") and not again.has(None)
+    assert not list((tmp_path / "g").rglob("*.tmp"))
+
+
+def test_bank_is_capped(tmp_path: Path) -> None:
+    """A product's bank never exceeds max_patches however many views are learned."""
+    rng = np.random.default_rng(3)
+    g = ReferenceGallery(None, max_patches=50)
+    for _ in range(5):
+        g.add("P", "top", _patches(rng))
+    assert g.views("P", "top") == 5
+    res = g.score("P", "top", _patches(rng))
+    assert res is not None and np.isfinite(res.score)
+
+
+def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
+    """A corrupt gallery file is logged and skipped; the rest of the gallery loads."""
+    rng = np.random.default_rng(4)
+    ReferenceGallery(tmp_path).add("A", "top", _patches(rng))
+    (tmp_path / "B").mkdir()
+    (tmp_path / "B" / "top.npz").write_bytes(b"junk")
+    assert ReferenceGallery(tmp_path).products() == ("A",)

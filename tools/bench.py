@@ -1,0 +1,96 @@
+"""Benchmark of the whole node: pipelined against a sequential loop, on the same recorded frames.
+
+    python tools/bench.py [--seconds N] [--json PATH] [--realtime-seconds M]
+
+1. Renders N seconds of the synthetic belt (2 cameras x 15 fps, 640x480, 3 items/s) into
+   RealSense `.db3` recordings plus calibration files, and starts a private mosquitto.
+2. In separate child processes (so that peak RSS and CPU are each run's own), plays the
+   recordings through the real `RealSenseSource` (offline: as fast as the node takes them):
+   - `pipelined`: the node's threads and bounded queues (`edge.node.Node`);
+   - `sequential`: the same components called one after another in one thread;
+   - `stages`: each stage alone on the same data (per-frame CPU time and standalone rate).
+3. A real-time run of the demo path (synthetic cameras paced at 15 fps, 3 items/s, announced
+   over MQTT): capture-to-PUBACK latency and deadline misses.
+
+Writes the JSON the issue defines (`pipelined`, `sequential`, `stages`,
+`limit_frames_per_s`, `speedup`, `efficiency`, `realtime`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_node  # noqa: E402  (tools/ is not a package)
+
+
+def _child(mode: str, workdir: Path, broker: str) -> dict[str, object]:
+    cmd = [sys.executable, str(HERE / "bench_node.py"), mode, "--workdir", str(workdir),
+           "--broker", broker]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {mode} failed:\n{proc.stderr[-4000:]}")
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="recorded belt time")
+    parser.add_argument("--realtime-seconds", type=float, default=40.0,
+                        help="length of the real-time latency run (0: skip)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    from edge.publish.broker import MosquittoBroker
+
+    with tempfile.TemporaryDirectory(prefix="cv-bench-") as tmp:
+        work = Path(tmp)
+        frames = bench_node.prepare(work, args.seconds, args.seed)
+        print(f"bench: recorded {frames} frames per camera", file=sys.stderr)
+        with MosquittoBroker(work / "broker") as broker:
+            results: dict[str, object] = {}
+            for mode in ("stages", "sequential", "pipelined"):
+                print(f"bench: {mode} ...", file=sys.stderr)
+                results[mode] = _child(mode, work, broker.url)
+            if args.realtime_seconds > 0:
+                print("bench: realtime ...", file=sys.stderr)
+                os.environ["CV_BENCH_REALTIME_SECONDS"] = str(args.realtime_seconds)
+                results["realtime"] = _child("realtime", work, broker.url)
+    stages = results.pop("stages")
+    assert isinstance(stages, dict)
+    per_frame_cpu_s = sum(float(s["cpu_ms_per_frame"]) for s in stages.values()) / 1000.0
+    cores = os.cpu_count() or 1
+    slowest = min(float(s["frames_per_s"]) for s in stages.values())
+    limit = min(slowest, cores / per_frame_cpu_s)
+    pipe, seq = results["pipelined"], results["sequential"]
+    assert isinstance(pipe, dict) and isinstance(seq, dict)
+    out = {
+        **results,
+        "stages": stages,
+        "cores": cores,
+        "limit_frames_per_s": round(limit, 2),
+        "speedup": round(float(pipe["items_per_s"]) / max(1e-9, float(seq["items_per_s"])), 3),
+        "efficiency": round(float(pipe["frames_per_s"]) / limit, 3),
+        "numpy": np.__version__,
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

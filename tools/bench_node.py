@@ -1,0 +1,332 @@
+"""One measured run of the node for `tools/bench.py` (a child process per mode).
+
+    python tools/bench_node.py MODE --workdir DIR --broker URL
+    MODE: stages | sequential | pipelined | realtime
+
+Prints one JSON line with the run's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from calibration.files import CameraCalibration, InspectionRegion
+from edge.cameras import open_cameras
+from edge.catalogue import load_catalogue
+from edge.clock import WallClock
+from edge.config import Config, config_to_mapping, load_config
+from edge.infer.models import ItemInspector
+from edge.node import Node, NodeHooks, stage_timings
+from edge.publish.mqtt import AckedVerdict
+from edge.sources import EndOfStream, FrameSource, SourceCounters
+from edge.sources.recording import write_recording
+from edge.sources.synthetic import SyntheticConveyor
+from edge.stages import Decided
+from edge.types import Frame, FrameSet, ItemRecord
+
+FPS = 15
+ITEMS_PER_SECOND = 3.0
+
+
+def _base_config() -> Config:
+    cfg = load_config(None)
+    cams = tuple(dataclasses.replace(c, fps=FPS) for c in cfg.cameras)
+    syn = dataclasses.replace(cfg.synthetic, items_per_second=ITEMS_PER_SECOND, damage_rate=0.05)
+    return dataclasses.replace(cfg, cameras=cams, synthetic=syn)
+
+
+def prepare(work: Path, seconds: float, seed: int) -> int:
+    """Recordings, calibration files and the node config used by every child."""
+    cfg = _base_config()
+    syn = dataclasses.replace(cfg.synthetic, seed=seed)
+    # Recorded timestamps start in the future: an offline replay faster than real time then
+    # never runs into item deadlines (those are measured by the real-time run).
+    world = SyntheticConveyor(syn, cfg.belt, cfg.cameras, load_catalogue(),
+                              start_ms=time.time() * 1000.0 + 3_600_000.0)
+    count = round(seconds * FPS)
+    cams = []
+    for cam in cfg.cameras:
+        rec = work / f"{cam.id}.db3"
+        write_recording(rec, (world.render(cam.id, k) for k in range(count)), FPS)
+        cal = CameraCalibration(serial=cam.id, intrinsics=world.intrinsics(cam.id),
+                                pose=world.camera_pose(cam.id),
+                                region=InspectionRegion(-450.0, 450.0, -300.0, 300.0))
+        cal.save(work / f"{cam.id}.calibration.yaml")
+        cams.append({**config_to_mapping(cam), "source": "recording", "recording": str(rec),
+                     "calibration": str(work / f"{cam.id}.calibration.yaml"),
+                     "realtime": False})
+    mapping = config_to_mapping(cfg)
+    mapping["cameras"] = cams
+    mapping["storage"]["state_dir"] = str(work / "state")
+    mapping["models"]["gallery_dir"] = str(work / "state" / "gallery")
+    (work / "node.yaml").write_text(yaml.safe_dump(mapping))
+    return count
+
+
+class TimedSource:
+    """Wraps a source and remembers when (wall clock) each recorded timestamp was read."""
+
+    def __init__(self, inner: FrameSource, log: list[tuple[float, float]],
+                 lock: threading.Lock) -> None:
+        self._inner = inner
+        self._log = log
+        self._lock = lock
+
+    @property
+    def camera_id(self) -> str:
+        return self._inner.camera_id
+
+    @property
+    def counters(self) -> SourceCounters:
+        return self._inner.counters
+
+    def start(self) -> None:
+        self._inner.start()
+
+    def stop(self) -> None:
+        self._inner.stop()
+
+    def read(self, timeout_s: float) -> Frame | None:
+        frame = self._inner.read(timeout_s)
+        if frame is not None:
+            with self._lock:
+                bisect.insort(self._log, (frame.timestamp_ms, time.time() * 1000.0))
+        return frame
+
+
+@dataclasses.dataclass
+class Run:
+    """Wall-clock bookkeeping of one run."""
+
+    reads: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    first_read_ms: float | None = None
+    last_ack_ms: float = 0.0
+    acked: int = 0
+
+    def on_acked(self, acked: AckedVerdict) -> None:
+        now = time.time() * 1000.0
+        with self.lock:
+            self.acked += 1
+            self.last_ack_ms = now
+            if acked.captured_ms is None or not self.reads:
+                return
+            i = bisect.bisect_left(self.reads, (acked.captured_ms, -1.0))
+            near = [self.reads[j] for j in (i - 1, i) if 0 <= j < len(self.reads)]
+            ts, wall = min(near, key=lambda r: abs(r[0] - acked.captured_ms))  # type: ignore[operator]
+            self.latencies_ms.append(now - wall)
+
+
+def _build(work: Path, broker: str, run: Run) -> Node:
+    cfg = load_config(work / "node.yaml")
+    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, url=broker))
+    clock = WallClock()
+    cameras = open_cameras(cfg, clock)
+    cameras.sources = {cid: TimedSource(s, run.reads, run.lock)
+                       for cid, s in cameras.sources.items()}
+    catalogue = load_catalogue()
+    inspector = ItemInspector.load(cfg.models, catalogue)
+    state = Path(cfg.storage.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    outbox = state / f"outbox-{os.getpid()}.sqlite"
+    return Node(cfg, clock, cameras, inspector, catalogue, outbox_path=outbox,
+                hooks=NodeHooks(on_acked=run.on_acked))
+
+
+def _summary(node: Node, run: Run, wall_s: float, cpu_s: float) -> dict[str, object]:
+    frames = sum(c.source.counters.frames_received for c in node.captures.values())
+    lat = run.latencies_ms
+    return {
+        "items_per_s": round(run.acked / wall_s, 3),
+        "frames_per_s": round(frames / wall_s, 2),
+        "items": run.acked,
+        "frames": frames,
+        "wall_s": round(wall_s, 3),
+        "cpu_s": round(cpu_s, 3),
+        "cpu_cores_used": round(cpu_s / wall_s, 2),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
+                       "p99": round(float(np.percentile(lat, 99)), 1) if lat else None,
+                       "what": "frame read to broker PUBACK"},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+    }
+
+
+def _wait_acked(node: Node, run: Run, timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and node.publisher.outbox_depth > 0:
+        time.sleep(0.02)
+
+
+def pipelined(work: Path, broker: str) -> dict[str, object]:
+    run = Run()
+    node = _build(work, broker, run)
+    cpu0, t0 = time.process_time(), time.time()
+    node.start()
+    node.publisher.wait_connected(10.0)
+    while not all(c.finished.is_set() for c in node.captures.values()):
+        time.sleep(0.02)
+    # Drain: every queue empty and nothing left in inference.
+    while node.frames_q.depth() or node.framesets_q.depth() or node.items_q.depth():
+        time.sleep(0.01)
+    time.sleep(0.2)
+    _wait_acked(node, run)
+    wall = (run.last_ack_ms / 1000.0) - t0
+    cpu = time.process_time() - cpu0
+    out = _summary(node, run, wall, cpu)
+    out["stage_ms_median"] = {k: round(v, 2) for k, v in stage_timings(node).items()}
+    out["queue_drops"] = {q.name: q.dropped for q in node._queues()}
+    node.stop()
+    return out
+
+
+def _sequential_step(node: Node, frame: Frame) -> None:
+    for fs in node.synchronizer.push(frame):
+        records = node.tracker.process(fs)
+        _infer_and_complete(node, records)
+
+
+def _infer_and_complete(node: Node, records: list[ItemRecord]) -> None:
+    batch = node.cfg.models.max_batch
+    for i in range(0, len(records), batch):
+        part = records[i : i + batch]
+        now = node.clock.now_ms()
+        for rec, res in zip(part, node.inspector.infer(part), strict=True):
+            node._complete(Decided(rec, node._decide(rec, res, now)))
+
+
+def sequential(work: Path, broker: str) -> dict[str, object]:
+    run = Run()
+    node = _build(work, broker, run)
+    node.publisher.start()
+    node.scheduler.start()
+    node.publisher.wait_connected(10.0)
+    sources = list(node.cameras.sources.values())
+    for s in sources:
+        s.start()
+    cpu0, t0 = time.process_time(), time.time()
+    live = list(sources)
+    while live:
+        for s in list(live):
+            try:
+                frame = s.read(1.0)
+            except EndOfStream:
+                live.remove(s)
+                continue
+            if frame is not None:
+                _sequential_step(node, frame)
+    _wait_acked(node, run)
+    wall = (run.last_ack_ms / 1000.0) - t0
+    out = _summary(node, run, wall, time.process_time() - cpu0)
+    node.scheduler.stop()
+    node.publisher.stop(2.0)
+    return out
+
+
+def stages(work: Path, broker: str) -> dict[str, object]:
+    """Each stage alone on the same data: standalone rate and CPU per camera frame."""
+    run = Run()
+    node = _build(work, broker, run)
+    frames: list[Frame] = []
+    t, c = time.perf_counter(), time.thread_time()
+    for s in node.cameras.sources.values():
+        s.start()
+        while True:
+            try:
+                f = s.read(1.0)
+            except EndOfStream:
+                break
+            if f is not None:
+                frames.append(f)
+    n = len(frames)
+    out = {"capture": _rate(n, t, c)}
+    frames.sort(key=lambda f: f.timestamp_ms)
+    t, c = time.perf_counter(), time.thread_time()
+    framesets: list[FrameSet] = []
+    for f in frames:
+        framesets.extend(node.synchronizer.push(f))
+    framesets.extend(node.synchronizer.flush())
+    out["sync"] = _rate(n, t, c)
+    t, c = time.perf_counter(), time.thread_time()
+    records: list[ItemRecord] = []
+    for fs in framesets:
+        records.extend(node.tracker.process(fs))
+    out["items"] = _rate(n, t, c)
+    decided: list[Decided] = []
+    batch = node.cfg.models.max_batch
+    t, c = time.perf_counter(), time.thread_time()
+    for i in range(0, len(records), batch):
+        part = records[i : i + batch]
+        now = node.clock.now_ms()
+        for rec, res in zip(part, node.inspector.infer(part), strict=True):
+            decided.append(Decided(rec, node._decide(rec, res, now)))
+    out["inference"] = _rate(n, t, c)
+    node.publisher.start()
+    node.scheduler.start()
+    node.publisher.wait_connected(10.0)
+    t, c = time.perf_counter(), time.process_time()  # includes the MQTT client's threads
+    for d in decided:
+        node.scheduler.complete(d.verdict)
+    _wait_acked(node, run)
+    out["publish"] = _rate(n, t, c, cpu_now=time.process_time())
+    out["publish"]["note"] = "process CPU, includes the MQTT network thread"  # type: ignore[index]
+    node.scheduler.stop()
+    node.publisher.stop(2.0)
+    return out
+
+
+def _rate(n: int, t0: float, c0: float, cpu_now: float | None = None) -> dict[str, object]:
+    wall = time.perf_counter() - t0
+    cpu = (cpu_now if cpu_now is not None else time.thread_time()) - c0
+    return {"frames_per_s": round(n / max(wall, 1e-9), 1),
+            "cpu_ms_per_frame": round(cpu * 1000.0 / max(n, 1), 3), "frames": n}
+
+
+def realtime(work: Path, broker: str) -> dict[str, object]:
+    """The demo path at 2 x 15 fps and 3 items/s, paced in real time."""
+    import io
+
+    from edge.demo import DemoOptions, run_demo
+
+    seconds = float(os.environ.get("CV_BENCH_REALTIME_SECONDS", "40"))
+    cfg = _base_config()
+    summary = run_demo(cfg, DemoOptions(seconds=seconds, items_per_second=ITEMS_PER_SECOND,
+                                        seed=3, broker=broker, quiet=True), out=io.StringIO())
+    keep = ("items_announced", "items_seen", "verdicts_published", "deadline_misses",
+            "latency_ms", "decisions", "camera_frames_dropped", "stage_ms_median")
+    out = {k: summary[k] for k in keep}
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    out["seconds"] = seconds
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["stages", "sequential", "pipelined", "realtime"])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--broker", required=True)
+    args = parser.parse_args()
+    from edge.logs import configure_logging
+
+    configure_logging("warning", "json", stream=sys.stderr)
+    mode = {"stages": stages, "sequential": sequential, "pipelined": pipelined,
+            "realtime": realtime}[args.mode]
+    result = mode(args.workdir, args.broker)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
