@@ -148,10 +148,10 @@ def find_markers(color: U8Array, dictionary: str = "DICT_4X4_50") -> dict[int, F
     dic = cv2.aruco.getPredefinedDictionary(getattr(cv2.aruco, dictionary))
     detector = cv2.aruco.ArucoDetector(dic, cv2.aruco.DetectorParameters())
     corners, ids, _ = detector.detectMarkers(gray)
-    if ids is None:
-        return {}
-    return {int(i): c.reshape(4, 2).mean(axis=0) for c, i in zip(corners, ids.ravel(),
-                                                                 strict=True)}
+    found: dict[int, FloatArray] = {}
+    for c, i in zip(corners, [] if ids is None else np.asarray(ids).ravel(), strict=True):
+        found[int(i)] = np.asarray(c, dtype=np.float64).reshape(4, 2).mean(axis=0)
+    return found
 
 
 def travel_from_track(points_cam: Sequence[FloatArray], plane: Plane) -> FloatArray:
@@ -175,11 +175,11 @@ def travel_from_track(points_cam: Sequence[FloatArray], plane: Plane) -> FloatAr
     if norm < 1e-6 or span < 200.0:
         raise BeltFitError(f"the marker positions are only {span:.0f} mm apart: move the marker "
                            "(or place the two markers) at least 20 cm apart along the belt")
-    return direction / norm
+    return np.asarray(direction / norm, dtype=np.float64)
 
 
 def travel_from_image(plane: Plane, direction: str = "up") -> FloatArray:
-    """Travel direction taken as an image direction (up, down, left, right) projected on the belt."""
+    """Travel direction given as an image direction (up, down, left, right), onto the belt."""
     vectors = {"up": (0.0, -1.0, 0.0), "down": (0.0, 1.0, 0.0), "left": (-1.0, 0.0, 0.0),
                "right": (1.0, 0.0, 0.0)}
     if direction not in vectors:
@@ -190,7 +190,7 @@ def travel_from_image(plane: Plane, direction: str = "up") -> FloatArray:
     if norm < 1e-3:
         raise BeltFitError(f"image direction {direction!r} is perpendicular to the belt; use "
                            "markers to give the travel direction")
-    return v / norm
+    return np.asarray(v / norm, dtype=np.float64)
 
 
 def belt_pose(plane: Plane, travel_cam: FloatArray, origin_cam: FloatArray) -> Pose:

@@ -106,7 +106,8 @@ def _parse_mm(text: str, spec: str, name: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise BoardSpecError(f"board spec {spec!r}: {name} {text!r} is not a number of mm") from None
+        raise BoardSpecError(
+            f"board spec {spec!r}: {name} {text!r} is not a number of mm") from None
     if not np.isfinite(value) or value <= 0.0 or value > 10_000.0:
         raise BoardSpecError(f"board spec {spec!r}: {name} must be > 0 and <= 10000 mm, got {text}")
     return value
@@ -132,8 +133,8 @@ def parse_board(spec: str) -> BoardSpec:
     if kind == "charuco":
         if len(parts) != 5:
             raise BoardSpecError(
-                f"board spec {spec!r}: a ChArUco board is charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT"
-                " (squares, sizes in mm, ArUco dictionary), e.g. charuco:7x5:30:22:DICT_4X4_50"
+                f"board spec {spec!r}: a ChArUco board is "
+                "charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT (squares, sizes in mm, ArUco dictionary), e.g. charuco:7x5:30:22:DICT_4X4_50"
             )
         cols, rows = _parse_size(parts[1], spec, "squares")
         if min(cols, rows) < _MIN_CHARUCO or max(cols, rows) > _MAX_SIDE:

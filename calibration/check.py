@@ -117,7 +117,8 @@ class BoardCheckResult:
 def check_board(calibration: CameraCalibration, color: U8Array, spec: BoardSpec, *,
                 max_rms_px: float = 1.0) -> BoardCheckResult:
     """Reprojection RMS of a board in view under the stored intrinsics (board not shown: passes)."""
-    gray = color if color.ndim == 2 else cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
+    gray = np.asarray(color if color.ndim == 2 else cv2.cvtColor(color, cv2.COLOR_BGR2GRAY),
+                      dtype=np.uint8)
     det = detect_board(gray, spec)
     if det is None:
         return BoardCheckResult(False, None, True, ())

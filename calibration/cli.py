@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
 
-class Refused(RuntimeError):
+class Refused(RuntimeError):  # noqa: N818 - an outcome, not a bug
     """The command ran but its result is not good enough to save or pass (exit 1)."""
 
 

@@ -54,7 +54,8 @@ def _board_pose(det: Detection, cal: CameraCalibration) -> tuple[Pose, float]:
     rvec, tvec = cv2.solvePnPRefineLM(det.object_points, det.image_points, K, dist, rvec, tvec)
     proj, _ = cv2.projectPoints(det.object_points, rvec, tvec, K, dist)
     rms = float(np.sqrt(np.mean(np.sum((proj.reshape(-1, 2) - det.image_points) ** 2, axis=1))))
-    return Pose(cv2.Rodrigues(rvec)[0], tvec.reshape(3)), rms
+    R = np.asarray(cv2.Rodrigues(rvec)[0], dtype=np.float64)
+    return Pose(R, np.asarray(tvec, dtype=np.float64).reshape(3)), rms
 
 
 def _mean_pose(poses: list[Pose]) -> Pose:

@@ -239,7 +239,8 @@ def load_camera_calibration(path: Path | str, *, serial: str | None = None,
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CalibrationError(p, "", "file does not exist; run edge-calibrate to make it") from None
+        raise CalibrationError(p, "", "file does not exist; run edge-calibrate to make it"
+                               ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CalibrationError(p, "", f"cannot read the file ({exc})") from None
     try:

@@ -85,7 +85,8 @@ def detect_board(gray: U8Array, spec: BoardSpec, name: str = "") -> Detection | 
         corners = cv2.cornerSubPix(gray, corners, (5, 5), (-1, -1), criteria)
         sharp = cv2.estimateChessboardSharpness(gray, (spec.cols, spec.rows), corners)
         pts = corners.reshape(-1, 2).astype(np.float64)
-        return Detection(name, size, pts, spec.object_points(), float(sharp[0][0]))
+        edge_width = float(np.asarray(sharp[0], dtype=np.float64).ravel()[0])
+        return Detection(name, size, pts, spec.object_points(), edge_width)
     board = spec.charuco_board()
     params = cv2.aruco.CharucoParameters()
     detector = cv2.aruco.CharucoDetector(board, params)
@@ -113,8 +114,6 @@ def view_coverage_params(det: Detection) -> tuple[float, float, float, float]:
     x = float(np.clip((pts[:, 0].mean() - border / 2) / max(w - border, 1.0), 0.0, 1.0))
     y = float(np.clip((pts[:, 1].mean() - border / 2) / max(h - border, 1.0), 0.0, 1.0))
     size = float(np.sqrt(area / (w * h)))
-    rect = cv2.minAreaRect(hull)
-    box = cv2.boxPoints(rect)
     # skew: how far the board's outline is from a rectangle (angle at a corner of the hull)
     poly = cv2.approxPolyDP(hull, 0.02 * cv2.arcLength(hull, True), True).reshape(-1, 2)
     if len(poly) >= 3:
@@ -125,21 +124,19 @@ def view_coverage_params(det: Detection) -> tuple[float, float, float, float]:
         skew = float(min(1.0, 2.0 * abs(np.pi / 2 - angle)))
     else:
         skew = 0.0
-    del box
     return (x, y, size, skew)
 
 
 def coverage(detections: list[Detection]) -> dict[str, float]:
-    """Progress per ROS parameter: (max - min) over the views / the parameter's range, capped at 1."""
+    """Progress per ROS parameter: (max - min) over the views / its range, capped at 1."""
     if not detections:
         return dict.fromkeys(COVERAGE_RANGES, 0.0)
     params = np.array([view_coverage_params(d) for d in detections])
     out = {}
     for i, (key, span) in enumerate(COVERAGE_RANGES.items()):
         lo, hi = float(params[:, i].min()), float(params[:, i].max())
-        if key == "size":
-            lo = 0.0 if len(detections) > 0 else lo  # ROS counts size from 0
-            hi = float(params[:, i].max())
+        if key in ("size", "skew"):
+            lo = 0.0  # ROS counts size and skew from 0
         out[key] = round(min(1.0, (hi - lo) / span), 3)
     return out
 
@@ -150,8 +147,13 @@ def _calibrate_once(dets: list[Detection], size: tuple[int, int], flags: int) ->
     img = [d.image_points.astype(np.float32) for d in dets]
     criteria = (cv2.TERM_CRITERIA_COUNT + cv2.TERM_CRITERIA_EPS, 100, 1e-10)
     rms, K, dist, rvecs, tvecs, _, _, per_view = cv2.calibrateCameraExtended(
-        obj, img, size, None, None, flags=flags, criteria=criteria)
-    return float(rms), K, dist.reshape(-1), list(rvecs), list(tvecs), per_view.reshape(-1)
+        obj, img, size, np.eye(3), np.zeros(5), flags=flags, criteria=criteria)
+
+    def f64(a: object) -> FloatArray:
+        return np.asarray(a, dtype=np.float64)
+
+    return (float(rms), f64(K), f64(dist).reshape(-1), [f64(r) for r in rvecs],
+            [f64(t) for t in tvecs], f64(per_view).reshape(-1))
 
 
 def calibrate(dets: list[Detection], *, min_views: int = 6, outlier_factor: float = 3.0,
@@ -190,7 +192,8 @@ def calibrate(dets: list[Detection], *, min_views: int = 6, outlier_factor: floa
             if used[i]:
                 r, t = next(it)
             else:
-                _, r, t = cv2.solvePnP(d.object_points, d.image_points, K, dist)
+                _, r_raw, t_raw = cv2.solvePnP(d.object_points, d.image_points, K, dist)
+                r, t = np.asarray(r_raw, np.float64), np.asarray(t_raw, np.float64)
             rvecs.append(r)
             tvecs.append(t)
     intr = Intrinsics(size[0], size[1], float(K[0, 0]), float(K[1, 1]), float(K[0, 2]),

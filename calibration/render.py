@@ -121,10 +121,11 @@ def render_board(spec: BoardSpec, intr: Intrinsics, rvec: FloatArray, tvec: Floa
     on_paper = (bu >= u0) & (bu <= u1) & (bv >= v0) & (bv <= v1)
     shade = _chessboard_shade(spec, bu, bv) if spec.kind == "chessboard" else _charuco_shade(
         spec, np.where(on_paper, bu, 0.0), np.where(on_paper, bv, 0.0))
-    image = np.where(on_paper, shade, _BACKGROUND).astype(np.float32)
-    image = cv2.resize(image, (intr.width, intr.height), interpolation=cv2.INTER_AREA)
+    fine = np.where(on_paper, shade, _BACKGROUND).astype(np.float32)
+    image = np.asarray(cv2.resize(fine, (intr.width, intr.height), interpolation=cv2.INTER_AREA),
+                       dtype=np.float64)
     if blur_px > 0:
-        image = cv2.GaussianBlur(image, (0, 0), blur_px)
+        image = np.asarray(cv2.GaussianBlur(image, (0, 0), blur_px), dtype=np.float64)
     if noise_sigma > 0:
         image = image + np.random.default_rng(seed).normal(0.0, noise_sigma, image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -135,7 +136,7 @@ def _rotation(rx_deg: float, ry_deg: float, rz_deg: float) -> FloatArray:
     Rx = np.array([[1, 0, 0], [0, np.cos(rx), -np.sin(rx)], [0, np.sin(rx), np.cos(rx)]])
     Ry = np.array([[np.cos(ry), 0, np.sin(ry)], [0, 1, 0], [-np.sin(ry), 0, np.cos(ry)]])
     Rz = np.array([[np.cos(rz), -np.sin(rz), 0], [np.sin(rz), np.cos(rz), 0], [0, 0, 1]])
-    return Rz @ Ry @ Rx
+    return np.asarray(Rz @ Ry @ Rx, dtype=np.float64)
 
 
 def board_views(spec: BoardSpec, intr: Intrinsics, count: int, *, seed: int = 0,
@@ -164,7 +165,7 @@ def board_views(spec: BoardSpec, intr: Intrinsics, count: int, *, seed: int = 0,
         R = _rotation(tilt_x, tilt_y, rng.uniform(-20.0, 20.0))
         target = np.array([(px - intr.cx) / intr.fx * z, (py - intr.cy) / intr.fy * z, z])
         t = target - R @ centre
-        rvec = cv2.Rodrigues(R)[0].reshape(3)
+        rvec = np.asarray(cv2.Rodrigues(R)[0], dtype=np.float64).reshape(3)
         img, _ = cv2.projectPoints(obj, rvec, t, intr.matrix(), np.array(intr.coeffs))
         img = img.reshape(-1, 2)
         cam = obj @ R.T + t
@@ -208,7 +209,7 @@ def _belt_hits(intr: Intrinsics, pose: Pose, belt_width_mm: float | None, floor_
                boxes: tuple[Box, ...]) -> FloatArray:
     """Camera-z (mm) of the first surface each pixel's ray hits (inf: nothing)."""
     rays = undistorted_rays(intr)
-    r_cam = np.concatenate([rays, np.ones(rays.shape[:2] + (1,))], axis=-1)
+    r_cam = np.concatenate([rays, np.ones((*rays.shape[:2], 1))], axis=-1)
     d = r_cam @ pose.rotation.T  # belt-frame direction per unit camera z
     c = pose.translation_mm
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -220,7 +221,8 @@ def _belt_hits(intr: Intrinsics, pose: Pose, belt_width_mm: float | None, floor_
             t_belt = np.where(off_belt, t_floor, t_belt)
         for box in boxes:
             lo = np.array([box.x_mm - box.length_mm / 2, box.y_mm - box.width_mm / 2, 0.0])
-            hi = np.array([box.x_mm + box.length_mm / 2, box.y_mm + box.width_mm / 2, box.height_mm])
+            hi = np.array([box.x_mm + box.length_mm / 2, box.y_mm + box.width_mm / 2,
+                           box.height_mm])
             t1 = (lo - c) / d
             t2 = (hi - c) / d
             t_near = np.nanmax(np.minimum(t1, t2), axis=-1)
@@ -261,7 +263,7 @@ def render_belt_color(intr: Intrinsics, pose: Pose, markers: tuple[tuple[int, fl
     top edge points downstream (+x) when seen from above.
     """
     rays = undistorted_rays(intr, supersample)
-    r_cam = np.concatenate([rays, np.ones(rays.shape[:2] + (1,))], axis=-1)
+    r_cam = np.concatenate([rays, np.ones((*rays.shape[:2], 1))], axis=-1)
     d = r_cam @ pose.rotation.T
     c = pose.translation_mm
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -58,8 +58,8 @@ def corners_sheet(path: Path, images: Sequence[U8Array], detections: Sequence[De
     """A contact sheet: each view with its detected corners (first corner circled) and a label."""
     tiles = []
     for img, det, label in zip(images, detections, labels, strict=True):
-        bgr = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-        bgr = bgr.copy()
+        bgr = np.array(img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR),
+                       dtype=np.uint8)
         if det is not None:
             pts = det.image_points
             for p in pts:
@@ -68,8 +68,8 @@ def corners_sheet(path: Path, images: Sequence[U8Array], detections: Sequence[De
                           (0, 160, 255), 1, cv2.LINE_AA)
             cv2.circle(bgr, (round(pts[0][0]), round(pts[0][1])), 8, (0, 0, 255), 2, cv2.LINE_AA)
         scale = tile_width / bgr.shape[1]
-        tile = cv2.resize(bgr, (tile_width, round(bgr.shape[0] * scale)),
-                          interpolation=cv2.INTER_AREA)
+        tile = np.asarray(cv2.resize(bgr, (tile_width, round(bgr.shape[0] * scale)),
+                                     interpolation=cv2.INTER_AREA), dtype=np.uint8)
         _text(tile, label, (8, 22), 0.55, (0, 0, 200) if det is None else (0, 100, 0), 1)
         tiles.append(tile)
     if not tiles:
@@ -115,7 +115,8 @@ def residual_heatmap(path: Path, heights_mm: F32Array, *, limit_mm: float = 10.0
     """Heat map of per-pixel height above the plane, +-`limit_mm` full scale, no depth = black."""
     valid = np.isfinite(heights_mm)
     norm = np.clip((np.nan_to_num(heights_mm) + limit_mm) / (2 * limit_mm), 0.0, 1.0)
-    img = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
+    img = np.asarray(cv2.applyColorMap(np.round(norm * 255).astype(np.uint8),
+                                       cv2.COLORMAP_TURBO), dtype=np.uint8)
     img[~valid] = 0
     h, w = heights_mm.shape
     bar_w = 70
@@ -138,7 +139,8 @@ def residual_heatmap(path: Path, heights_mm: F32Array, *, limit_mm: float = 10.0
 def belt_overlay(path: Path, color: U8Array, markers: dict[int, Any], region_outline: Any,
                  travel_px: tuple[Any, Any] | None) -> Path:
     """The colour view with the inspection region, markers and the travel arrow drawn."""
-    img = color.copy() if color.ndim == 3 else cv2.cvtColor(color, cv2.COLOR_GRAY2BGR)
+    img = np.asarray(color.copy() if color.ndim == 3 else cv2.cvtColor(color, cv2.COLOR_GRAY2BGR),
+                     dtype=np.uint8)
     if region_outline is not None and len(region_outline):
         cv2.polylines(img, [np.round(region_outline).astype(np.int32).reshape(-1, 1, 2)], True,
                       (0, 255, 0), 2, cv2.LINE_AA)

@@ -67,9 +67,8 @@ def _intrinsics(args: argparse.Namespace, info: StreamInfo, shape: tuple[int, in
 def _travel(args: argparse.Namespace, frames: list[RgbdFrame], intr: Intrinsics,
             fit: PlaneFit) -> tuple[FloatArray, dict[int, Any], str]:
     colors = [f.color for f in frames if f.color is not None]
-    if args.travel_markers is not None or args.travel_track is not None:
-        if not colors:
-            raise BeltFitError("the travel markers need the colour stream; record with colour")
+    if (args.travel_markers is not None or args.travel_track is not None) and not colors:
+        raise BeltFitError("the travel markers need the colour stream; record with colour")
     if args.travel_markers is not None:
         up, down = args.travel_markers
         found = find_markers(colors[0], args.aruco_dict)
@@ -104,11 +103,13 @@ def _write_report(rdir: Path, fit: PlaneFit, frames: list[RgbdFrame], intr: Intr
     rdir.mkdir(parents=True, exist_ok=True)
     limit = max(5.0, round(3 * fit.residual_rms_mm))
     residual_heatmap(rdir / "belt_residuals.png", fit.heights_mm, limit_mm=limit)
-    color = next((f.color for f in frames if f.color is not None), None)
-    if color is None:
-        depth = np.nan_to_num(fit.heights_mm, nan=0.0)
-        color = cv2.cvtColor(cv2.normalize(depth, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8),
-                             cv2.COLOR_GRAY2BGR)
+    first = next((f.color for f in frames if f.color is not None), None)
+    if first is None:  # depth-only recording: show the heights as grey levels
+        h = np.nan_to_num(fit.heights_mm, nan=0.0)
+        span = float(np.ptp(h)) or 1.0
+        grey = np.round(255 * (h - h.min()) / span).astype(np.uint8)
+        first = np.asarray(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
+    color = first
     outline = _project(intr, pose, np.array([
         [region.x_min_mm, region.y_min_mm, 0], [region.x_max_mm, region.y_min_mm, 0],
         [region.x_max_mm, region.y_max_mm, 0], [region.x_min_mm, region.y_max_mm, 0]]))

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import cv2
+import numpy as np
 import yaml
 
 from calibration.extrinsics import camera_to_camera, pose_b_in_belt
@@ -21,7 +22,7 @@ def _load(folder: Path) -> list[tuple[str, U8Array]]:
         gray = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
         if gray is None:
             raise CalibrationInputError(f"{p}: not a readable image")
-        out.append((p.name, gray))
+        out.append((p.name, np.asarray(gray, dtype=np.uint8)))
     return out
 
 
@@ -50,13 +51,11 @@ def run_extrinsics(args: argparse.Namespace) -> int:
         corners_sheet(rdir / f"corners_{which}.png", [g for _, g in imgs],
                       [detect_board(g, args.board, n) for n, g in imgs], [n for n, _ in imgs])
     problems = []
-    if result.belt_translation_diff_mm is not None and result.belt_rotation_diff_deg is not None:
-        if (result.belt_translation_diff_mm > args.max_diff_mm
-                or result.belt_rotation_diff_deg > args.max_diff_deg):
-            problems.append(
-                f"the belt poses imply a camera-to-camera pose {result.belt_translation_diff_mm:.1f}"
-                f" mm / {result.belt_rotation_diff_deg:.2f} deg from the board's: re-run "
-                "edge-calibrate belt for both cameras (or use --update-b)")
+    dt, dr = result.belt_translation_diff_mm, result.belt_rotation_diff_deg
+    if dt is not None and dr is not None and (dt > args.max_diff_mm or dr > args.max_diff_deg):
+        problems.append(
+            f"the belt poses imply a camera-to-camera pose {dt:.1f} mm / {dr:.2f} deg from the "
+            "board's: re-run edge-calibrate belt for both cameras (or use --update-b)")
     summary = {
         "command": "extrinsics", "camera_a": cal_a.serial, "camera_b": cal_b.serial,
         "board": str(args.board), "pose_b_from_a": _pose_dict(result.pose_b_from_a),
@@ -81,7 +80,7 @@ def run_extrinsics(args: argparse.Namespace) -> int:
         encoding="utf-8")
     t = result.pose_b_from_a.translation_mm
     print(f"camera {cal_a.serial} -> {cal_b.serial}: translation [{t[0]:.1f}, {t[1]:.1f}, "
-          f"{t[2]:.1f}] mm from {summary['pairs'].__len__()} pair(s), spread "
+          f"{t[2]:.1f}] mm from {len(result.pairs)} pair(s), spread "
           f"{result.spread_translation_mm:.2f} mm / {result.spread_rotation_deg:.3f} deg")
     if summary["belt_consistency"] is not None:
         print(f"consistency with the belt poses: {summary['belt_consistency']}")

@@ -30,7 +30,7 @@ def _say(text: str) -> None:
 
 
 def model_difference(a: Intrinsics, b: Intrinsics, step: int = 16) -> dict[str, float]:
-    """How far two camera models disagree: parameter deltas and pixel displacement over the image."""
+    """How far two camera models disagree: parameter deltas and pixel displacement."""
     u, v = np.meshgrid(np.arange(0, a.width, step, dtype=np.float64),
                        np.arange(0, a.height, step, dtype=np.float64))
     pts = np.stack([u.ravel(), v.ravel()], axis=-1).reshape(-1, 1, 2)
@@ -54,10 +54,11 @@ def _detect_folder(folder: Path, spec: BoardSpec, max_edge: float) -> tuple[
     labels: list[str] = []
     rejected: dict[str, str] = {}
     for p in paths:
-        gray = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
-        if gray is None:
+        raw = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        if raw is None:
             rejected[p.name] = "not a readable image"
             continue
+        gray = np.asarray(raw, dtype=np.uint8)
         det = detect_board(gray, spec, p.name)
         images.append(gray)
         all_dets.append(det)
@@ -107,7 +108,7 @@ def _live_views(args: argparse.Namespace, spec: BoardSpec) -> tuple[
     try:
         for info, color in camera_frames(args.camera, width=args.width, height=args.height):
             serial, factory = info.serial, info.color_intrinsics
-            gray = cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
+            gray = np.asarray(cv2.cvtColor(color, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
             det = detect_board(gray, spec, f"view{len(dets) + 1:02d}")
             if det is None or (det.sharpness_px or 0.0) > args.max_edge_width:
                 continue

@@ -46,8 +46,9 @@ def open_cameras(cfg: Config, clock: Clock, world: SyntheticConveyor | None = No
     if synthetic and world is None:
         from edge.catalogue import load_catalogue
 
+        start = cfg.synthetic.start_ms if cfg.synthetic.start_ms is not None else clock.now_ms()
         world = SyntheticConveyor(cfg.synthetic, cfg.belt, synthetic, load_catalogue(),
-                                  start_ms=clock.now_ms())
+                                  start_ms=start)
     for i, cam in enumerate(cfg.cameras):
         if cam.source == "synthetic":
             assert world is not None

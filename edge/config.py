@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class SyntheticConfig:
     confounder_rate: float = _f(0.05, lo=0.0, hi=1.0,
                                 doc="fraction of items with damage-like prints")
     touching_rate: float = _f(0.02, lo=0.0, hi=1.0, doc="fraction of items inducted touching")
+    start_ms: float | None = _f(None, lo=0.0, doc="world start on the wall clock (ms since "
+                                "epoch); default: when the node starts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +269,7 @@ def _convert(tp: Any, value: object, path: str, meta: dict[str, Any]) -> Any:
             raise ConfigError(path, value, _describe(tp))
         (item_tp, _) = typing.get_args(tp)
         return tuple(_convert(item_tp, v, f"{path}[{i}]", {}) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
@@ -276,7 +279,7 @@ def _convert(tp: Any, value: object, path: str, meta: dict[str, Any]) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if tp is int and ok and not float(value).is_integer():  # type: ignore[arg-type]
             ok = False
-        if not ok or value != value:  # NaN fails the range checks silently otherwise
+        if not ok or math.isnan(float(value)):  # type: ignore[arg-type]  # NaN slips past ranges
             raise ConfigError(path, value, _describe(tp))
         number = tp(value)
         lo, hi = meta.get("min"), meta.get("max")

@@ -70,7 +70,7 @@ def rectify_item(camera_id: str, color: U8Array, height_mm: F32Array, mask: Bool
     long_side = max(w, 4.0)
     scale = size / (long_side * (1.0 + 2.0 * CROP_MARGIN))
     m = cv2.getRotationMatrix2D((cx, cy), angle, scale)
-    m[:, 2] += (size / 2.0 - cx, size / 2.0 - cy)
+    m[:, 2] += np.array([size / 2.0 - cx, size / 2.0 - cy])
     dsize = (size, size)
     crop_color = cv2.warpAffine(color, m, dsize, flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_REPLICATE)
@@ -83,5 +83,6 @@ def rectify_item(camera_id: str, color: U8Array, height_mm: F32Array, mask: Bool
     if truth_damage is not None:
         damage = cv2.warpAffine(truth_damage.astype(np.uint8), m, dsize,
                                 flags=cv2.INTER_NEAREST) > 0
-    return ItemCrop(camera_id=camera_id, color=crop_color, height_mm=crop_height.astype(np.float32),
+    return ItemCrop(camera_id=camera_id, color=np.asarray(crop_color, dtype=np.uint8),
+                    height_mm=np.asarray(crop_height, dtype=np.float32),
                     mask=crop_mask, has_depth=has_depth, truth_damage=damage)

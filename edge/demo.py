@@ -216,7 +216,7 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
             view.status(node, time.monotonic() - t0)
         # Wait (bounded) for the last announced items' verdicts to arrive.
         wait_until = time.monotonic() + 5.0
-        while time.monotonic() < wait_until and node.scheduler.in_flight() > 0:
+        while time.monotonic() < wait_until and node.scheduler.in_flight > 0:
             time.sleep(0.1)
     finally:
         node.stop()

@@ -61,9 +61,9 @@ def _models(cfg: Config) -> list[Finding]:
     inspector.close()
     out = [Finding("models", True, f"{cfg.models.manifest}: {versions} (golden self-test passed)")]
     if cfg.models.backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is None:
             out.append(Finding("tensorrt", False, "backend is tensorrt but TensorRT is not "
                                "installed", "install JetPack's TensorRT or use onnxruntime"))
     return out
@@ -83,9 +83,8 @@ def _cameras(cfg: Config) -> list[Finding]:
             if serials is None:
                 serials = _connected_serials()
             ok = cam.serial in serials
-            out.append(Finding(f"camera {cam.id}", ok,
-                               f"RealSense {cam.serial} " + ("connected" if ok else
-                                                             f"not found (seen: {sorted(serials)})"),
+            seen = "connected" if ok else f"not found (seen: {sorted(serials)})"
+            out.append(Finding(f"camera {cam.id}", ok, f"RealSense {cam.serial} {seen}",
                                "" if ok else "check the USB3 cable and `rs-enumerate-devices`"))
     return out
 

@@ -31,8 +31,8 @@ class BeltPlane:
         self.rays = rays_belt.astype(np.float32)
         self._t = pose.translation_mm.astype(np.float32)  # read by the renderer too
         with np.errstate(divide="ignore"):
-            belt_z = np.where(rays_belt[..., 2] < -1e-6, -pose.translation_mm[2] / rays_belt[..., 2],
-                              0.0)
+            belt_z = np.where(rays_belt[..., 2] < -1e-6,
+                              -pose.translation_mm[2] / rays_belt[..., 2], 0.0)
         #: camera depth (mm) of the empty belt at every pixel (0 where the ray misses it)
         self.belt_depth_mm: F32Array = belt_z.astype(np.float32)
 

@@ -143,7 +143,8 @@ def _item_families(s: NodeSnapshot) -> Iterator[Metric]:
     for reason, n in s.rejected_inputs.items():
         rejected.add_metric([reason], n)
     yield rejected
-    models = GaugeMetricFamily("cv_model_info", "Loaded model versions", labels=["model", "version"])
+    models = GaugeMetricFamily("cv_model_info", "Loaded model versions",
+                               labels=["model", "version"])
     for model, version in s.model_versions.items():
         models.add_metric([model, version], 1.0)
     yield models

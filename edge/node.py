@@ -26,11 +26,12 @@ from edge.clock import Clock
 from edge.config import Config
 from edge.deadlines import DeadlineScheduler
 from edge.decide import VerdictPolicy
-from edge.infer.models import ItemInspector
 from edge.induct import InductAssociator
+from edge.infer.models import ItemInspector
 from edge.items import ItemSegmenter
 from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot
 from edge.publish.mqtt import AckedVerdict, VerdictPublisher
+from edge.snapshots import SnapshotStore
 from edge.stage import BoundedQueue, StageThread
 from edge.stages import CaptureStage, Decided, InferenceStage, ItemStage, SyncStage
 from edge.sync import FrameSynchronizer
@@ -58,19 +59,24 @@ class Node:
     """One inspection node on one conveyor line."""
 
     def __init__(self, cfg: Config, clock: Clock, cameras: Cameras, inspector: ItemInspector,
-                 catalogue: Catalogue, *, outbox_path: Path, hooks: NodeHooks | None = None
-                 ) -> None:
+                 catalogue: Catalogue, *, outbox_path: Path, hooks: NodeHooks | None = None,
+                 stall_after_s: float = STALL_AFTER_S,
+                 snapshots: SnapshotStore | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.cameras = cameras
         self.inspector = inspector
         self.catalogue = catalogue
         self.hooks = hooks or NodeHooks()
+        self.stall_after_s = stall_after_s
         self.stop_event = threading.Event()
         self.policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
         self._recent: OrderedDict[str, ItemRecord] = OrderedDict()
         self._recent_lock = threading.Lock()
         self.metrics = NodeMetrics(self.snapshot)
+        self.snapshots = snapshots  # audit snapshots (started and closed by the owner)
+        if snapshots is not None:
+            snapshots.register_metrics(self.metrics.registry)
         self.publisher = VerdictPublisher(
             cfg.mqtt, cfg.node, outbox_path, clock, self._on_announcement, self._on_feedback,
             self._on_acked, known_products=catalogue.ids(),
@@ -91,7 +97,7 @@ class Node:
         self.synchronizer = FrameSynchronizer(
             list(cameras.sources), fps=max(c.fps for c in cfg.cameras),
             tolerance_ms=cfg.sync.tolerance_ms, camera_timeout_ms=cfg.sync.camera_timeout_ms)
-        self.associator = InductAssociator(cfg.belt, cfg.items, on_seen=self.scheduler.mark_seen,
+        self.associator = InductAssociator(cfg.belt, cfg.items, on_seen=self._on_seen,
                                            id_prefix=f"{cfg.node.node_id}-unannounced")
         segmenters = {cid: ItemSegmenter(cid, plane.intrinsics, plane.pose, cfg.items)
                       for cid, plane in cameras.planes.items()}
@@ -183,8 +189,14 @@ class Node:
         if self.scheduler.announce(announcement, self._deadline_ms(announcement)):
             self.associator.announce(announcement)
 
+    def _on_seen(self, item_id: str, captured_ms: float) -> None:
+        self.scheduler.mark_seen(item_id, captured_ms)
+
     def _on_feedback(self, feedback: Feedback) -> None:
         log.info("feedback", item_id=feedback.item_id, kind=feedback.kind)
+        if self.snapshots is not None:
+            self.snapshots.label(feedback.item_id, feedback.kind,
+                                 received_ms=feedback.received_ms, note=feedback.note)
         if feedback.kind != "packaging_changed":
             return
         with self._recent_lock:
@@ -216,6 +228,9 @@ class Node:
             self._recent[decided.record.item_id] = decided.record
             while len(self._recent) > RECENT_ITEMS:
                 self._recent.popitem(last=False)
+        if self.snapshots is not None:  # assigns the ID; files are written off this thread
+            verdict = self.snapshots.offer(decided.record, verdict)
+            decided = Decided(decided.record, verdict)
         if self.hooks.on_decided is not None:
             self.hooks.on_decided(decided)
         self.scheduler.complete(verdict)
@@ -223,9 +238,9 @@ class Node:
     # --- health -----------------------------------------------------------------------------
 
     def stalled_stages(self) -> list[str]:
-        """Stages that died or made no progress for `STALL_AFTER_S`."""
+        """Stages that died or made no progress for `stall_after_s`."""
         return [t.name for t in self._threads
-                if not t.alive or t.stalled_for_s() > STALL_AFTER_S]
+                if not t.alive or t.stalled_for_s() > self.stall_after_s]
 
     def streaming(self) -> bool:
         return all(c.last_frame_ms is not None for c in self.captures.values())

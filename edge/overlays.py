@@ -48,8 +48,9 @@ def normalized_map(amap: F32Array) -> F32Array:
     base = float(np.median(m))
     span = float(m.max()) - base
     if span <= 1e-9:
-        return np.zeros_like(m)
-    return np.clip((m - base) / span, 0.0, 1.0).astype(np.float32)
+        return np.zeros(m.shape, np.float32)
+    out: F32Array = np.clip((m - base) / span, 0.0, 1.0).astype(np.float32)
+    return out
 
 
 def hot_area(amap: F32Array, size: int | None = None) -> BoolArray:
@@ -66,7 +67,7 @@ def heat_overlay(color: U8Array, amap: F32Array | None,
                  findings: Iterable[DamageFinding] = (), scale: int = DISPLAY_SCALE) -> U8Array:
     """The crop with the anomaly map blended on (jet colours) and the damage boxes drawn."""
     size = color.shape[1] * scale, color.shape[0] * scale
-    base = cv2.resize(color, size, interpolation=cv2.INTER_LINEAR)
+    base: U8Array = np.asarray(cv2.resize(color, size, interpolation=cv2.INTER_LINEAR), np.uint8)
     out: U8Array = base.copy()
     if amap is not None:
         norm = np.asarray(cv2.resize(normalized_map(amap), size, interpolation=cv2.INTER_LINEAR),
@@ -121,15 +122,17 @@ def contact_sheet(verdict: Verdict, crops: Mapping[str, ItemCrop],
     for cam, crop in sorted(crops.items()):
         amap = verdict.anomaly_map if cam == anomaly_camera else None
         rows.append(np.hstack([
-            _label(cv2.resize(crop.color, (crop.color.shape[1] * DISPLAY_SCALE,
-                                           crop.color.shape[0] * DISPLAY_SCALE)), f"{cam} colour"),
+            _label(np.asarray(cv2.resize(crop.color, (crop.color.shape[1] * DISPLAY_SCALE,
+                                                  crop.color.shape[0] * DISPLAY_SCALE)),
+                          np.uint8), f"{cam} colour"),
             _label(depth_view(crop.height_mm, crop.has_depth), f"{cam} height"),
             _label(heat_overlay(crop.color, amap, verdict.findings),
                    f"{cam} {'anomaly + ' if amap is not None else ''}damage"),
         ]))
     width = max((r.shape[1] for r in rows), default=3 * 256)
-    rows = [r if r.shape[1] == width else cv2.copyMakeBorder(
-        r, 0, 0, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(0, 0, 0)) for r in rows]
+    rows = [r if r.shape[1] == width else np.asarray(cv2.copyMakeBorder(
+        r, 0, 0, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(0, 0, 0)), np.uint8)
+        for r in rows]
     header = np.zeros((40, width, 3), np.uint8)
     header[:] = verdict_bgr(verdict.decision)
     fused = verdict.scores.fused if verdict.scores is not None else None

@@ -144,7 +144,7 @@ class ItemTracker:
         self.tracks = [t for t in self.tracks if t.last_seen_ms >= cutoff_ms]
         records: list[ItemRecord] = []
         for track in sorted(done, key=lambda t: t.first_seen_ms):
-            if track.sightings >= self.cfg.min_observations and track.best:
+            if track.fixed and track.sightings >= self.cfg.min_observations:
                 records.extend(self._records(track))
         return records
 

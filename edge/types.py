@@ -109,9 +109,8 @@ class Pose:
 
     def compose(self, other: Pose) -> Pose:
         """self ∘ other: first `other`, then `self`."""
-        return Pose(
-            self.rotation @ other.rotation, self.rotation @ other.translation_mm + self.translation_mm
-        )
+        return Pose(self.rotation @ other.rotation,
+                    self.rotation @ other.translation_mm + self.translation_mm)
 
 
 class DamageType(enum.Enum):

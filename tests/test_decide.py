@@ -83,7 +83,8 @@ def test_unannounced_and_merged_follow_the_config() -> None:
     rec = _record(unannounced=True, product_id=None)
     assert _policy().decide(rec, _inf(0.1), 0.0).decision is Decision.SIDELINE
     v = _policy(unannounced="pass").decide(rec, _inf(0.1), 0.0)
-    assert v.decision is Decision.PASS and Reason.UNANNOUNCED in v.reasons
+    assert v.decision is Decision.PASS
+    assert Reason.UNANNOUNCED in v.reasons
     merged = _record(merged=True)
     assert _policy().decide(merged, _inf(0.1), 0.0).reasons[0] is Reason.MERGED
     assert _policy(merged="pass").decide(merged, _inf(0.1), 0.0).decision is Decision.PASS
@@ -95,7 +96,8 @@ def test_views_missing_judges_by_default_or_sidelines() -> None:
     """A missing camera is noted; with views_missing=sideline the item is sidelined."""
     rec = _record(views_missing=("angled",))
     v = _policy().decide(rec, _inf(0.1), 0.0)
-    assert v.decision is Decision.PASS and Reason.VIEWS_MISSING in v.reasons
+    assert v.decision is Decision.PASS
+    assert Reason.VIEWS_MISSING in v.reasons
     assert _policy(views_missing="sideline").decide(rec, _inf(0.1), 0.0).decision is \
         Decision.SIDELINE
 
@@ -128,9 +130,10 @@ def test_fusion_mapping_errors_name_what_is_expected() -> None:
 def test_fusion_is_a_probability_and_monotone_in_damage(d: float, a: float | None,
                                                         g: float | None) -> None:
     """Fused scores are in [0, 1] and never fall when the classifier probability rises."""
-    f = Fusion(0.0, 1.0, {c: (-1.0, 1.2, 0.5, 3.0) for c in COMBOS})
+    f = Fusion(0.0, 1.0, dict.fromkeys(COMBOS, (-1.0, 1.2, 0.5, 3.0)))
     lo, hi = f.fuse(d, a, g), f.fuse(min(1.0, d + 0.1), a, g)
-    assert 0.0 <= lo <= 1.0 and not math.isnan(lo)
+    assert 0.0 <= lo <= 1.0
+    assert not math.isnan(lo)
     assert hi >= lo
     assert Fusion.from_mapping(f.to_mapping()) == f
     assert combo_name(a is not None, g is not None) in COMBOS

@@ -75,7 +75,8 @@ def main() -> int:
     slowest = min(float(s["frames_per_s"]) for s in stages.values())
     limit = min(slowest, cores / per_frame_cpu_s)
     pipe, seq = results["pipelined"], results["sequential"]
-    assert isinstance(pipe, dict) and isinstance(seq, dict)
+    assert isinstance(pipe, dict)
+    assert isinstance(seq, dict)
     out = {
         **results,
         "stages": stages,

@@ -126,7 +126,7 @@ class Run:
                 return
             i = bisect.bisect_left(self.reads, (acked.captured_ms, -1.0))
             near = [self.reads[j] for j in (i - 1, i) if 0 <= j < len(self.reads)]
-            ts, wall = min(near, key=lambda r: abs(r[0] - acked.captured_ms))  # type: ignore[operator]
+            _ts, wall = min(near, key=lambda r: abs(r[0] - acked.captured_ms))  # type: ignore[operator]
             self.latencies_ms.append(now - wall)
 
 

@@ -93,7 +93,8 @@ class SyntheticConveyor:
     def frame_time_ms(self, camera_id: str, index: int) -> float:
         """The timestamp the camera stamps on frame `index` (wall clock, with offset and jitter)."""
         i = self._index[camera_id]
-        jitter = np.random.default_rng([self.cfg.seed, i, index, 7]).uniform(-_JITTER_MS, _JITTER_MS)
+        rng = np.random.default_rng([self.cfg.seed, i, index, 7])
+        jitter = rng.uniform(-_JITTER_MS, _JITTER_MS)
         offset = _CLOCK_OFFSET_MS[i % len(_CLOCK_OFFSET_MS)]
         return self.start_ms + self.capture_time_ms(camera_id, index) + offset + float(jitter)
 

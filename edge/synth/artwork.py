@@ -41,7 +41,8 @@ def _jagged_line(rng: np.random.Generator, start: tuple[float, float], length: f
 def _blob(img: U8Array, rng: np.random.Generator, centre: tuple[float, float], radius: float,
           colour: tuple[int, ...], count: int = 6) -> None:
     for _ in range(count):
-        c = (int(centre[0] + rng.normal(0, radius * 0.4)), int(centre[1] + rng.normal(0, radius * 0.4)))
+        c = (int(centre[0] + rng.normal(0, radius * 0.4)),
+             int(centre[1] + rng.normal(0, radius * 0.4)))
         r = max(2, int(abs(rng.normal(radius * 0.45, radius * 0.15))))
         cv2.circle(img, c, r, colour, -1, lineType=cv2.LINE_AA)
 
@@ -62,7 +63,8 @@ def product_artwork(product: Product, dims_mm: tuple[float, float, float]) -> U8
                      tuple(int(min(255, c + 35)) for c in base), 3, lineType=cv2.LINE_AA)
     if product.artwork in ("brand", "crack_print", "stain_print"):
         logo = tuple(int(c) for c in (255 - base) // 2 + 40)
-        cv2.rectangle(img, (int(tw * 0.1), int(th * 0.15)), (int(tw * 0.45), int(th * 0.45)), logo, -1)
+        cv2.rectangle(img, (int(tw * 0.1), int(th * 0.15)), (int(tw * 0.45), int(th * 0.45)),
+                      logo, -1)
         for k in range(3):
             y = int(th * (0.6 + 0.1 * k))
             cv2.line(img, (int(tw * 0.1), y), (int(tw * (0.5 + 0.1 * k)), y), (30, 30, 30), 2)
@@ -102,7 +104,8 @@ def damaged_top(product: Product, dims_mm: tuple[float, float, float],
     if damage.type is DamageType.CRUSH:
         yy, xx = np.mgrid[0:th, 0:tw].astype(np.float32)
         sigma = size / 2.0
-        bump = np.exp(-(((xx - cu) ** 2) / (2 * sigma**2) + ((yy - cv) ** 2) / (2 * (0.6 * sigma) ** 2)))
+        bump = np.exp(-(((xx - cu) ** 2) / (2 * sigma**2)
+                        + ((yy - cv) ** 2) / (2 * (0.6 * sigma) ** 2)))
         dent = (bump * damage.depth_mm).astype(np.float32)
         shade = 1.0 - 0.45 * bump
         colour = (colour.astype(np.float32) * shade[..., None]).astype(np.uint8)
@@ -140,7 +143,8 @@ def damaged_top(product: Product, dims_mm: tuple[float, float, float],
         half = int(size * 0.35)
         cv2.rectangle(colour, (cu - half - 6, cv - half - 6), (cu + half + 6, cv + half + 6),
                       (70, 100, 130), -1)
-        cv2.rectangle(alpha, (cu - half - 6, cv - half - 6), (cu + half + 6, cv + half + 6), 255, -1)
+        cv2.rectangle(alpha, (cu - half - 6, cv - half - 6), (cu + half + 6, cv + half + 6),
+                      255, -1)
     return TopSurface(np.dstack([colour, alpha]), dent)
 
 

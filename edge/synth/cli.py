@@ -1,4 +1,4 @@
-"""`edge-node synth dataset|record`: training sets and RealSense recordings of the synthetic belt."""
+"""`edge-node synth dataset|record`: training sets and RealSense recordings of the belt."""
 
 from __future__ import annotations
 

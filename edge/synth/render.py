@@ -33,6 +33,10 @@ BELT_BGR = (58, 60, 62)
 FRAME_BGR = (150, 150, 145)
 
 
+#: (dims, centre x/y, unit index, base z, flat colour) of one box of an item
+_Part = tuple[tuple[float, float, float], FloatArray, int, float, tuple[int, int, int]]
+
+
 @dataclass(frozen=True, slots=True)
 class RenderedView:
     color: U8Array
@@ -141,8 +145,7 @@ class SceneRenderer:
         return RenderedView(color, depth, labels, damage)
 
     @staticmethod
-    def _parts(item: SceneItem, x: float
-               ) -> list[tuple[tuple[float, float, float], FloatArray, int, float, tuple[int, int, int]]]:
+    def _parts(item: SceneItem, x: float) -> list[_Part]:
         """Boxes that make up an item: (dims, centre, unit index, base z, flat colour).
 
         unit -1: the whole single item; >= 0: a multipack unit; -2: protruding contents.
@@ -150,7 +153,7 @@ class SceneRenderer:
         length, width, height = item.dims_mm
         centre = np.array([x, item.y_mm])
         colour = item.product.colour_bgr
-        parts: list[tuple[tuple[float, float, float], FloatArray, int, float, tuple[int, int, int]]]
+        parts: list[_Part]
         c, s = np.cos(item.yaw_rad), np.sin(item.yaw_rad)
         if item.product.units > 1:
             along, across = item.product.unit_grid
@@ -198,7 +201,7 @@ class SceneRenderer:
         tex_bgra = None
         if top is not None:
             th, tw = top.bgra.shape[:2]
-            src = np.float32([[0, 0], [tw, 0], [tw, th], [0, th]])
+            src = np.array([[0, 0], [tw, 0], [tw, th], [0, th]], dtype=np.float32)
             m = cv2.getPerspectiveTransform(src, (px - [x0, y0]).astype(np.float32))
             size = (x1 - x0, y1 - y0)
             tex_bgra = cv2.warpPerspective(top.bgra, m, size, flags=cv2.INTER_LINEAR,
@@ -206,7 +209,7 @@ class SceneRenderer:
             if top.dent_mm is not None:
                 dent = cv2.warpPerspective(top.dent_mm, m, size, flags=cv2.INTER_LINEAR)
                 ray_z = rig.plane.rays[y0:y1, x0:x1, 2]
-                z = z + dent / np.maximum(-ray_z, 1e-3)
+                z = (z + dent / np.maximum(-ray_z, 1e-3)).astype(np.float32)
         vis = (poly > 0) & (z > 0) & (z < dz)
         if not vis.any():
             return
@@ -276,5 +279,5 @@ def add_sensor_noise(view: RenderedView, rig: CameraRig, rng: np.random.Generato
             noisy.reshape(-1)[idx[rng.random(idx.size) < p]] = 0.0
     depth = np.clip(noisy + 0.5, 0, 65535).astype(np.uint16)
     colour_noise = rig.colour_noise[frame_index % len(rig.colour_noise)]
-    color = cv2.add(view.color, colour_noise, dtype=cv2.CV_8U)
+    color = np.asarray(cv2.add(view.color, colour_noise, dtype=cv2.CV_8U), dtype=np.uint8)
     return color, depth

@@ -7,6 +7,7 @@ camera can be rendered in any order and gives the same bytes.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class SceneItem:
     def extent_x_mm(self) -> float:
         """Half the footprint's extent along the belt (accounts for yaw)."""
         length, width, _ = self.dims_mm
-        return 0.5 * (abs(np.cos(self.yaw_rad)) * length + abs(np.sin(self.yaw_rad)) * width)
+        return 0.5 * (abs(math.cos(self.yaw_rad)) * length + abs(math.sin(self.yaw_rad)) * width)
 
 
 class ItemSchedule:

@@ -62,10 +62,16 @@ class SystemctlManager:
         self.systemctl = systemctl
 
     def _run(self, verb: str, unit: str) -> None:
-        result = subprocess.run([self.systemctl, "--no-block", verb, unit], capture_output=True,
-                                text=True, timeout=60, check=False)
+        # Never raises: a unit that did not (re)start shows up in the health gate, which
+        # then rolls back; an exception here would leave the switch half done.
+        try:
+            result = subprocess.run([self.systemctl, "--no-block", verb, unit],
+                                    capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("systemctl_failed", verb=verb, unit=unit, error=str(exc))
+            return
         if result.returncode != 0:
-            log.warning("systemctl_failed", verb=verb, unit=unit, stderr=result.stderr.strip())
+            log.error("systemctl_failed", verb=verb, unit=unit, stderr=result.stderr.strip())
 
     def restart(self, unit: str) -> None:
         self._run("restart", unit)

@@ -96,7 +96,8 @@ def test_travel_and_pose_from_two_markers() -> None:
     assert angle < 0.5
     # the camera's height and the belt frame's origin lie on the belt, inside the region
     assert got.translation_mm[2] == pytest.approx(pose.translation_mm[2], abs=2.0)
-    assert region.x_min_mm < 0 < region.x_max_mm and region.y_min_mm < 0 < region.y_max_mm
+    assert region.x_min_mm < 0 < region.x_max_mm
+    assert region.y_min_mm < 0 < region.y_max_mm
 
 
 def test_marker_track_gives_travel_in_time_order() -> None:
@@ -124,13 +125,17 @@ def test_belt_command_on_a_synthetic_recording(tmp_path: Path) -> None:
     assert main(["belt", "--recording", str(tmp_path / "top.db3"), "--out", str(out),
                  "--travel-image", "right", "--frames", "5"]) == 0
     cal = load_camera_calibration(out, serial="TOP1", resolution=(640, 480))
-    assert cal.intrinsics == intr and cal.intrinsics_source == "factory"
-    assert cal.pose is not None and cal.region is not None
+    assert cal.intrinsics == intr
+    assert cal.intrinsics_source == "factory"
+    assert cal.pose is not None
+    assert cal.region is not None
     assert angle_deg(cal.pose.rotation[2], true_pose.rotation[2]) < 0.5
     assert angle_deg(cal.pose.rotation[0], true_pose.rotation[0]) < 0.5
     assert cal.pose.translation_mm[2] == pytest.approx(true_pose.translation_mm[2], abs=2.0)
-    assert cal.quality.fill_rate is not None and cal.quality.fill_rate > 0.9
-    assert cal.quality.belt_residual_rms_mm is not None and cal.quality.belt_residual_rms_mm < 5
+    assert cal.quality.fill_rate is not None
+    assert cal.quality.fill_rate > 0.9
+    assert cal.quality.belt_residual_rms_mm is not None
+    assert cal.quality.belt_residual_rms_mm < 5
     report = tmp_path / "top-report"
     assert yaml.safe_load((report / "summary.yaml").read_text())["saved"] == str(out)
     assert (report / "belt_residuals.png").stat().st_size > 5_000
@@ -153,11 +158,13 @@ def test_belt_command_with_markers_and_calibrated_intrinsics(tmp_path: Path) -> 
                  "--intrinsics", str(tmp_path / "intr.yaml"), "--travel-markers", "0,1",
                  "--region", "600x400"]) == 0
     cal = load_camera_calibration(out)
-    assert cal.pose is not None and cal.intrinsics_source == "calibrated"
+    assert cal.pose is not None
+    assert cal.intrinsics_source == "calibrated"
     assert cal.quality.rms_reprojection_px == 0.2
     assert angle_deg(cal.pose.rotation[0], pose.rotation[0]) < 0.5
     assert angle_deg(cal.pose.rotation[2], pose.rotation[2]) < 0.5
-    assert cal.region is not None and cal.region.x_max_mm == pytest.approx(300.0)
+    assert cal.region is not None
+    assert cal.region.x_max_mm == pytest.approx(300.0)
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -175,4 +182,5 @@ def test_belt_bad_input(args: list[str], needle: str, tmp_path: Path,
         args = ["--recording", str(tmp_path / args[1])]
     assert main(argv + args) == 2
     err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
+    assert needle in err
+    assert "Traceback" not in err

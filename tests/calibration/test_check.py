@@ -44,8 +44,10 @@ def test_unchanged_camera_passes(calibration: CameraCalibration) -> None:
     depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=12)
     result = check_belt(calibration, depth, 0.001)
     assert result.passed, result.reasons
-    assert result.drift_mm is not None and abs(result.drift_mm) < 1.0
-    assert result.tilt_deg is not None and result.tilt_deg < 0.2
+    assert result.drift_mm is not None
+    assert abs(result.drift_mm) < 1.0
+    assert result.tilt_deg is not None
+    assert result.tilt_deg < 0.2
     assert result.fill_rate > 0.9
 
 
@@ -55,8 +57,10 @@ def test_items_on_the_belt_do_not_fail_the_check(calibration: CameraCalibration)
     depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=13, boxes=boxes)
     result = check_belt(calibration, depth, 0.001)
     assert result.passed, result.reasons
-    assert result.drift_mm is not None and abs(result.drift_mm) < 1.0
-    assert result.belt_fraction is not None and result.belt_fraction < 0.8
+    assert result.drift_mm is not None
+    assert abs(result.drift_mm) < 1.0
+    assert result.belt_fraction is not None
+    assert result.belt_fraction < 0.8
 
 
 @pytest.mark.parametrize(("moved", "reason"), [
@@ -76,29 +80,37 @@ def test_poor_depth_fails_on_fill_rate(calibration: CameraCalibration) -> None:
     """With 60 % of the depth pixels missing the check fails on the fill rate."""
     depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(dropout=0.6), seed=15)
     result = check_belt(calibration, depth, 0.001, BeltCheckThresholds(min_fill_rate=0.7))
-    assert not result.passed and "fill rate" in result.reasons[0]
+    assert not result.passed
+    assert "fill rate" in result.reasons[0]
 
 
 def test_other_resolution_fails_cleanly(calibration: CameraCalibration) -> None:
     """A depth frame of another size fails with a reason instead of raising."""
     result = check_belt(calibration, np.zeros((240, 320), np.uint16), 0.001)
-    assert not result.passed and "320x240" in result.reasons[0]
+    assert not result.passed
+    assert "320x240" in result.reasons[0]
 
 
 def test_board_reprojection_under_stored_intrinsics() -> None:
-    """A board in view reprojects well under the right intrinsics and badly under wrong ones."""
+    """A board in view reprojects well under the right intrinsics and fails under a wrong lens
+    distortion; with no board in view the board check passes (nothing to compare)."""
     from calibration.boards import parse_board
     spec = parse_board(CHARUCO)
-    rvec, tvec = board_views(spec, TRUE_CAMERA, 1, seed=3)[0]
+    rvec, tvec = board_views(spec, TRUE_CAMERA, 4, seed=3)[3]  # near the image's edge
     image = render_board(spec, TRUE_CAMERA, rvec, tvec)
     good = check_board(CameraCalibration("X", TRUE_CAMERA), image, spec)
-    assert good.found and good.passed and good.rms_px is not None and good.rms_px < 0.5
-    wrong = Intrinsics(640, 480, 600.0, 605.0, 322.5, 236.0)  # distortion forgotten
+    assert good.found
+    assert good.passed
+    assert good.rms_px is not None
+    assert good.rms_px < 0.5
+    wrong = Intrinsics(640, 480, 600.0, 605.0, 322.5, 236.0, (0.1, 0.0, 0.0, 0.0, 0.0))
     bad = check_board(CameraCalibration("X", wrong), image, spec)
-    assert bad.found and not bad.passed
+    assert bad.found
+    assert not bad.passed
     empty = check_board(CameraCalibration("X", TRUE_CAMERA), np.full((480, 640), 128, np.uint8),
                         spec)
-    assert not empty.found and empty.passed
+    assert not empty.found
+    assert empty.passed
 
 
 def _config(tmp_path: Path, recording: Path, calibration: Path) -> Path:
@@ -127,7 +139,9 @@ def test_check_command_passes_then_fails_after_the_camera_moves(
         assert summary["passed"] is (expected == 0)
         assert (report / "top_belt_residuals.png").exists()
     out = capsys.readouterr().out
-    assert "PASS" in out and "FAIL" in out and "tilted" in out
+    assert "PASS" in out
+    assert "FAIL" in out
+    assert "tilted" in out
 
 
 def test_check_command_refuses_a_calibration_of_another_camera(

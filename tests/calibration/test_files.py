@@ -37,12 +37,16 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     back = load_camera_calibration(tmp_path / "cam.yaml", serial="123456789012",
                                    resolution=(640, 480))
     assert back.intrinsics == cal.intrinsics
-    assert back.pose is not None and cal.pose is not None
+    assert back.pose is not None
+    assert cal.pose is not None
     np.testing.assert_allclose(back.pose.rotation, cal.pose.rotation)
     np.testing.assert_allclose(back.pose.translation_mm, cal.pose.translation_mm)
-    assert back.region == cal.region and back.quality == cal.quality
+    assert back.region == cal.region
+    assert back.quality == cal.quality
     text = (tmp_path / "cam.yaml").read_text()
-    assert "'123456789012':" in text and "calibrated_at" in text and "tool_version" in text
+    assert "'123456789012':" in text
+    assert "calibrated_at" in text
+    assert "tool_version" in text
 
 
 @settings(max_examples=30, deadline=None)

@@ -42,8 +42,10 @@ def test_recovers_the_true_camera(board: str, request: pytest.FixtureRequest,
     got, true = cal.intrinsics, TRUE_CAMERA
     assert got.fx == pytest.approx(true.fx, rel=0.005)
     assert got.fy == pytest.approx(true.fy, rel=0.005)
-    assert abs(got.cx - true.cx) < 2.0 and abs(got.cy - true.cy) < 2.0
-    assert cal.quality.rms_reprojection_px is not None and cal.quality.rms_reprojection_px < 0.3
+    assert abs(got.cx - true.cx) < 2.0
+    assert abs(got.cy - true.cy) < 2.0
+    assert cal.quality.rms_reprojection_px is not None
+    assert cal.quality.rms_reprojection_px < 0.3
     assert got.coeffs[0] == pytest.approx(true.coeffs[0], abs=0.02)
 
 
@@ -53,7 +55,8 @@ def test_report_has_summary_and_images(chessboard_dir: Path, tmp_path: Path) -> 
     report = tmp_path / "cam-report"
     summary = yaml.safe_load((report / "summary.yaml").read_text())
     assert summary == json.loads((report / "summary.json").read_text())
-    assert len(summary["views"]) == 12 and all(v["rms_px"] < 0.3 for v in summary["views"])
+    assert len(summary["views"]) == 12
+    assert all(v["rms_px"] < 0.3 for v in summary["views"])
     assert set(summary["coverage"]) == {"x", "y", "size", "skew"}
     assert "RMS" in summary["metric"]
     for png in ("corners.png", "reprojection_errors.png"):
@@ -131,7 +134,8 @@ def test_installed_script_reports_errors_without_traceback(tmp_path: Path) -> No
                            "--serial", "1"], capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 2
-    assert "no images" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no images" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_compare_factory_reads_a_recordings_intrinsics(chessboard_dir: Path,
@@ -146,7 +150,8 @@ def test_compare_factory_reads_a_recordings_intrinsics(chessboard_dir: Path,
                  "--factory-from", str(tmp_path / "f.db3")]) == 0
     summary = yaml.safe_load((tmp_path / "cam-report" / "summary.yaml").read_text())
     diff = summary["factory_difference"]
-    assert abs(diff["fx_percent"]) < 0.5 and abs(diff["cx_px"]) < 2.0
+    assert abs(diff["fx_percent"]) < 0.5
+    assert abs(diff["cx_px"]) < 2.0
     assert diff["max_displacement_px"] < 3.0
     assert load_camera_calibration(tmp_path / "cam.yaml", serial="FACTORY1")
 
@@ -159,5 +164,7 @@ def test_real_photographs_match_the_published_reference(tmp_path: Path) -> None:
     i = cal.intrinsics
     assert i.fx == pytest.approx(OPENCV_REFERENCE["fx"], rel=0.01)
     assert i.fy == pytest.approx(OPENCV_REFERENCE["fy"], rel=0.01)
-    assert abs(i.cx - OPENCV_REFERENCE["cx"]) < 3.0 and abs(i.cy - OPENCV_REFERENCE["cy"]) < 3.0
-    assert cal.quality.rms_reprojection_px is not None and cal.quality.rms_reprojection_px < 0.3
+    assert abs(i.cx - OPENCV_REFERENCE["cx"]) < 3.0
+    assert abs(i.cy - OPENCV_REFERENCE["cy"]) < 3.0
+    assert cal.quality.rms_reprojection_px is not None
+    assert cal.quality.rms_reprojection_px < 0.3

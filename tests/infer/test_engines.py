@@ -1,4 +1,4 @@
-"""TensorRT engine cache: keys, sidecars, atomic rebuilds (fake builder where TensorRT is absent)."""
+"""TensorRT engine cache: keys, sidecars, atomic rebuilds (a fake builder without TensorRT)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def test_environment_change_makes_plan_stale_and_rebuilds(
                               "8.9" if change == "cc" else env.compute_capability,
                               "R36.5" if change == "l4t" else env.l4t)
     st = cache.status(spec)
-    assert st.state == "stale" and field in st.detail
+    assert st.state == "stale"
+    assert field in st.detail
     cache.ensure(spec)
     assert builder.builds == 2
     assert plan.with_name("damage.fp16.prev.plan").is_file()  # the last good plan is kept
@@ -116,7 +117,8 @@ def test_corrupt_plan_is_rebuilt_not_loaded(cache: EngineCache, spec: ModelSpec,
     assert cache.status(spec).state == "corrupt"
     assert cache.verify(spec).state == "corrupt"
     cache.ensure(spec)
-    assert builder.builds == 2 and cache.verify(spec).state == "fresh"
+    assert builder.builds == 2
+    assert cache.verify(spec).state == "fresh"
 
 
 def test_failed_build_keeps_last_good_plan_and_leaves_no_temp(

@@ -33,11 +33,13 @@ def test_seen_view_scores_low_unseen_high_and_unknown_none(tmp_path: Path) -> No
     g = ReferenceGallery(tmp_path, top_k=1)
     g.add("P1", "top", ref)
     same = g.score("P1", "top", ref)
-    assert same is not None and same.score < 1e-3
+    assert same is not None
+    assert same.score < 1e-3
     changed = ref.copy()
     changed[:, 2, 3] = _patches(rng)[:, 0, 0]
     res = g.score("P1", "top", changed)
-    assert res is not None and res.score > 0.3
+    assert res is not None
+    assert res.score > 0.3
     assert np.unravel_index(int(np.argmax(res.patch_map)), res.patch_map.shape) == (2, 3)
     assert g.score("P2", "top", ref) is None
     assert g.score("P1", "angled", ref) is None
@@ -63,7 +65,8 @@ def test_learned_references_persist_and_reload(tmp_path: Path) -> None:
     again = ReferenceGallery(tmp_path / "g")
     assert again.products() == ("P/weird id",)
     assert again.views("P/weird id", "top") == 3
-    assert again.has("P/weird id") and not again.has(None)
+    assert again.has("P/weird id")
+    assert not again.has(None)
     assert not list((tmp_path / "g").rglob("*.tmp"))
 
 
@@ -75,7 +78,8 @@ def test_bank_is_capped(tmp_path: Path) -> None:
         g.add("P", "top", _patches(rng))
     assert g.views("P", "top") == 5
     res = g.score("P", "top", _patches(rng))
-    assert res is not None and np.isfinite(res.score)
+    assert res is not None
+    assert np.isfinite(res.score)
 
 
 def test_unreadable_file_is_skipped(tmp_path: Path) -> None:

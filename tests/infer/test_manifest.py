@@ -38,7 +38,8 @@ def test_missing_model_file_names_file_and_expected_hash(models_cfg: ModelsConfi
     with pytest.raises(ManifestError) as err:
         ItemInspector.load(models_cfg, load_catalogue())
     msg = str(err.value)
-    assert "damage.onnx" in msg and "missing" in msg
+    assert "damage.onnx" in msg
+    assert "missing" in msg
     assert load_manifest(models_cfg.manifest, verify=False).model("damage").sha256 in msg
 
 
@@ -93,7 +94,7 @@ def test_not_an_onnx_file_with_matching_hash(engines_copy: Path) -> None:
         d["models"]["damage"]["sha256"] = hashlib.sha256(b"not onnx").hexdigest()
     _edit(engines_copy / "manifest.yaml", change)
     spec = load_manifest(engines_copy / "manifest.yaml").model("damage")
-    with pytest.raises(BackendError, match="damage.onnx: ONNX Runtime cannot load it"):
+    with pytest.raises(BackendError, match=r"damage\.onnx: ONNX Runtime cannot load it"):
         OnnxRuntimeBackend(spec)
 
 

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.catalogue import load_catalogue
+from edge.clock import ManualClock
 from edge.config import Config, load_config
 from edge.geometry import BeltPlane
 from edge.sources import EndOfStream
 from edge.sources.synthetic import SyntheticConveyor, SyntheticSource, default_intrinsics
 from edge.synth.render import DEPTH_NOISE_K
 from edge.types import DamageType, Pose
-from edge.clock import ManualClock
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_labels_agree_with_boxes(cfg: Config) -> None:
 
 
 def test_damage_ground_truth_marks_damaged_items_only(cfg: Config) -> None:
-    """Damage pixels belong to damaged items (or their spill on the belt); intact items have none."""
+    """Damage pixels belong to damaged items (or spills beside them); intact items have none."""
     world = _world(cfg, damage_rate=0.5)
     seen_damaged = 0
     for k in range(60, 600, 9):
@@ -139,7 +139,8 @@ def test_damage_ground_truth_marks_damaged_items_only(cfg: Config) -> None:
             if item.damage is None:
                 assert not on_item.any(), item
             elif item.damage in (DamageType.HOLE, DamageType.TEAR, DamageType.CRUSH,
-                                 DamageType.DECONSTRUCTION) and _fully_in_view(truth.labels == i + 1):
+                                 DamageType.DECONSTRUCTION) and _fully_in_view(
+                                     truth.labels == i + 1):
                 seen_damaged += 1
                 assert on_item.any(), item
     assert seen_damaged >= 3

@@ -1,0 +1,187 @@
+"""What the live page shows, kept cheaply off the hot path and drawn at request time.
+
+`LiveFeed` is a pair of node hooks: it keeps a *reference* to the newest
+frameset and a short list of recent verdicts (no copies, no drawing). When
+the page asks for a camera image, `camera_jpeg` draws every recently
+decided item that should still be in view (its belt position moved on by
+the belt speed since capture, projected through the camera's belt pose) as
+a box in its verdict colour with its ID, and encodes a JPEG.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.geometry import BeltPlane
+from edge.node import NodeHooks
+from edge.overlays import ascii_text, verdict_bgr
+from edge.stages import Decided
+from edge.types import Decision, Frame, FrameSet, U8Array
+
+#: Decided items are drawn for this long after capture (they leave the view anyway).
+DRAW_FOR_MS = 3000.0
+_JPEG = [cv2.IMWRITE_JPEG_QUALITY, 80]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveItem:
+    """What the page needs of one decided item."""
+
+    item_id: str
+    product_id: str | None
+    decision: Decision
+    reasons: tuple[str, ...]
+    fused: float | None
+    captured_ms: float
+    decided_ms: float
+    centre_mm: tuple[float, float]
+    box_mm: tuple[float, float, float]
+    snapshot_id: str | None
+    late: bool
+    fail_safe: bool
+
+    def as_json(self) -> dict[str, object]:
+        return {"item_id": self.item_id, "product_id": self.product_id,
+                "decision": self.decision.value, "reasons": list(self.reasons),
+                "fused": self.fused, "captured_ms": self.captured_ms,
+                "decided_ms": self.decided_ms, "snapshot_id": self.snapshot_id,
+                "late": self.late, "fail_safe": self.fail_safe}
+
+
+def footprint_rect(plane: BeltPlane, centre_mm: tuple[float, float],
+                   box_mm: tuple[float, float, float]) -> tuple[int, int, int, int] | None:
+    """Image rectangle (x0, y0, x1, y1) around an item's belt-frame box; None if not in view."""
+    length, width, height = box_mm
+    cx, cy = centre_mm
+    xs = (cx - length / 2, cx + length / 2)
+    ys = (cy - width / 2, cy + width / 2)
+    corners = np.array([[x, y, z] for x in xs for y in ys for z in (0.0, max(height, 0.0))],
+                       dtype=np.float64)
+    cam = plane.pose.inverse().apply(corners)
+    if (cam[:, 2] <= 1.0).any():
+        return None
+    k = plane.intrinsics
+    u = k.fx * cam[:, 0] / cam[:, 2] + k.cx
+    v = k.fy * cam[:, 1] / cam[:, 2] + k.cy
+    x0, x1 = int(max(0.0, u.min())), int(min(k.width - 1.0, u.max()))
+    y0, y1 = int(max(0.0, v.min())), int(min(k.height - 1.0, v.max()))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return x0, y0, x1, y1
+
+
+class LiveFeed:
+    """Newest frameset and recent verdicts, for the live page."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._lock = threading.Lock()
+        self._frameset: FrameSet | None = None
+        self._framesets = 0
+        self._items: deque[LiveItem] = deque(maxlen=keep)
+        self._cache: dict[str, tuple[tuple[int, int], bytes]] = {}
+
+    def wrap(self, hooks: NodeHooks) -> NodeHooks:
+        """`hooks` with this feed's observers chained after the existing ones."""
+        def chain(first: Callable[[object], None] | None,
+                  second: Callable[[object], None]) -> Callable[[object], None]:
+            if first is None:
+                return second
+
+            def both(value: object) -> None:
+                first(value)
+                second(value)
+            return both
+
+        return NodeHooks(
+            on_decided=chain(hooks.on_decided, self.on_decided),  # type: ignore[arg-type]
+            on_acked=hooks.on_acked,
+            on_frameset=chain(hooks.on_frameset, self.on_frameset))  # type: ignore[arg-type]
+
+    # --- hooks (stage threads): references only ----------------------------------------------
+
+    def on_frameset(self, frameset: FrameSet) -> None:
+        with self._lock:
+            self._frameset = frameset
+            self._framesets += 1
+
+    def on_decided(self, decided: Decided) -> None:
+        r, v = decided.record, decided.verdict
+        item = LiveItem(v.item_id, v.product_id, v.decision, tuple(x.value for x in v.reasons),
+                        v.scores.fused if v.scores is not None else None, r.captured_ms,
+                        v.decided_ms, r.centre_mm, r.box_mm, v.snapshot_id, v.late, v.fail_safe)
+        with self._lock:
+            self._items.append(item)
+
+    # --- request time -----------------------------------------------------------------------
+
+    def framesets_seen(self) -> int:
+        with self._lock:
+            return self._framesets
+
+    def recent(self, n: int) -> list[LiveItem]:
+        """The newest `n` decided items, newest first."""
+        with self._lock:
+            return list(self._items)[-n:][::-1]
+
+    def camera_ids(self) -> list[str]:
+        with self._lock:
+            fs = self._frameset
+        return sorted(fs.frames) if fs is not None else []
+
+    def camera_jpeg(self, camera_id: str, planes: Mapping[str, BeltPlane],
+                    speed_mm_per_ms: float) -> bytes | None:
+        """The newest frame of one camera with the recent items drawn on; None if no frame yet."""
+        with self._lock:
+            fs = self._frameset
+            key = (self._framesets, len(self._items))
+            cached = self._cache.get(camera_id)
+            items = list(self._items)
+        if fs is None or camera_id not in fs.frames:
+            return None
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        frame = fs.frames[camera_id]
+        img = annotate(frame, planes.get(camera_id), items, speed_mm_per_ms)
+        ok, buf = cv2.imencode(".jpg", img, _JPEG)
+        if not ok:
+            return None
+        data = buf.tobytes()
+        with self._lock:
+            self._cache[camera_id] = (key, data)
+        return data
+
+
+def annotate(frame: Frame, plane: BeltPlane | None, items: list[LiveItem],
+             speed_mm_per_ms: float) -> U8Array:
+    """A copy of the frame's colour image with item boxes, IDs and verdict colours."""
+    img: U8Array = frame.color.copy()
+    if plane is not None:
+        for item in items:
+            age = frame.timestamp_ms - item.captured_ms
+            if not -DRAW_FOR_MS < age < DRAW_FOR_MS:
+                continue
+            centre = (item.centre_mm[0] + speed_mm_per_ms * age, item.centre_mm[1])
+            rect = footprint_rect(plane, centre, item.box_mm)
+            if rect is None:
+                continue
+            colour = verdict_bgr(item.decision)
+            x0, y0, x1, y1 = rect
+            cv2.rectangle(img, (x0, y0), (x1, y1), colour, 2)
+            text = ascii_text(f"{item.item_id} {item.decision.value.upper()}", 32)
+            (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+            ty = y0 - 4 if y0 > th + 6 else y1 + th + 4
+            cv2.rectangle(img, (x0, ty - th - 3), (x0 + tw + 4, ty + 3), colour, -1)
+            cv2.putText(img, text, (x0 + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+    stamp = ascii_text(f"{frame.camera_id}  frame {frame.index}  t={frame.timestamp_ms:.0f} ms")
+    cv2.putText(img, stamp, (6, img.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3,
+                cv2.LINE_AA)
+    cv2.putText(img, stamp, (6, img.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return img

@@ -1,0 +1,125 @@
+"""The item inspector on the shipped models: known items, fallbacks, learning, batching."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.catalogue import load_catalogue
+from edge.config import DecisionConfig, ModelsConfig
+from edge.decide import VerdictPolicy
+from edge.infer.golden import GoldenSet
+from edge.infer.models import ItemInspector
+from edge.types import Decision, ItemRecord, Reason
+
+
+def _decide(inspector: ItemInspector, records: list[ItemRecord]) -> list[Decision]:
+    policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
+    return [policy.decide(r, x, 0.0).decision for r, x in zip(records, inspector.infer(records),
+                                                               strict=True)]
+
+
+def _by_label(golden: GoldenSet, label: str) -> list[ItemRecord]:
+    return [r for r, lab in zip(golden.records, golden.labels, strict=True) if lab == label]
+
+
+def test_broken_set_is_caught(inspector: ItemInspector, golden: GoldenSet) -> None:
+    """Multipacks missing a unit are sidelined at the shipped threshold."""
+    broken = _by_label(golden, "broken_set")
+    assert broken
+    assert _decide(inspector, broken) == [Decision.SIDELINE] * len(broken)
+
+
+def test_damage_like_print_is_not_flagged(inspector: ItemInspector, golden: GoldenSet) -> None:
+    """Intact items printed with cracks or stains pass; so do plain intact items."""
+    good = _by_label(golden, "confounder") + _by_label(golden, "none")
+    assert len(good) >= 3
+    assert _decide(inspector, good) == [Decision.PASS] * len(good)
+
+
+def test_each_classifier_damage_type_is_sidelined_and_named(inspector: ItemInspector,
+                                                            golden: GoldenSet) -> None:
+    """Crush, tear, hole, spill, deconstruction items are sidelined; the type scores highest."""
+    for label in ("crush", "tear", "hole", "spill", "deconstruction"):
+        (rec,) = _by_label(golden, label)
+        (inf,) = inspector.infer([rec])
+        assert _decide(inspector, [rec]) == [Decision.SIDELINE], label
+        assert inf.damage > 0.5, label
+
+
+def test_without_depth_classifier_runs_on_rgb_and_geometry_is_skipped(
+        inspector: ItemInspector, golden: GoldenSet) -> None:
+    """Crops without depth still get a damage score; geometry is None; the verdict says so."""
+    rec = _by_label(golden, "hole")[0]
+    crops = {k: dataclasses.replace(c, height_mm=np.zeros_like(c.height_mm), has_depth=False)
+             for k, c in rec.crops.items()}
+    (inf,) = inspector.infer([dataclasses.replace(rec, crops=crops)])
+    assert inf.geometry is None
+    assert inf.damage > 0.5
+    policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
+    assert Reason.NO_DEPTH in policy.decide(rec, inf, 0.0).reasons
+
+
+def test_batched_inference_equals_one_by_one(inspector: ItemInspector,
+                                             golden: GoldenSet) -> None:
+    """Scores do not depend on how items are batched (more items than max_batch)."""
+    records = list(golden.records)
+    together = inspector.infer(records)
+    alone = [inspector.infer([r])[0] for r in records]
+    for a, b in zip(together, alone, strict=True):
+        assert abs(a.fused - b.fused) < 1e-4
+        assert abs(a.damage - b.damage) < 1e-4
+
+
+def test_unknown_product_falls_back_to_classifier(inspector: ItemInspector,
+                                                  golden: GoldenSet) -> None:
+    """A product without references: no anomaly score, verdict says NO_GALLERY."""
+    rec = dataclasses.replace(golden.records[0], product_id="P-NEW")
+    (inf,) = inspector.infer([rec])
+    assert inf.anomaly is None
+    assert inf.anomaly_map is None
+    assert inf.geometry is None
+    policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
+    assert Reason.NO_GALLERY in policy.decide(rec, inf, 0.0).reasons
+
+
+def test_learn_reference_adds_views_that_persist(models_cfg: ModelsConfig,
+                                                 golden: GoldenSet) -> None:
+    """'Packaging changed' feedback: the item's views become references, on disk."""
+    insp = ItemInspector.load(models_cfg, load_catalogue())
+    rec = dataclasses.replace(_by_label(golden, "none")[0], product_id="P-REPACKED")
+    assert insp.infer([rec])[0].anomaly is None
+    insp.learn_reference("P-REPACKED", rec.crops)
+    after = insp.infer([rec])[0]
+    assert after.anomaly is not None
+    assert after.anomaly_raw is not None
+    assert after.anomaly_raw < 0.05  # its own views match themselves
+    files = sorted(p.name for p in (models_cfg.gallery_dir / "P-REPACKED").iterdir())
+    assert files == ["angled.npz", "top.npz"]
+    again = ItemInspector.load(models_cfg, load_catalogue())
+    assert again.gallery.views("P-REPACKED", "top") == 1
+    assert again.gallery.has("P-BOX-S")  # seeded from the shipped references on first start
+
+
+def test_anomaly_map_is_in_crop_coordinates(inspector: ItemInspector, golden: GoldenSet) -> None:
+    """The anomaly map has the crop's size and peaks where a broken set misses its unit."""
+    rec = _by_label(golden, "broken_set")[0]
+    (inf,) = inspector.infer([rec])
+    assert inf.anomaly_map is not None
+    assert inf.anomaly_camera in rec.crops
+    assert inf.anomaly_map.shape == rec.crops[inf.anomaly_camera].mask.shape
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_intra_op_threads_do_not_change_results(golden: GoldenSet, threads: int,
+                                                tmp_path: Path) -> None:
+    """The configured intra-op thread count is honoured without changing scores."""
+    from edge.infer.cli import memory_inspector
+
+    cfg = ModelsConfig(intra_op_threads=threads, gallery_dir=tmp_path)
+    insp = memory_inspector(cfg, None)
+    (inf,) = insp.infer([golden.records[0]])
+    assert abs(inf.fused - golden.expected["fused"][0]) < 1e-3

@@ -1,0 +1,221 @@
+"""The pipelined node end to end, through a real mosquitto and the shipped models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.cameras import open_cameras
+from edge.catalogue import load_catalogue
+from edge.clock import WallClock
+from edge.config import Config, config_to_mapping, load_config
+from edge.controller import ControllerSimulator
+from edge.demo import DemoOptions, run_demo
+from edge.infer.models import ItemInspector
+from edge.node import Node
+from edge.publish.broker import MosquittoBroker
+from edge.publish.topics import Topics
+from edge.sources.synthetic import SyntheticConveyor
+from edge.types import Reason
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _card_recall() -> float:
+    metrics = json.loads((REPO / "engines" / "metrics.json").read_text())
+    return float(metrics["fused"]["recall_at_fpr_0.005"])
+
+
+def _fast_config(tmp_path: Path, broker: MosquittoBroker, **synthetic: float) -> Config:
+    """Defaults with a faster belt and induct rate, so that a test sees many items quickly."""
+    cfg = load_config(None)
+    syn = dataclasses.replace(cfg.synthetic, **synthetic)  # type: ignore[arg-type]
+    return dataclasses.replace(
+        cfg, synthetic=syn,
+        belt=dataclasses.replace(cfg.belt, speed_mps=2.0, induct_to_camera_m=1.0,
+                                 camera_to_divert_m=3.0),
+        mqtt=dataclasses.replace(cfg.mqtt, url=broker.url),
+        storage=dataclasses.replace(cfg.storage, state_dir=tmp_path / "state"),
+        models=dataclasses.replace(cfg.models, gallery_dir=tmp_path / "state" / "gallery"))
+
+
+@pytest.mark.slow
+def test_every_announced_item_gets_exactly_one_actuation_verdict(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """>= 200 announced items: one actuation verdict each; damage sidelined at the card's rate."""
+    cfg = _fast_config(tmp_path, mosquitto, damage_rate=0.12, touching_rate=0.0)
+    opts = DemoOptions(seconds=58.0, items_per_second=4.5, seed=11, broker=mosquitto.url,
+                       quiet=True, summary_json=tmp_path / "summary.json")
+    summary = run_demo(cfg, opts)
+    announced = summary["items_announced"]
+    assert isinstance(announced, int)
+    assert announced >= 200
+    assert summary["actuation_verdicts"] == announced
+    assert summary["deadline_misses"] == 0
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("items_announced", "items_seen", "verdicts_published", "decisions", "reasons",
+                "deadline_misses", "latency_ms", "detection", "node_id", "topic_prefix"):
+        assert key in written
+    detection = summary["detection"]
+    assert isinstance(detection, dict)
+    n = detection["damaged_items"]
+    assert n >= 15
+    card = _card_recall()
+    # Observed recall may fall short of the card's by sampling noise only (3 sigma).
+    slack = 3 * math.sqrt(max(card * (1 - card), 0.02) / n)
+    assert detection["recall"] >= card - slack
+    assert detection["false_positive_rate"] <= 0.05
+
+
+def _node(cfg: Config, clock: WallClock, stall_after_s: float) -> Node:
+    catalogue = load_catalogue()
+    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
+                              start_ms=clock.now_ms() + 200.0)
+    cameras = open_cameras(cfg, clock, world)
+    inspector = ItemInspector.load(cfg.models, catalogue)
+    Path(cfg.storage.state_dir).mkdir(parents=True, exist_ok=True)
+    return Node(cfg, clock, cameras, inspector, catalogue,
+                outbox_path=Path(cfg.storage.state_dir) / "outbox.sqlite",
+                stall_after_s=stall_after_s)
+
+
+def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """A stage stuck in a call is reported stalled; its items still get timeout verdicts."""
+    cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
+    clock = WallClock()
+    node = _node(cfg, clock, stall_after_s=1.0)
+    release = threading.Event()
+    real_infer = node.inspector.infer
+
+    def stuck(records: object) -> object:
+        release.wait(30.0)
+        return real_infer(records)  # type: ignore[arg-type]
+
+    node.inference._infer = stuck  # type: ignore[assignment]
+    world = node.cameras.world
+    assert world is not None
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
+                                     lambda now: world.announcements_until(now - world.start_ms))
+    node.start()
+    try:
+        assert node.publisher.wait_connected(5.0)
+        controller.start()
+        end = time.monotonic() + 20.0
+        while time.monotonic() < end and "inference" not in node.stalled_stages():
+            time.sleep(0.1)
+        assert node.stalled_stages() == ["inference"]
+        assert "STALLED=inference" in node.summary_line()
+        assert node.health()["stalled_stages"] == ["inference"]
+        families = {f.name: f for f in text_string_to_metric_families(
+            node.metrics.exposition().decode())}
+        since = {s.labels["stage"]: s.value
+                 for s in families["cv_stage_seconds_since_progress"].samples}
+        assert since["inference"] > 1.0
+        assert since["sync"] < 1.0
+        # Items keep arriving; the first ones reach their deadline and get fail-safe verdicts.
+        end = time.monotonic() + 8.0
+        while time.monotonic() < end and not any(
+                v.get("fail_safe") for v in controller.received.by_key.values()):
+            time.sleep(0.1)
+        fail_safes = [v for v in controller.received.by_key.values() if v.get("fail_safe")]
+        assert fail_safes
+        assert all(Reason.TIMEOUT.value in v["reasons"] for v in fail_safes)
+        assert all(v["decision"] == cfg.decision.fail_safe for v in fail_safes)
+    finally:
+        release.set()
+        node.stop()
+        controller.stop()
+        node.inspector.close()
+
+
+def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    sock.bind(path)
+    sock.settimeout(0.2)
+    return sock, path
+
+
+def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """`edge-node run` under an emulated systemd: READY after the broker, watchdog pings,
+    and SIGTERM mid-run still gives every announced item a verdict, then `offline`."""
+    start_ms = time.time() * 1000.0 + 4000.0
+    cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0, start_ms=start_ms)
+    cfg_path = tmp_path / "node.yaml"
+    mapping = config_to_mapping(cfg)
+    mapping["logging"]["format"] = "json"
+    cfg_path.write_text(yaml.safe_dump(mapping))
+    sock, sock_path = _notify_socket(tmp_path)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000",
+           "PYTHONUNBUFFERED": "1"}
+    env["WATCHDOG_PID"] = ""
+    clock = WallClock()
+    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, load_catalogue(), start_ms)
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    controller = ControllerSimulator(mosquitto.url, topics, clock,
+                                     lambda now: world.announcements_until(now - start_ms))
+    controller.start()
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    messages: list[tuple[float, str]] = []
+    try:
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end:
+            try:
+                data = sock.recv(4096).decode()
+            except TimeoutError:
+                if proc.poll() is not None:
+                    break
+                continue
+            messages.append((time.monotonic(), data))
+            if sum("WATCHDOG=1" in m for _, m in messages) >= 3 and any(
+                    "READY=1" in m for _, m in messages) and len(controller.announced) >= 12:
+                break
+        ready = [t for t, m in messages if "READY=1" in m]
+        assert ready, (messages, proc.stderr.read().decode()[-3000:] if proc.stderr else "")
+        assert any("WATCHDOG=1" in m for t, m in messages if t > ready[0])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30.0) == 0
+        announced = set(controller.announced)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not announced <= set(controller.actuations()):
+            time.sleep(0.1)
+        while True:  # what the node said while stopping
+            try:
+                messages.append((time.monotonic(), sock.recv(4096).decode()))
+            except (TimeoutError, OSError):
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        controller.stop()
+        sock.close()
+    assert any("STOPPING=1" in m for _, m in messages)
+    status = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(mosquitto.port),
+                             "-t", topics.status, "-C", "1", "-W", "5"],
+                            capture_output=True, text=True, check=True, timeout=10)
+    assert json.loads(status.stdout)["state"] == "offline"
+    assert len(announced) >= 12
+    actuations = controller.actuations()
+    missing = announced - set(actuations)
+    assert not missing, f"items without a verdict after SIGTERM: {sorted(missing)[:5]}"
+    per_item = Counter(str(v["item_id"]) for v in controller.received.by_key.values()
+                       if not v.get("late"))
+    assert all(per_item[i] == 1 for i in announced)
