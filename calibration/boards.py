@@ -134,7 +134,8 @@ def parse_board(spec: str) -> BoardSpec:
         if len(parts) != 5:
             raise BoardSpecError(
                 f"board spec {spec!r}: a ChArUco board is "
-                "charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT (squares, sizes in mm, ArUco dictionary), e.g. charuco:7x5:30:22:DICT_4X4_50"
+                "charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT (squares, sizes in mm, ArUco "
+                "dictionary), e.g. charuco:7x5:30:22:DICT_4X4_50"
             )
         cols, rows = _parse_size(parts[1], spec, "squares")
         if min(cols, rows) < _MIN_CHARUCO or max(cols, rows) > _MAX_SIDE:

@@ -99,6 +99,9 @@ def _add_belt(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--intrinsics", type=Path, metavar="FILE.yaml",
                    help="calibrated intrinsics to use (default: the camera's factory intrinsics)")
     p.add_argument("--frames", type=int, default=10, help="depth frames to combine (median)")
+    p.add_argument("--width", type=int, default=640, help="--camera: stream width")
+    p.add_argument("--height", type=int, default=480, help="--camera: stream height")
+    p.add_argument("--fps", type=int, default=30, help="--camera: frames per second")
     travel = p.add_mutually_exclusive_group()
     travel.add_argument("--travel-markers", type=_ids, metavar="UP,DOWN",
                         help="two ArUco markers on the belt, the upstream one first")

@@ -46,7 +46,8 @@ def _frames(args: argparse.Namespace) -> tuple[StreamInfo, list[RgbdFrame]]:
         raise ValueError("--frames must be at least 1")
     if args.recording is not None:
         return read_recording(args.recording, count=args.frames)
-    return read_camera(args.camera, count=args.frames)  # untested here: no camera in CI
+    return read_camera(args.camera, count=args.frames, width=args.width, height=args.height,
+                       fps=args.fps)  # untested here: no camera in CI
 
 
 def _intrinsics(args: argparse.Namespace, info: StreamInfo, shape: tuple[int, int]) -> tuple[

@@ -59,10 +59,12 @@ def run_check(args: argparse.Namespace) -> int:
         belt = check_belt(cal, depth, scale, th)
         entry: dict[str, object] = {"serial": serial, "belt": belt.as_dict()}
         passed = belt.passed
+        board_reasons: tuple[str, ...] = ()
         if args.board is not None and color is not None:
             board = check_board(cal, color, args.board, max_rms_px=args.max_board_rms)
             entry["board"] = board.as_dict()
             passed = passed and board.passed
+            board_reasons = board.reasons
         entry["passed"] = passed
         all_passed &= passed
         results[cam.id] = entry
@@ -73,11 +75,10 @@ def run_check(args: argparse.Namespace) -> int:
             residual_heatmap(rdir / f"{cam.id}_belt_residuals.png", heights.astype("float32"),
                              limit_mm=max(5.0, 2 * th.max_drift_mm),
                              title=f"{cam.id}: height above the calibrated belt plane")
-        verdict = "PASS" if passed else "FAIL"
-        print(f"{cam.id} ({serial}): {verdict}  drift {belt.drift_mm if belt.drift_mm is None else round(belt.drift_mm, 2)} mm, "  # noqa: E501
-              f"tilt {belt.tilt_deg if belt.tilt_deg is None else round(belt.tilt_deg, 3)} deg, "
-              f"fill {belt.fill_rate:.1%}")
-        for reason in belt.reasons + tuple(entry.get("board", {}).get("reasons", [])):  # type: ignore[attr-defined]
+        shown = belt.as_dict()
+        print(f"{cam.id} ({serial}): {'PASS' if passed else 'FAIL'}  drift {shown['drift_mm']} "
+              f"mm, tilt {shown['tilt_deg']} deg, fill {belt.fill_rate:.1%}")
+        for reason in belt.reasons + board_reasons:
             print(f"  - {reason}")
     write_summary(rdir, {"command": "check", "config": str(args.config), "passed": all_passed,
                          "thresholds": {"max_drift_mm": th.max_drift_mm,

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    # Command groups set `handler` (or `func`, the argparse idiom some groups use).
+    handler: Callable[[argparse.Namespace], int] = getattr(args, "handler", None) or args.func
     try:
         return handler(args)
     except ConfigError as exc:

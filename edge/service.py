@@ -8,6 +8,7 @@ check runs at start and periodically, and its result is in the status.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from edge.clock import Clock, WallClock
 from edge.config import Config
 from edge.node import Node, NodeHooks
 from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
+from edge.update import ReleaseStore, running_release_version
 from edge.types import FrameSet
 
 log = structlog.get_logger(__name__)
@@ -95,7 +97,8 @@ class NodeService:
 
     def run(self, stop: threading.Event, reload: threading.Event) -> int:
         node, monitor = self._build()
-        health_file = HealthFile(health_file_path(Path(self.cfg.storage.state_dir)), __version__)
+        health_file = HealthFile(health_file_path(Path(self.cfg.storage.state_dir)),
+                                 running_release_version(__version__))
         pinger = WatchdogPinger(self.notifier, node.stalled_stages, summary=node.summary_line,
                                 health_file=health_file)
         http = None
@@ -112,6 +115,7 @@ class NodeService:
                 monitor.run()
                 self.notifier.ready(node.summary_line())
                 log.info("node_ready")
+                self._report_last_update(node)
             next_status = 0.0
             while not stop.wait(0.5):
                 if reload.is_set():
@@ -134,6 +138,16 @@ class NodeService:
             health_file.remove()
             node.inspector.close()
         return 0
+
+    @staticmethod
+    def _report_last_update(node: Node) -> None:
+        """A rollback's reason reaches the status topic once the old release runs again."""
+        root = os.environ.get("CONVEYOR_VISION_ROOT")
+        if not root:
+            return
+        event = ReleaseStore(Path(root)).last_event()
+        if event is not None:
+            node.publisher.publish_event("update", event.to_dict())
 
     def _wait_ready(self, node: Node, stop: threading.Event) -> None:
         """Until the broker is connected and every camera has delivered a frame."""

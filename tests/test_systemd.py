@@ -199,7 +199,7 @@ def test_notify_socket_ready_after_broker_and_models_then_watchdog_until_stall(
         time.sleep(0.6)
         pings = [t for t, _ in manager.with_key("WATCHDOG", since=t_ready)]
         assert len(pings) >= 6
-        assert max(np.diff(pings)) < 0.2  # regular: about every 50 ms
+        assert max(np.diff(pings)) < 0.3  # regular: about every 50 ms
         report = read_health(health.path)
         assert report is not None
         assert report.ready

@@ -9,6 +9,7 @@ with their coarse maps). Crops are copied into preallocated batch buffers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class ItemInspector:
         self.gallery = gallery
         self.catalogue = catalogue
         self.cfg = cfg
+        self._lock = threading.RLock()  # inference and run-time learning share the buffers
         self._configure(manifest, embedding, damage)
 
     def _configure(self, manifest: Manifest, embedding: Backend, damage: Backend) -> None:
@@ -128,9 +130,12 @@ class ItemInspector:
         self.expected_fill = {str(k): float(v) for k, v in
                               dict(geo.get("expected_fill") or {}).items()}
         self.geometry_slack = float(geo.get("slack", 0.0))
-        cap = 2 * self.cfg.max_batch
-        self._rgb = np.zeros((cap, 3, self.size, self.size), np.float32)
-        self._depth = np.zeros((cap, 3, self.size, self.size), np.float32)
+        self._allocate(2 * self.cfg.max_batch)
+
+    def _allocate(self, crops: int) -> None:
+        """Preallocated model inputs for `crops` crops (grown if an item has more views)."""
+        self._rgb = np.zeros((crops, 3, self.size, self.size), np.float32)
+        self._depth = np.zeros((crops, 3, self.size, self.size), np.float32)
 
     @classmethod
     def load(cls, cfg: ModelsConfig, catalogue: Catalogue,
@@ -179,7 +184,8 @@ class ItemInspector:
         """Add BGR crops of one camera as references (in every orientation of the long side)."""
         variants = [np.ascontiguousarray(c[::-1 if fy else 1, ::-1 if fx else 1])
                     for c in colors for fx, fy in _VARIANTS]
-        patches, _ = self.embed(variants)
+        with self._lock:
+            patches, _ = self.embed(variants)
         self.gallery.add(product_id, camera_id, patches, views=len(colors))
 
     def learn_reference(self, product_id: str, crops: Mapping[str, ItemCrop]) -> None:
@@ -191,14 +197,17 @@ class ItemInspector:
         """Scores for each record, batching up to `max_batch` items per model call."""
         out: list[ItemInference] = []
         step = self.cfg.max_batch
-        for start in range(0, len(records), step):
-            out.extend(self._infer_chunk(records[start:start + step]))
+        with self._lock:
+            for start in range(0, len(records), step):
+                out.extend(self._infer_chunk(records[start:start + step]))
         return out
 
     def _infer_chunk(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
         views = [(r, cam, crop) for r in records for cam, crop in sorted(r.crops.items())]
         if not views:
             return [self._combine(r, []) for r in records]
+        if len(views) > len(self._depth):
+            self._allocate(len(views))
         patches, trunk = self.embed([crop.color for _, _, crop in views])
         for i, (_, _, crop) in enumerate(views):
             depth_channels(crop, self.size, self.abs_scale_mm, self._depth[i])
@@ -267,7 +276,8 @@ class ItemInspector:
             candidate.close()
             raise ModelRejectedError(report)
         old = (self.embedding, self.damage)
-        self._configure(manifest, candidate.embedding, candidate.damage)
+        with self._lock:
+            self._configure(manifest, candidate.embedding, candidate.damage)
         for backend in old:
             backend.close()
         log.info("models_reloaded", versions=manifest.model_versions(),

@@ -244,7 +244,7 @@ def parse_feedback(raw: bytes, received_ms: float,
         raise InputRejected("unknown_product", f"product {product_id!r} is not in the catalogue",
                             "product_id")
     note = data.get("note")
-    if note is not None and not isinstance(note, str):
+    if "note" in data and not isinstance(note, str):
         raise InputRejected("wrong_type", "note must be a string", "note")
     if note is not None and len(note) > MAX_NOTE_LEN:
         raise InputRejected("bad_value", f"note longer than {MAX_NOTE_LEN} characters", "note")

@@ -184,3 +184,35 @@ def test_belt_bad_input(args: list[str], needle: str, tmp_path: Path,
     err = capsys.readouterr().err
     assert needle in err
     assert "Traceback" not in err
+
+
+unit = st.floats(-1.0, 1.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.tuples(unit, unit, st.floats(-1.0, -0.2)), st.tuples(unit, unit, unit),
+       st.floats(200.0, 3000.0), st.tuples(st.floats(-500, 500), st.floats(-500, 500)))
+def test_belt_pose_is_a_proper_rigid_transform(normal: tuple[float, float, float],
+                                               travel: tuple[float, float, float], height: float,
+                                               origin_xy: tuple[float, float]) -> None:
+    """For any plane and travel direction, the belt pose is a rotation (det +1) whose z axis is
+    the plane normal, whose x axis is the travel projected on the belt, and which puts the origin
+    on the plane and the camera `height` above it."""
+    from hypothesis import assume
+
+    from calibration.belt import belt_pose
+    n = -np.array(normal) / np.linalg.norm(normal)  # towards the camera
+    t = np.array(travel)
+    t_in = t - np.dot(t, n) * n
+    assume(np.linalg.norm(t_in) > 0.1)
+    plane = Plane(n, height)
+    origin = np.array([origin_xy[0], origin_xy[1], 0.0]) - plane.heights(
+        np.array([[origin_xy[0], origin_xy[1], 0.0]]))[0] * n
+    pose = belt_pose(plane, t, origin)
+    R = pose.rotation
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(R) == pytest.approx(1.0)
+    np.testing.assert_allclose(R[2], n, atol=1e-9)
+    assert angle_deg(R[0], t_in) < 1e-4
+    assert pose.apply(origin)[2] == pytest.approx(0.0, abs=1e-6)
+    assert pose.translation_mm[2] == pytest.approx(height, rel=1e-9)

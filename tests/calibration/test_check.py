@@ -155,3 +155,28 @@ def test_check_command_refuses_a_calibration_of_another_camera(
     config = _config(tmp_path, tmp_path / "r.db3", tmp_path / "c1.yaml")
     assert main(["check", "--config", str(config), "--report", str(tmp_path / "r")]) == 2
     assert "for camera OTHER, not C1" in capsys.readouterr().err
+
+
+def test_check_command_on_the_synthetic_conveyor(tmp_path: Path) -> None:
+    """Calibrate both synthetic cameras from recordings of the empty belt, then check the live
+    synthetic conveyor (items running) through the node's own config: both pass."""
+    from edge.catalogue import load_catalogue
+    from edge.config import config_from_mapping
+    from edge.sources.synthetic import SyntheticConveyor
+
+    empty = config_from_mapping({"synthetic": {"items_per_second": 0, "seed": 3}})
+    world = SyntheticConveyor(empty.synthetic, empty.belt, empty.cameras, load_catalogue(), 0.0)
+    cameras = []
+    for cam in world.camera_ids:
+        rec = tmp_path / f"{cam}.db3"
+        write_recording(rec, (world.render(cam, i) for i in range(3)), 30, serial=cam)
+        assert main(["belt", "--recording", str(rec), "--out", str(tmp_path / f"{cam}.yaml"),
+                     "--travel-image", "right"]) == 0
+        cameras.append({"id": cam, "calibration": str(tmp_path / f"{cam}.yaml")})
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"synthetic": {"items_per_second": 6.0, "seed": 3},
+                                      "cameras": cameras}))
+    assert main(["check", "--config", str(config)]) == 0
+    summary = yaml.safe_load((tmp_path / "calibration-check-report" / "summary.yaml").read_text())
+    assert set(summary["cameras"]) == set(world.camera_ids)
+    assert all(c["belt"]["tilt_deg"] < 0.1 for c in summary["cameras"].values())

@@ -80,7 +80,7 @@ def test_other_serial_is_refused(tmp_path: Path) -> None:
 def test_other_resolution_is_refused(tmp_path: Path) -> None:
     """A calibration made at 640x480 is refused for a 1280x720 stream."""
     _calibration().save(tmp_path / "c.yaml")
-    with pytest.raises(CalibrationError, match="calibrated at 640x480.*1280x720"):
+    with pytest.raises(CalibrationError, match=r"calibrated at 640x480.*1280x720"):
         load_camera_calibration(tmp_path / "c.yaml", resolution=(1280, 720))
 
 

@@ -1,4 +1,4 @@
-"""`edge-calibrate intrinsics` on rendered boards with known truth, real photographs and bad input."""
+"""`edge-calibrate intrinsics`: rendered boards with known truth, real photographs, bad input."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def test_refuses_to_save_above_max_rms_unless_forced(chessboard_dir: Path,
 
 
 def test_outlier_view_is_rejected(chessboard_dir: Path, tmp_path: Path) -> None:
-    """A view taken with another lens (a mixed-up file) is dropped as an outlier, the rest calibrate."""
+    """A view taken with another lens (a mixed-up file) is dropped as an outlier; the rest
+    calibrate to the truth."""
     images = tmp_path / "imgs"
     shutil.copytree(chessboard_dir, images)
     other = Intrinsics(640, 480, 450.0, 450.0, 300.0, 250.0, (0.35, 0.0, 0.0, 0.0, 0.0))
@@ -121,7 +122,8 @@ def test_bad_input_gives_a_clear_message(case: str, needle: str, chessboard_dir:
 
 def test_wrong_board_spec_text_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """A malformed --board exits 2 with the expected format."""
-    assert main(["intrinsics", "--images", ".", "--board", "chessboard:9x6", "--out", "x.yaml"]) == 2
+    argv = ["intrinsics", "--images", ".", "--board", "chessboard:9x6", "--out", "x.yaml"]
+    assert main(argv) == 2
     assert "chessboard:COLSxROWS:SQUARE_MM" in capsys.readouterr().err
 
 

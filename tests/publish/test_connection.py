@@ -1,0 +1,132 @@
+"""Broker address, credentials (never from the YAML, never logged), protocol fallback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+from edge.config import MqttConfig
+from edge.publish.broker import free_port
+from edge.publish.connection import BrokerConfigError, load_credentials, parse_url
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from tests.publish.conftest import NodeSide
+
+
+def test_url_parsing() -> None:
+    """mqtt:// and mqtts:// with default ports; credentials in the URL are refused."""
+    assert parse_url("mqtt://127.0.0.1") == parse_url("mqtt://127.0.0.1:1883")
+    assert parse_url("mqtts://broker.local").port == 8883
+    assert parse_url("mqtts://broker.local").tls
+    for bad in ("http://x:1", "mqtt://", "mqtt://u:p@host:1883", "mqtt://h:99999"):
+        with pytest.raises(BrokerConfigError):
+            parse_url(bad)
+
+
+def test_credentials_precedence_file_env_systemd(tmp_path: Path) -> None:
+    """A credentials file wins over the environment, which wins over the systemd credential;
+    with none of them the connection is anonymous."""
+    creds = tmp_path / "creds"
+    creds.write_text("file-user:pa:ss\n")
+    sysd = tmp_path / "credstore"
+    sysd.mkdir()
+    (sysd / "mqtt").write_text("systemd-user:s3cret")
+    env = {"CV_MQTT_USERNAME": "env-user", "CV_MQTT_PASSWORD": "envpw",
+           "CREDENTIALS_DIRECTORY": str(sysd)}
+    got = load_credentials(MqttConfig(credentials_file=creds), env)
+    assert got is not None
+    assert (got.username, got.password) == ("file-user", "pa:ss")
+    got = load_credentials(MqttConfig(), env)
+    assert got is not None
+    assert (got.username, got.password) == ("env-user", "envpw")
+    got = load_credentials(MqttConfig(), {"CREDENTIALS_DIRECTORY": str(sysd)})
+    assert got is not None
+    assert (got.username, got.password, got.source) == (
+        "systemd-user", "s3cret", "systemd credential 'mqtt'")
+    assert load_credentials(MqttConfig(), {}) is None
+
+
+def test_password_never_shows_in_repr(tmp_path: Path) -> None:
+    """Credentials print as *** wherever they are logged or shown."""
+    creds = tmp_path / "c"
+    creds.write_text("user:hunter2")
+    got = load_credentials(MqttConfig(credentials_file=creds), {})
+    assert "hunter2" not in repr(got)
+    assert "hunter2" not in str(got)
+
+
+def test_malformed_credentials_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A credentials file without 'user:password' names the problem, not the content."""
+    creds = tmp_path / "c"
+    creds.write_text("just-a-password-XYZZY")
+    with pytest.raises(BrokerConfigError, match="username:password") as err:
+        load_credentials(MqttConfig(credentials_file=creds), {})
+    assert "XYZZY" not in str(err.value)
+
+
+@pytest.fixture
+def mqtt311_only_broker() -> Iterator[tuple[int, list[int]]]:
+    """A fake MQTT 3.1.1-only broker: refuses a v5 CONNECT the way old brokers do (CONNACK
+    return code 1) and accepts a 3.1.1 one. Yields its port and the protocol levels seen."""
+    port = free_port()
+    levels: list[int] = []
+    server = socket.create_server(("127.0.0.1", port))
+    server.settimeout(0.2)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            data = conn.recv(4096)
+            # fixed header byte, remaining length (a varint), "\0\4MQTT", protocol level
+            pos = 1
+            while data[pos] & 0x80:
+                pos += 1
+            level = data[pos + 7]
+            levels.append(level)
+            conn.sendall(b"\x20\x02\x00" + (b"\x01" if level == 5 else b"\x00"))
+            if level == 5:
+                conn.close()
+
+    thread = threading.Thread(target=serve, name="fake-broker", daemon=True)
+    thread.start()
+    yield port, levels
+    stop.set()
+    thread.join(2)
+    for c in conns:
+        c.close()
+    server.close()
+
+
+def test_falls_back_to_mqtt311_when_broker_refuses_v5(
+        mqtt311_only_broker: tuple[int, list[int]],
+        node_factory: Callable[..., NodeSide]) -> None:
+    """With protocol 'auto' a broker that refuses MQTT 5 gets a 3.1.1 connection instead."""
+    port, levels = mqtt311_only_broker
+    node = node_factory(f"mqtt://127.0.0.1:{port}")
+    assert node.publisher.connected
+    assert node.publisher.metrics().protocol == "3.1.1"
+    assert levels[:2] == [5, 4]
+
+
+def test_no_fallback_when_v5_is_required(
+        mqtt311_only_broker: tuple[int, list[int]],
+        node_factory: Callable[..., NodeSide]) -> None:
+    """With protocol '5' the refusal stands: not connected, and the reason is reported."""
+    port, _ = mqtt311_only_broker
+    node = node_factory(f"mqtt://127.0.0.1:{port}",
+                        mqtt=MqttConfig(url=f"mqtt://127.0.0.1:{port}", protocol="5"),
+                        connect=False)
+    assert not node.publisher.wait_connected(0.5)
+    assert "Unsupported protocol version" in (node.publisher.last_error or "")

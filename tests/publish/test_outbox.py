@@ -1,0 +1,116 @@
+"""The durable outbox: sequence numbers, pending rows across restarts, the size bound."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING
+
+import pytest
+
+from edge.publish.outbox import Outbox
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _append(box: Outbox, item: str, *, deadline_ms: float = 10_000.0,
+            now_ms: float = 0.0) -> int:
+    return box.append(item_id=item, topic="t/verdict", deadline_ms=deadline_ms,
+                      captured_ms=None, decided_ms=now_ms, published_ms=now_ms, now_ms=now_ms,
+                      render=lambda seq: f'{{"seq":{seq},"item":"{item}"}}'.encode()).seq
+
+
+def test_rows_are_durable_in_wal_mode_and_pending_until_acked(tmp_path: Path) -> None:
+    """Rows are committed in WAL mode before append returns; unacknowledged rows come back,
+    in seq order with identical bytes, after the store is reopened (a restart)."""
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    seqs = [_append(box, f"i{i}") for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    box.mark_acked(2, 50.0)
+    box.mark_acked(4, 60.0)
+    # A second connection (another process) sees the committed rows.
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 5
+    del box  # abandoned, never closed: like a SIGKILL
+    again = Outbox(path)
+    pending = again.pending()
+    assert [r.seq for r in pending] == [1, 3, 5]
+    assert pending[0].payload == b'{"seq":1,"item":"i0"}'
+    assert again.unacked == 3
+    assert [r.seq for r in again.pending(exclude={3})] == [1, 5]
+
+
+def test_sequence_numbers_survive_restart_and_pruning(tmp_path: Path) -> None:
+    """The next seq is persisted: it continues after a reopen even when every row that held
+    the highest seq was pruned, so a (node_id, seq) key is never reused."""
+    path = tmp_path / "o.db"
+    box = Outbox(path, max_rows=10)
+    for i in range(25):
+        seq = _append(box, f"i{i}")
+        box.mark_acked(seq, 1.0)
+    box.close()
+    again = Outbox(path, max_rows=10)
+    assert _append(again, "next") == 26
+    assert again.stats().rows <= 10
+
+
+def test_acked_mark_is_idempotent(tmp_path: Path) -> None:
+    """A second PUBACK for the same seq changes nothing and returns None."""
+    box = Outbox(tmp_path / "o.db")
+    seq = _append(box, "a")
+    row = box.mark_acked(seq, 5.0)
+    assert row is not None
+    assert row.item_id == "a"
+    assert box.mark_acked(seq, 6.0) is None
+    assert box.unacked == 0
+
+
+def test_bound_prunes_acked_rows_first(tmp_path: Path) -> None:
+    """When full, acknowledged rows go first and no unacknowledged row is lost."""
+    box = Outbox(tmp_path / "o.db", max_rows=10)
+    for i in range(8):
+        box.mark_acked(_append(box, f"acked{i}"), 1.0)
+    keep = [_append(box, f"open{i}") for i in range(2)]
+    for i in range(5):
+        keep.append(_append(box, f"more{i}"))
+    stats = box.stats()
+    assert stats.rows <= 10
+    assert [r.seq for r in box.pending()] == keep
+    assert (stats.dropped_expired, stats.dropped_actionable) == (0, 0)
+
+
+def test_bound_drops_oldest_expired_unacked_then_actionable(tmp_path: Path) -> None:
+    """Full of unacknowledged rows: the oldest whose deadline passed are dropped and counted;
+    only when none has expired are actionable rows dropped (counted separately)."""
+    box = Outbox(tmp_path / "o.db", max_rows=10)
+    for i in range(5):
+        _append(box, f"old{i}", deadline_ms=100.0)
+    for i in range(5):
+        _append(box, f"live{i}", deadline_ms=10_000.0)
+    _append(box, "new", deadline_ms=10_000.0, now_ms=500.0)
+    assert box.stats().dropped_expired == 1
+    assert box.pending()[0].item_id == "old1"
+    for i in range(4):
+        _append(box, f"n{i}", deadline_ms=10_000.0, now_ms=500.0)
+    assert box.stats().dropped_expired == 5
+    _append(box, "overflow", deadline_ms=10_000.0, now_ms=500.0)
+    stats = box.stats()
+    assert stats.dropped_actionable == 1
+    assert stats.rows == 10
+    assert box.pending()[-1].item_id == "overflow"
+
+
+def test_render_failure_rolls_back(tmp_path: Path) -> None:
+    """If the payload cannot be rendered nothing is stored and the seq is not consumed."""
+    box = Outbox(tmp_path / "o.db")
+
+    def broken(_seq: int) -> bytes:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        box.append(item_id="x", topic="t", deadline_ms=1.0, captured_ms=None, decided_ms=0.0,
+                   published_ms=0.0, now_ms=0.0, render=broken)
+    assert _append(box, "y") == 1
+    assert box.stats().rows == 1
