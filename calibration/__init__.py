@@ -5,7 +5,7 @@ The node uses three things from here: `CameraCalibration` and
 function comparing a depth frame with the calibrated belt plane).
 """
 
-from calibration.check import BeltCheckResult, BeltCheckThresholds, check_belt
+from calibration.check import BeltChecker, BeltCheckResult, BeltCheckThresholds, check_belt
 from calibration.files import (
     CalibrationError,
     CameraCalibration,
@@ -17,6 +17,7 @@ from calibration.files import (
 __all__ = [
     "BeltCheckResult",
     "BeltCheckThresholds",
+    "BeltChecker",
     "CalibrationError",
     "CameraCalibration",
     "InspectionRegion",

@@ -236,9 +236,10 @@ def angle_deg(a: FloatArray, b: FloatArray) -> float:
     return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
-def region_mask(pose: Pose, region: InspectionRegion, intr: Intrinsics) -> BoolArray:
+def region_mask(pose: Pose, region: InspectionRegion, intr: Intrinsics,
+                rays: FloatArray | None = None) -> BoolArray:
     """Pixels whose rays meet the stored belt plane inside the inspection region."""
-    rays = pixel_rays(intr)
+    rays = pixel_rays(intr) if rays is None else rays
     d = rays @ pose.rotation.T
     c = pose.translation_mm
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -131,42 +131,46 @@ def parse_board(spec: str) -> BoardSpec:
             )
         return BoardSpec("chessboard", cols, rows, _parse_mm(parts[2], spec, "square size"))
     if kind == "charuco":
-        if len(parts) != 5:
-            raise BoardSpecError(
-                f"board spec {spec!r}: a ChArUco board is "
-                "charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT (squares, sizes in mm, ArUco "
-                "dictionary), e.g. charuco:7x5:30:22:DICT_4X4_50"
-            )
-        cols, rows = _parse_size(parts[1], spec, "squares")
-        if min(cols, rows) < _MIN_CHARUCO or max(cols, rows) > _MAX_SIDE:
-            raise BoardSpecError(
-                f"board spec {spec!r}: a ChArUco board needs 3..{_MAX_SIDE} squares per side"
-            )
-        square = _parse_mm(parts[2], spec, "square size")
-        marker = _parse_mm(parts[3], spec, "marker size")
-        if marker >= square:
-            raise BoardSpecError(
-                f"board spec {spec!r}: the marker ({_fmt(marker)} mm) must be smaller than the "
-                f"square ({_fmt(square)} mm)"
-            )
-        name = parts[4].upper()
-        if not name.startswith("DICT_"):
-            name = "DICT_" + name
-        known = aruco_dictionary_names()
-        if name not in known:
-            raise BoardSpecError(
-                f"board spec {spec!r}: unknown ArUco dictionary {parts[4]!r}; one of: "
-                + ", ".join(known)
-            )
-        needed = (cols * rows) // 2
-        size = int(re.sub(r"^.*_(\d+)$", r"\1", name)) if re.search(r"_\d+$", name) else None
-        if size is not None and "X" in name and size < needed:
-            raise BoardSpecError(
-                f"board spec {spec!r}: {name} has {size} markers but the board needs {needed}; "
-                "use a larger dictionary"
-            )
-        return BoardSpec("charuco", cols, rows, square, marker, name)
+        return _parse_charuco(spec, parts)
     raise BoardSpecError(
         f"board spec {spec!r}: unknown board kind {parts[0]!r}; use chessboard:COLSxROWS:SQUARE_MM "
         "or charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT"
     )
+
+
+def _parse_charuco(spec: str, parts: list[str]) -> BoardSpec:
+    if len(parts) != 5:
+        raise BoardSpecError(
+            f"board spec {spec!r}: a ChArUco board is "
+            "charuco:COLSxROWS:SQUARE_MM:MARKER_MM:DICT (squares, sizes in mm, ArUco "
+            "dictionary), e.g. charuco:7x5:30:22:DICT_4X4_50"
+        )
+    cols, rows = _parse_size(parts[1], spec, "squares")
+    if min(cols, rows) < _MIN_CHARUCO or max(cols, rows) > _MAX_SIDE:
+        raise BoardSpecError(
+            f"board spec {spec!r}: a ChArUco board needs 3..{_MAX_SIDE} squares per side"
+        )
+    square = _parse_mm(parts[2], spec, "square size")
+    marker = _parse_mm(parts[3], spec, "marker size")
+    if marker >= square:
+        raise BoardSpecError(
+            f"board spec {spec!r}: the marker ({_fmt(marker)} mm) must be smaller than the "
+            f"square ({_fmt(square)} mm)"
+        )
+    name = parts[4].upper()
+    if not name.startswith("DICT_"):
+        name = "DICT_" + name
+    known = aruco_dictionary_names()
+    if name not in known:
+        raise BoardSpecError(
+            f"board spec {spec!r}: unknown ArUco dictionary {parts[4]!r}; one of: "
+            + ", ".join(known)
+        )
+    needed = (cols * rows) // 2
+    size = int(re.sub(r"^.*_(\d+)$", r"\1", name)) if re.search(r"_\d+$", name) else None
+    if size is not None and "X" in name and size < needed:
+        raise BoardSpecError(
+            f"board spec {spec!r}: {name} has {size} markers but the board needs {needed}; "
+            "use a larger dictionary"
+        )
+    return BoardSpec("charuco", cols, rows, square, marker, name)

@@ -82,6 +82,8 @@ def _add_intrinsics(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--factory-from", type=Path, metavar="FILE.db3",
                    help="RealSense recording whose colour stream holds the factory intrinsics")
     p.add_argument("--views", type=int, default=20, help="--camera: views to collect at most")
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="--camera: stop collecting after this long")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--report", type=Path, help="report folder (default: OUT's name + -report)")

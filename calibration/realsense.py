@@ -1,15 +1,16 @@
 """RealSense input for the calibration commands: recordings (.db3/.bag) and live cameras.
 
 pyrealsense2 is imported only when one of these functions runs. Recordings
-are played back through the SDK (`enable_device_from_file`, not real time),
-so what is tested here with `.db3` files is the same code path a camera's
-stream takes; the live-camera functions (`--camera SERIAL`) could not be run
-in this project's CI, which has no camera: they are untested here.
+are played back by the SDK through the node's own `RealSenseSource` (not real
+time, depth aligned to colour), so the calibration sees a file exactly as the
+node does. The live-camera functions (`--camera SERIAL`, an `rs.pipeline` by
+serial) could not be run in this project's CI, which has no camera: they are
+untested here beyond "camera not connected" errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,54 +74,82 @@ def _to_arrays(rs: Any, frames: Any, align: Any | None) -> RgbdFrame:
 
 
 @contextmanager
-def _pipeline(rs: Any, config: Any, what: str, playback: bool) -> Iterator[tuple[Any, Any]]:
+def _pipeline(rs: Any, config: Any, what: str) -> Iterator[tuple[Any, Any]]:
     pipe = rs.pipeline()
     try:
         profile = pipe.start(config)
     except RuntimeError as exc:
         raise SourceError(f"{what}: cannot open it ({exc})") from None
     try:
-        if playback:
-            profile.get_device().as_playback().set_real_time(False)
         yield pipe, profile
     finally:
         pipe.stop()
 
 
-def _needs_align(info: StreamInfo) -> bool:
-    return (info.color_intrinsics is not None and info.depth_intrinsics is not None
-            and info.color_intrinsics != info.depth_intrinsics)
+def _require_device(rs: Any, serial: str) -> None:
+    """Fail at once (the pipeline would wait 15 s) when no connected camera has this serial."""
+    serials = [d.get_info(rs.camera_info.serial_number) for d in rs.context().query_devices()]
+    if serial not in serials:
+        found = ", ".join(serials) if serials else "none"
+        raise SourceError(f"camera {serial}: cannot open it (not connected; connected RealSense "
+                          f"serials: {found}); check the USB cable and the serial number")
+
+
+def recording_info(path: Path) -> StreamInfo:
+    """Serial, factory intrinsics and depth scale stored in a recording (no frames are read)."""
+    if not Path(path).is_file():
+        raise SourceError(f"--recording {path}: no such file")
+    rs = import_realsense()
+    try:
+        device = rs.context().load_device(str(path))
+    except RuntimeError as exc:
+        raise SourceError(f"recording {path} cannot be opened (corrupt or not a RealSense "
+                          f"recording): {exc}") from None
+    color = depth = None
+    scale = 0.001
+    for sensor in device.query_sensors():
+        for profile in sensor.get_stream_profiles():
+            vsp = profile.as_video_stream_profile()
+            if profile.stream_type() == rs.stream.color and color is None:
+                color = _intrinsics(vsp.get_intrinsics())
+            elif profile.stream_type() == rs.stream.depth and depth is None:
+                depth = _intrinsics(vsp.get_intrinsics())
+                scale = float(f"{sensor.as_depth_sensor().get_depth_scale():.7g}")
+    return StreamInfo(str(device.get_info(rs.camera_info.serial_number)), color, depth, scale)
 
 
 def read_recording(path: Path, count: int = 5, *, timeout_s: float = 5.0) -> tuple[
         StreamInfo, list[RgbdFrame]]:
-    """Up to `count` frames of a recording, depth aligned to colour, and its stream info."""
-    if not Path(path).is_file():
-        raise SourceError(f"--recording {path}: no such file")
-    rs = import_realsense()
-    config = rs.config()
-    config.enable_device_from_file(str(path), repeat_playback=False)
+    """Up to `count` frames of a recording, depth aligned to colour, and its stream info.
+
+    Playback goes through the node's own `RealSenseSource` (not real time, so
+    no frame is dropped), exactly as the node would see the file.
+    """
+    from edge.sources import EndOfStream
+    from edge.sources.realsense import RealSenseSource
+
+    info = recording_info(path)
+    if info.color_intrinsics is None or info.depth_intrinsics is None:
+        raise SourceError(f"recording {path}: needs a depth and a colour stream (record both)")
+    source = RealSenseSource("edge-calibrate", recording=Path(path), realtime=False,
+                             width=info.color_intrinsics.width,
+                             height=info.color_intrinsics.height)
     frames: list[RgbdFrame] = []
-    with _pipeline(rs, config, f"recording {path}", playback=True) as (pipe, profile):
-        info = _info(rs, profile)
-        align = rs.align(rs.stream.color) if _needs_align(info) else None
-        playback = profile.get_device().as_playback()
+    source.start()
+    try:
         while len(frames) < count:
-            if frames and playback.current_status() == rs.playback_status.stopped:
-                break  # the end of the file
-            ok, fs = pipe.try_wait_for_frames(int(timeout_s * 1000 if not frames else 1000))
-            if not ok:
+            try:
+                frame = source.read(timeout_s)
+            except EndOfStream:
                 break
-            frames.append(_to_arrays(rs, fs, align))
+            if frame is None:
+                break
+            frames.append(RgbdFrame(frame.color, frame.depth))
+    finally:
+        source.stop()
     if not frames:
         raise SourceError(f"recording {path}: no frames in it")
     return info, frames
-
-
-def recording_info(path: Path) -> StreamInfo:
-    """Serial, factory intrinsics and depth scale stored in a recording."""
-    info, _ = read_recording(path, count=1)
-    return info
 
 
 def read_camera(serial: str, count: int = 5, *, width: int = 640, height: int = 480,
@@ -128,6 +157,7 @@ def read_camera(serial: str, count: int = 5, *, width: int = 640, height: int = 
                 warmup: int = 15) -> tuple[StreamInfo, list[RgbdFrame]]:
     """Frames from a live RealSense (untested here: no camera in CI)."""
     rs = import_realsense()
+    _require_device(rs, serial)
     config = rs.config()
     config.enable_device(serial)
     if color:
@@ -135,7 +165,7 @@ def read_camera(serial: str, count: int = 5, *, width: int = 640, height: int = 
     if depth:
         config.enable_stream(rs.stream.depth, width, height, rs.format.z16, fps)
     frames: list[RgbdFrame] = []
-    with _pipeline(rs, config, f"camera {serial}", playback=False) as (pipe, profile):
+    with _pipeline(rs, config, f"camera {serial}") as (pipe, profile):
         info = _info(rs, profile)
         align = rs.align(rs.stream.color) if color and depth else None
         for _ in range(warmup):  # auto-exposure settles
@@ -146,13 +176,14 @@ def read_camera(serial: str, count: int = 5, *, width: int = 640, height: int = 
 
 
 def camera_frames(serial: str, *, width: int = 640, height: int = 480,
-                  fps: int = 30) -> Iterator[tuple[StreamInfo, U8Array]]:
+                  fps: int = 30) -> Generator[tuple[StreamInfo, U8Array], None, None]:
     """Colour frames from a live camera until the caller stops iterating (untested here)."""
     rs = import_realsense()
+    _require_device(rs, serial)
     config = rs.config()
     config.enable_device(serial)
     config.enable_stream(rs.stream.color, width, height, rs.format.bgr8, fps)
-    with _pipeline(rs, config, f"camera {serial}", playback=False) as (pipe, profile):
+    with _pipeline(rs, config, f"camera {serial}") as (pipe, profile):
         info = _info(rs, profile)
         while True:
             frame = _to_arrays(rs, pipe.wait_for_frames(5000), None)

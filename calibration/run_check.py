@@ -1,4 +1,9 @@
-"""`edge-calibrate check --config FILE`: every calibrated camera of the node, pass or fail."""
+"""`edge-calibrate check --config FILE`: every calibrated camera of the node, pass or fail.
+
+One current frame per camera: from the camera (`source: realsense`; untested
+here, no camera), from the start of its recording (`source: recording`) or
+frame 0 of the synthetic conveyor (`source: synthetic`).
+"""
 
 from __future__ import annotations
 

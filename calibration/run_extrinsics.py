@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import yaml
 
-from calibration.extrinsics import camera_to_camera, pose_b_in_belt
+from calibration.extrinsics import ExtrinsicsResult, camera_to_camera, pose_b_in_belt
 from calibration.files import CameraCalibration, load_camera_calibration
 from calibration.intrinsics import CalibrationInputError, detect_board, find_images
 from calibration.report import corners_sheet, write_summary
@@ -31,32 +31,25 @@ def _pose_dict(pose: Pose) -> dict[str, object]:
             "translation_mm": pose.translation_mm.round(4).tolist()}
 
 
-def run_extrinsics(args: argparse.Namespace) -> int:
-    from calibration.cli import Refused, report_dir
-
-    path_a, path_b = args.calibrations
-    cal_a = load_camera_calibration(path_a)
-    cal_b = load_camera_calibration(path_b)
-    images_a, images_b = _load(args.images[0]), _load(args.images[1])
-    for cal, imgs, which in ((cal_a, images_a, "A"), (cal_b, images_b, "B")):
+def _check_sizes(pairs: tuple[tuple[CameraCalibration, list[tuple[str, U8Array]], str], ...]
+                 ) -> None:
+    for cal, imgs, which in pairs:
         h, w = imgs[0][1].shape
         if (w, h) != (cal.intrinsics.width, cal.intrinsics.height):
             raise CalibrationInputError(
                 f"camera {which} images are {w}x{h} but its calibration is for "
                 f"{cal.intrinsics.width}x{cal.intrinsics.height}")
-    result = camera_to_camera(images_a, images_b, args.board, cal_a, cal_b)
-    rdir = report_dir(args, args.out.with_name(args.out.stem + "-report"))
-    rdir.mkdir(parents=True, exist_ok=True)
-    for which, imgs in (("a", images_a), ("b", images_b)):
-        corners_sheet(rdir / f"corners_{which}.png", [g for _, g in imgs],
-                      [detect_board(g, args.board, n) for n, g in imgs], [n for n, _ in imgs])
+
+
+def _summary(args: argparse.Namespace, cal_a: CameraCalibration, cal_b: CameraCalibration,
+             result: ExtrinsicsResult) -> dict[str, object]:
     problems = []
     dt, dr = result.belt_translation_diff_mm, result.belt_rotation_diff_deg
     if dt is not None and dr is not None and (dt > args.max_diff_mm or dr > args.max_diff_deg):
         problems.append(
             f"the belt poses imply a camera-to-camera pose {dt:.1f} mm / {dr:.2f} deg from the "
             "board's: re-run edge-calibrate belt for both cameras (or use --update-b)")
-    summary = {
+    return {
         "command": "extrinsics", "camera_a": cal_a.serial, "camera_b": cal_b.serial,
         "board": str(args.board), "pose_b_from_a": _pose_dict(result.pose_b_from_a),
         "pairs": [{"images": p.name, "used": p.pose_b_from_a is not None,
@@ -64,11 +57,26 @@ def run_extrinsics(args: argparse.Namespace) -> int:
                   for p in result.pairs],
         "spread_translation_mm": round(result.spread_translation_mm, 3),
         "spread_rotation_deg": round(result.spread_rotation_deg, 4),
-        "belt_consistency": None if result.belt_translation_diff_mm is None else {
-            "translation_mm": round(result.belt_translation_diff_mm, 3),
-            "rotation_deg": round(result.belt_rotation_diff_deg or 0.0, 4)},
+        "belt_consistency": None if dt is None else {
+            "translation_mm": round(dt, 3), "rotation_deg": round(dr or 0.0, 4)},
         "problems": problems,
     }
+
+
+def run_extrinsics(args: argparse.Namespace) -> int:
+    from calibration.cli import Refused, report_dir
+
+    path_a, path_b = args.calibrations
+    cal_a, cal_b = load_camera_calibration(path_a), load_camera_calibration(path_b)
+    images_a, images_b = _load(args.images[0]), _load(args.images[1])
+    _check_sizes(((cal_a, images_a, "A"), (cal_b, images_b, "B")))
+    result = camera_to_camera(images_a, images_b, args.board, cal_a, cal_b)
+    rdir = report_dir(args, args.out.with_name(args.out.stem + "-report"))
+    rdir.mkdir(parents=True, exist_ok=True)
+    for which, imgs in (("a", images_a), ("b", images_b)):
+        corners_sheet(rdir / f"corners_{which}.png", [g for _, g in imgs],
+                      [detect_board(g, args.board, n) for n, g in imgs], [n for n, _ in imgs])
+    summary = _summary(args, cal_a, cal_b, result)
     write_summary(rdir, summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(yaml.safe_dump({
@@ -85,13 +93,12 @@ def run_extrinsics(args: argparse.Namespace) -> int:
     if summary["belt_consistency"] is not None:
         print(f"consistency with the belt poses: {summary['belt_consistency']}")
     print(f"saved {args.out}; report: {rdir}")
-    if args.update_b:
-        new_b: CameraCalibration = cal_b.replace(
-            pose=pose_b_in_belt(cal_a, result.pose_b_from_a),
-            region=cal_b.region or cal_a.region)
-        new_b.save(path_b)
-        print(f"updated the belt pose of camera {cal_b.serial} in {path_b}")
+    if args.update_b:  # B joins A's belt frame, so it shares A's inspection region
+        cal_b.replace(pose=pose_b_in_belt(cal_a, result.pose_b_from_a),
+                      region=cal_a.region).save(path_b)
+        print(f"updated the belt pose of camera {cal_b.serial} in {path_b} (A's belt frame)")
         return 0
-    if problems:
-        raise Refused(problems[0])
+    problems = summary["problems"]
+    if isinstance(problems, list) and problems:
+        raise Refused(str(problems[0]))
     return 0

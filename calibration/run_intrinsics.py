@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from calibration.boards import BoardSpec
-from calibration.files import CameraCalibration, Quality
+from calibration.files import (
+    CalibrationError,
+    CameraCalibration,
+    Quality,
+    load_camera_calibration,
+)
 from calibration.intrinsics import (
-    COVERAGE_RANGES,
     CalibrationInputError,
     Detection,
     IntrinsicsResult,
     calibrate,
+    coverage,
     detect_board,
     find_images,
     view_coverage_params,
@@ -96,7 +103,12 @@ def _count_hint(spec: BoardSpec) -> str:
 
 def _live_views(args: argparse.Namespace, spec: BoardSpec) -> tuple[
         list[Detection], list[U8Array], str, Intrinsics | None]:
-    """Guided capture from a live RealSense (untested here: no camera in CI)."""
+    """Guided capture from a live RealSense (untested here: no camera in CI).
+
+    A frame becomes a view when the whole board is found, sharp, and its
+    (x, y, size, skew) differ from every view so far; progress per parameter
+    is printed after each view until all are covered or --views are taken.
+    """
     from calibration.realsense import camera_frames
 
     dets: list[Detection] = []
@@ -105,26 +117,31 @@ def _live_views(args: argparse.Namespace, spec: BoardSpec) -> tuple[
     serial, factory = str(args.camera), None
     _say(f"move the board through the view: all of it, near and far, tilted; "
          f"collecting up to {args.views} views (Ctrl-C to stop early)")
+    deadline = time.monotonic() + args.max_seconds
+    stream = camera_frames(args.camera, width=args.width, height=args.height)
     try:
-        for info, color in camera_frames(args.camera, width=args.width, height=args.height):
-            serial, factory = info.serial, info.color_intrinsics
-            gray = np.asarray(cv2.cvtColor(color, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
-            det = detect_board(gray, spec, f"view{len(dets) + 1:02d}")
-            if det is None or (det.sharpness_px or 0.0) > args.max_edge_width:
-                continue
-            p = view_coverage_params(det)
-            if params and min(sum(abs(a - b) for a, b in zip(p, q, strict=True))
-                              for q in params) < 0.2:
-                continue  # too like a view we have
-            params.append(p)
-            dets.append(det)
-            images.append(gray)
-            spans = np.ptp(np.array(params), axis=0) / np.array(list(COVERAGE_RANGES.values()))
-            bars = "  ".join(f"{k} {'#' * int(10 * min(1.0, s)):<10}"
-                             for k, s in zip(COVERAGE_RANGES, spans, strict=True))
-            _say(f"view {len(dets)}/{args.views}  {bars}")
-            if len(dets) >= args.views or (len(dets) >= args.min_views and min(spans) >= 1.0):
-                break
+        with closing(stream):
+            for info, color in stream:
+                serial, factory = info.serial, info.color_intrinsics
+                if time.monotonic() > deadline:
+                    _say(f"{args.max_seconds:g} s are up: calibrating with {len(dets)} views")
+                    break
+                gray = np.asarray(cv2.cvtColor(color, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
+                det = detect_board(gray, spec, f"view{len(dets) + 1:02d}")
+                if det is None or (det.sharpness_px or 0.0) > args.max_edge_width:
+                    continue
+                p = view_coverage_params(det)
+                if any(sum(abs(a - b) for a, b in zip(p, q, strict=True)) < 0.2 for q in params):
+                    continue  # too like a view we have
+                params.append(p)
+                dets.append(det)
+                images.append(gray)
+                progress = coverage(dets)
+                _say(f"view {len(dets)}/{args.views}  " + "  ".join(
+                    f"{k} [{'#' * round(10 * v):<10}]" for k, v in progress.items()))
+                if len(dets) >= args.views or (len(dets) >= args.min_views
+                                               and min(progress.values()) >= 1.0):
+                    break
     except KeyboardInterrupt:
         _say("stopped: calibrating with the views collected so far")
     return dets, images, serial, factory
@@ -176,6 +193,10 @@ def run_intrinsics(args: argparse.Namespace) -> int:
                                         "--factory-from FILE.db3 or use --camera SERIAL")
         summary["factory_difference"] = model_difference(result.intrinsics, factory)
     rdir.mkdir(parents=True, exist_ok=True)
+    per_view = {v.name: v for v in result.views}
+    labels = [f"{lab}: {per_view[lab].rms_px:.2f} px"
+              + ("" if per_view[lab].used else " (outlier)") if lab in per_view else lab
+              for lab in labels]
     corners_sheet(rdir / "corners.png", images, all_dets, labels)
     reprojection_vectors(rdir / "reprojection_errors.png", dets[0].image_size, result.views,
                          dets, result.rms_px)
@@ -187,10 +208,29 @@ def run_intrinsics(args: argparse.Namespace) -> int:
         raise Refused(f"RMS reprojection error {result.rms_px:.3f} px is above --max-rms "
                       f"{args.max_rms:g} px: not saved (see {rdir}/reprojection_errors.png; "
                       "retake blurred or badly lit views, or --force)")
-    CameraCalibration(serial=str(serial), intrinsics=result.intrinsics,
-                      quality=Quality(rms_reprojection_px=round(result.rms_px, 4))).save(out)
-    print(f"saved {out}")
+    _save(out, str(serial), result)
     return 0
+
+
+def _save(out: Path, serial: str, result: IntrinsicsResult) -> None:
+    """Write the calibration; a belt pose already in `out` for this camera is kept."""
+    cal = CameraCalibration(serial=serial, intrinsics=result.intrinsics,
+                            quality=Quality(rms_reprojection_px=round(result.rms_px, 4)))
+    if out.exists():
+        try:
+            old = load_camera_calibration(out, serial=serial, resolution=(
+                result.intrinsics.width, result.intrinsics.height))
+        except CalibrationError:
+            old = None
+        if old is not None and old.pose is not None:
+            cal = cal.replace(pose=old.pose, region=old.region, depth_scale_m=old.depth_scale_m,
+                              quality=Quality(round(result.rms_px, 4),
+                                              old.quality.belt_residual_rms_mm,
+                                              old.quality.fill_rate))
+            print("kept the belt pose already in the file; re-run edge-calibrate belt "
+                  "--intrinsics with this file to refine it with the new intrinsics")
+    cal.save(out)
+    print(f"saved {out}")
 
 
 def _summary(spec: BoardSpec, result: IntrinsicsResult, rejected: dict[str, str],

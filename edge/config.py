@@ -137,6 +137,12 @@ class ModelsConfig:
                             doc="TensorRT plans are built here")
     gallery_dir: Path = _f(Path("/var/lib/conveyor-vision/gallery"),
                            doc="reference gallery (learns at run time)")
+    onnx_providers: tuple[str, ...] = _f(
+        factory=tuple, doc="ONNX Runtime providers to try before the CPU, e.g. "
+        "[CUDAExecutionProvider]; ones not installed are skipped")
+    tensorrt_precision: Literal["fp16", "int8"] = _f(
+        "fp16", doc="plan precision; int8 only once `engines build --precision int8` passed "
+        "its golden check, else fp16 is used")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +177,15 @@ class MqttConfig:
     tls: TlsConfig = _f(factory=TlsConfig, doc="TLS settings (mqtts://)")
     keepalive_s: int = _f(10, lo=1, hi=3600, doc="MQTT keepalive")
     protocol: Literal["auto", "5", "3.1.1"] = _f("auto", doc="MQTT protocol version")
+    status_interval_s: float = _f(30.0, lo=0.1, hi=3600.0,
+                                  doc="re-publish the retained status with fresh health this often")
 
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     state_dir: Path = _f(Path("/var/lib/conveyor-vision"), doc="outbox, gallery, snapshots")
-    outbox_max_rows: int = _f(100_000, lo=100, doc="oldest acknowledged rows are pruned first")
+    outbox_max_rows: int = _f(100_000, lo=100, doc="verdict outbox bound: acknowledged rows are "
+                              "pruned first, then unacknowledged ones past their deadline")
     snapshots_max_mb: float = _f(2048.0, lo=1.0, doc="ring store size cap")
     snapshots_max_age_h: float = _f(168.0, lo=0.01, doc="ring store age cap")
     snapshot_pass_sample: float = _f(0.001, lo=0.0, hi=1.0, doc="share of passed items kept")

@@ -24,14 +24,17 @@ import structlog
 from edge.cameras import open_cameras
 from edge.catalogue import load_catalogue
 from edge.clock import WallClock
-from edge.config import Config, ConfigError
+from edge.config import Config, ConfigError, HttpConfig
 from edge.controller import ControllerSimulator
 from edge.infer.models import ItemInspector
 from edge.node import Node, NodeHooks, stage_timings
 from edge.publish.mqtt import AckedVerdict
 from edge.publish.topics import Topics
+from edge.snapshots import SnapshotStore
 from edge.sources.synthetic import SyntheticConveyor
 from edge.stages import Decided
+from edge.web.live import LiveFeed
+from edge.web.server import HttpServer, start_http
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +48,8 @@ class DemoOptions:
     summary_json: Path | None = None
     damage_rate: float | None = None
     quiet: bool = False
+    http_port: int | None = None  # serve /metrics and the live page on 127.0.0.1 (0: any port)
+    snapshots_dir: Path | None = None  # keep the audit snapshots here (default: temporary)
 
 
 @dataclass(slots=True)
@@ -130,6 +135,41 @@ def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConve
     }
 
 
+@dataclass(slots=True)
+class OperatorView:
+    """The demo's audit snapshots and, with an HTTP port, /metrics and the live page."""
+
+    store: SnapshotStore | None
+    live: LiveFeed | None
+    port: int | None
+    http: HttpServer | None = None
+
+    @staticmethod
+    def build(cfg: Config, opts: DemoOptions, state: Path) -> OperatorView:
+        store = (SnapshotStore(opts.snapshots_dir or state / "snapshots", cfg.storage)
+                 if cfg.storage.snapshots else None)
+        live = LiveFeed() if opts.http_port is not None else None
+        return OperatorView(store, live, opts.http_port)
+
+    def hooks(self, base: NodeHooks) -> NodeHooks:
+        return self.live.wrap(base) if self.live is not None else base
+
+    def start(self, node: Node, out: TextIO) -> None:
+        if self.store is not None:
+            self.store.start()
+        if self.port is not None:
+            http_cfg = HttpConfig(port=self.port, bind="127.0.0.1", live_page=True)
+            self.http = start_http(http_cfg, node, live=self.live)
+            print(f"live page: {self.http.url}/   metrics: {self.http.url}/metrics", file=out,
+                  flush=True)
+
+    def stop(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.http is not None:
+            self.http.shutdown()
+
+
 class LiveView:
     """A plain terminal view: one line per verdict, a status line per second."""
 
@@ -193,8 +233,11 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
     inspector = ItemInspector.load(cfg.models, catalogue)
     recorder = DemoRecorder()
     view = LiveView(out, opts.quiet)
+    operator = OperatorView.build(cfg, opts, state)
     node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=state / "outbox.sqlite",
-                hooks=NodeHooks(on_decided=recorder.on_decided, on_acked=recorder.on_acked))
+                hooks=operator.hooks(NodeHooks(on_decided=recorder.on_decided,
+                                               on_acked=recorder.on_acked)),
+                snapshots=operator.store)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
                                      lambda now: world.announcements_until(now - world.start_ms),
@@ -205,6 +248,9 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
     world.induct_cutoff_ms = max(0.0, opts.seconds * 1000.0 - travel_ms)
     print(f"conveyor-vision demo: {opts.seconds:.0f} s, broker {cfg.mqtt.url}, topics "
           f"{topics.root}/…, {cfg.synthetic.items_per_second} items/s", file=out, flush=True)
+    operator.start(node, out)
+    # The belt starts moving now, not when the world was built (loading models takes seconds).
+    world.start_ms = clock.now_ms() + 300.0
     node.start()
     try:
         if not node.publisher.wait_connected(10.0):
@@ -220,6 +266,7 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
             time.sleep(0.1)
     finally:
         node.stop()
+        operator.stop()
         time.sleep(0.3)  # let the controller receive the last verdicts
         controller.stop()
         inspector.close()

@@ -72,6 +72,7 @@ class InductAssociator:
                 log.warning("induct.duplicate_announcement", item_id=a.item_id)
                 return
             self._open[a.item_id] = (a, self.expected_arrival_ms(a))
+            self._expire(a.induct_time_ms)
 
     def pending(self) -> list[Announcement]:
         with self._lock:

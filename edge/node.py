@@ -73,10 +73,7 @@ class Node:
         self.policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
         self._recent: OrderedDict[str, ItemRecord] = OrderedDict()
         self._recent_lock = threading.Lock()
-        self.metrics = NodeMetrics(self.snapshot)
         self.snapshots = snapshots  # audit snapshots (started and closed by the owner)
-        if snapshots is not None:
-            snapshots.register_metrics(self.metrics.registry)
         self.publisher = VerdictPublisher(
             cfg.mqtt, cfg.node, outbox_path, clock, self._on_announcement, self._on_feedback,
             self._on_acked, known_products=catalogue.ids(),
@@ -111,6 +108,11 @@ class Node:
         self._threads: list[StageThread] = []
         self._lock = threading.Lock()
         self.started_mono: float | None = None
+        # Last: registering the collector reads `snapshot()` (auto_describe), which needs
+        # every stage above.
+        self.metrics = NodeMetrics(self.snapshot)
+        if snapshots is not None:
+            snapshots.register_metrics(self.metrics.registry)
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ PASS_BGR = (60, 180, 60)
 PENDING_BGR = (0, 200, 240)
 _BOX_BGR = (255, 255, 0)
 _HEAT_ALPHA = 0.55
+#: Heights at or below this (mm) are the belt in the depth view (sensor noise is about 1 mm).
+BELT_MM = 3.0
 
 
 def verdict_bgr(decision: Decision | None) -> tuple[int, int, int]:
@@ -100,10 +102,11 @@ def depth_view(height_mm: F32Array, has_depth: bool = True, scale: int = DISPLAY
                     (200, 200, 200), 1, cv2.LINE_AA)
         return img
     top = max_mm or max(1.0, float(np.percentile(h[h > 0], 99)))
-    u8 = (np.clip(h / top, 0.0, 1.0) * 255.0).astype(np.uint8)
+    smooth = cv2.medianBlur(h, 5)  # depth noise only costs bytes in a picture for people
+    u8 = (np.clip(smooth / top, 0.0, 1.0) * 255.0).astype(np.uint8)
     img = cv2.applyColorMap(u8, cv2.COLORMAP_TURBO)
-    img[h <= 0] = 0
-    out: U8Array = cv2.resize(img, size, interpolation=cv2.INTER_NEAREST)
+    img[smooth <= BELT_MM] = (40, 40, 40)  # the belt (and unknown depth): neutral grey
+    out: U8Array = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
     return out
 
 

@@ -33,6 +33,10 @@ def add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     demo.add_argument("--summary-json", type=Path, default=None, help="write the summary here")
     demo.add_argument("--config", type=Path, default=None, help="start from this config")
     demo.add_argument("--quiet", action="store_true", help="no live view, summary only")
+    demo.add_argument("--http-port", type=int, default=None,
+                      help="serve /metrics and the live page on 127.0.0.1:PORT (0: any port)")
+    demo.add_argument("--snapshots-dir", type=Path, default=None,
+                      help="keep the audit snapshots here (default: deleted after the run)")
     demo.set_defaults(handler=_demo)
 
     check = sub.add_parser("check", help="doctor: config, calibration, models, cameras, broker")
@@ -54,7 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
     _logging(cfg, "warning")
     opts = DemoOptions(seconds=args.seconds, items_per_second=args.items_per_second,
                        seed=args.seed, broker=args.broker, summary_json=args.summary_json,
-                       damage_rate=args.damage_rate, quiet=args.quiet)
+                       damage_rate=args.damage_rate, quiet=args.quiet,
+                       http_port=args.http_port, snapshots_dir=args.snapshots_dir)
     run_demo(cfg, opts)
     return 0
 

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,9 +23,13 @@ from edge.catalogue import load_catalogue
 from edge.clock import Clock, WallClock
 from edge.config import Config
 from edge.node import Node, NodeHooks
+from edge.snapshots import SnapshotStore
 from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
 from edge.update import ReleaseStore, running_release_version
 from edge.types import FrameSet
+
+if TYPE_CHECKING:
+    from edge.web.live import LiveFeed
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +83,7 @@ class NodeService:
         self.cfg = cfg
         self.clock = clock or WallClock()
         self.notifier = SystemdNotifier()
+        self.live: LiveFeed | None = None  # the live page's view of the node (http.live_page)
 
     def _build(self) -> tuple[Node, BeltMonitor]:
         from edge.infer.models import ItemInspector
@@ -90,9 +96,16 @@ class NodeService:
         monitor = BeltMonitor(cameras)
         state = Path(self.cfg.storage.state_dir)
         state.mkdir(parents=True, exist_ok=True)
+        hooks = NodeHooks(on_frameset=monitor.on_frameset)
+        if self.cfg.http.port and self.cfg.http.live_page:
+            from edge.web.live import LiveFeed
+
+            self.live = LiveFeed()
+            hooks = self.live.wrap(hooks)
+        store = (SnapshotStore(state / "snapshots", self.cfg.storage)
+                 if self.cfg.storage.snapshots else None)
         node = Node(self.cfg, self.clock, cameras, inspector, catalogue,
-                    outbox_path=state / "outbox.sqlite",
-                    hooks=NodeHooks(on_frameset=monitor.on_frameset))
+                    outbox_path=state / "outbox.sqlite", hooks=hooks, snapshots=store)
         return node, monitor
 
     def run(self, stop: threading.Event, reload: threading.Event) -> int:
@@ -105,7 +118,10 @@ class NodeService:
         if self.cfg.http.port:
             from edge.web.server import start_http
 
-            http = start_http(self.cfg.http, node)
+            http = start_http(self.cfg.http, node, live=self.live,
+                              calibration=lambda: monitor.results)
+        if node.snapshots is not None:
+            node.snapshots.start()
         node.start()
         pinger.start()
         try:
@@ -133,6 +149,8 @@ class NodeService:
             self.notifier.stopping("stopping: finishing items in flight")
             pinger.stop()
             node.stop()
+            if node.snapshots is not None:
+                node.snapshots.close()
             if http is not None:
                 http.shutdown()
             health_file.remove()

@@ -5,7 +5,7 @@ A snapshot is a directory named by its ID::
     verdict.json             the full verdict, the item record and the file list
     sheet.jpg                one row per camera: colour | height | overlay (for people)
     <cam>_overlay.jpg        anomaly heat map + damage boxes over the crop (2x)
-    <cam>_depth.jpg          height above the belt, colour-mapped (2x)
+    <cam>_depth.jpg          height above the belt, colour-mapped
     <cam>_color.png          the model crop, lossless (for retraining)
     <cam>_height.png         uint16 height, 0.1 mm per unit (for retraining)
     <cam>_mask.png           the item's pixels
@@ -34,7 +34,7 @@ SHEET = "sheet.jpg"
 SNAPSHOT_SCHEMA = "conveyor-vision/snapshot@1"
 #: Height PNGs store 0.1 mm per unit (as the training sets do).
 HEIGHT_UNITS_PER_MM = 10.0
-_JPEG = [cv2.IMWRITE_JPEG_QUALITY, 85]
+_JPEG = [cv2.IMWRITE_JPEG_QUALITY, 80]
 
 
 def _num(value: float | None) -> float | None:
@@ -108,7 +108,7 @@ def _write_view(out: Path, cam: str, crop: ItemCrop, verdict: Verdict) -> dict[s
     height = np.nan_to_num(crop.height_mm, nan=0.0) * HEIGHT_UNITS_PER_MM
     _write_image(out / files["height"], np.clip(height, 0, 65535).astype(np.uint16))
     _write_image(out / files["mask"], crop.mask.astype(np.uint8) * 255)
-    _write_image(out / files["depth"], depth_view(crop.height_mm, crop.has_depth))
+    _write_image(out / files["depth"], depth_view(crop.height_mm, crop.has_depth, scale=1))
     _write_image(out / files["overlay"], heat_overlay(crop.color, amap, verdict.findings))
     view: dict[str, Any] = {**files, "has_depth": crop.has_depth,
                             "anomaly_map": amap is not None, "truth_damage": None}

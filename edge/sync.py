@@ -25,6 +25,8 @@ from edge.types import Frame, FrameSet
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from edge.config import CameraConfig, SyncConfig
+
 log = structlog.get_logger(__name__)
 
 #: Matched pairs kept per camera for the clock-offset median.
@@ -63,6 +65,13 @@ class FrameSynchronizer:
         self._now = float("-inf")
         self._last_emitted = float("-inf")
         self.counters = SyncCounters(offsets_ms=self._offset)
+
+    @classmethod
+    def from_config(cls, cameras: Sequence[CameraConfig], sync: SyncConfig
+                    ) -> FrameSynchronizer:
+        """One synchronizer for the configured cameras (tolerance from the slowest camera)."""
+        return cls([c.id for c in cameras], fps=min(c.fps for c in cameras),
+                   tolerance_ms=sync.tolerance_ms, camera_timeout_ms=sync.camera_timeout_ms)
 
     def offset_ms(self, camera_id: str) -> float:
         """Estimated clock offset of a camera relative to the reference camera."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from edge.config import ItemsConfig
     from edge.induct import InductAssociator
     from edge.items import Detection, ItemSegmenter
-    from edge.types import F32Array, FrameSet
+    from edge.types import F32Array, FrameSet, Intrinsics, Pose
 
 #: Edge-position gate (mm) for a detection to join a track.
 GATE_X_MM = 70.0
@@ -68,7 +69,17 @@ class ItemTracker:
         # The camera that looks most straight down measures boxes best.
         self.primary = max(self.segmenters, key=lambda c: -float(
             self.segmenters[c].plane.pose.rotation[2, 2]))
-        self.cpu_ms: list[float] = []
+        #: CPU time (ms) of segmentation + tracking per frameset, the most recent ones
+        self.cpu_ms: deque[float] = deque(maxlen=10_000)
+
+    @classmethod
+    def from_views(cls, views: Mapping[str, tuple[Intrinsics, Pose]],
+                   associator: InductAssociator, cfg: ItemsConfig) -> ItemTracker:
+        """A tracker for cameras given as {camera_id: (intrinsics, camera->belt pose)}."""
+        from edge.items import ItemSegmenter
+
+        return cls({cam: ItemSegmenter(cam, intr, pose, cfg) for cam, (intr, pose) in
+                    views.items()}, associator, cfg)
 
     def process(self, fs: FrameSet) -> list[ItemRecord]:
         """Detect, track and emit the records of items that have left the view."""
@@ -96,15 +107,24 @@ class ItemTracker:
     # -- association ---------------------------------------------------------------------
 
     def _match(self, det: Detection, t: float, speed: float, taken: set[int]) -> Track | None:
+        """The track whose predicted edge is nearest; for a view cut off by the image border
+        (which may also hold a sliver of a neighbour) the track it mostly overlaps."""
         best, best_d = None, GATE_X_MM
+        fallback, best_overlap = None, 0.5
         for track in self.tracks:
-            if track.track_id in taken or abs(track.y_mm - det.centre_mm[1]) > GATE_Y_MM:
+            if track.track_id in taken:
                 continue
             lo, hi = track.predicted(t, speed)
-            d = min(abs(lo - det.extent_x_mm[0]), abs(hi - det.extent_x_mm[1]))
-            if d < best_d:
-                best, best_d = track, d
-        return best
+            if abs(track.y_mm - det.centre_mm[1]) <= GATE_Y_MM:
+                d = min(abs(lo - det.extent_x_mm[0]), abs(hi - det.extent_x_mm[1]))
+                if d < best_d:
+                    best, best_d = track, d
+            if not det.complete and det.extent_y_mm[0] <= track.y_mm <= det.extent_y_mm[1]:
+                d_lo, d_hi = det.extent_x_mm
+                overlap = (min(hi, d_hi) - max(lo, d_lo)) / max(1.0, min(hi - lo, d_hi - d_lo))
+                if overlap > best_overlap:
+                    fallback, best_overlap = track, overlap
+        return best or fallback
 
     def _new_track(self, det: Detection, t: float) -> Track:
         track = Track(next(self._ids), det.extent_x_mm, det.centre_mm[1], t, t, t)
@@ -144,7 +164,9 @@ class ItemTracker:
         self.tracks = [t for t in self.tracks if t.last_seen_ms >= cutoff_ms]
         records: list[ItemRecord] = []
         for track in sorted(done, key=lambda t: t.first_seen_ms):
-            if track.fixed and track.sightings >= self.cfg.min_observations:
+            # Never fully in view (e.g. at the belt edge): trust it after one more sighting.
+            needed = self.cfg.min_observations + (0 if track.fixed else 1)
+            if track.sightings >= needed:
                 records.extend(self._records(track))
         return records
 
@@ -165,12 +187,12 @@ class ItemTracker:
         claims = self.associator.claim(ref.centre_mm[0], t_cap, ref.extent_x_mm, merged=merged,
                                        seen_ms=t_cap)
         crops = {cam: self.crop(det) for cam, (_, det, _) in track.best.items()}
-        base = dict(
-            track_id=track.track_id, first_seen_ms=track.first_seen_ms, captured_ms=t_cap,
-            deadline_ms=self.associator.deadline_ms(ref.centre_mm[0], t_cap),
-            box_mm=self._box(track), centre_mm=ref.centre_mm, crops=crops,
-            views_missing=tuple(c for c in self.segmenters if c not in track.best),
-            merged=merged, truth=truth_of(ref))
+        base = {
+            "track_id": track.track_id, "first_seen_ms": track.first_seen_ms, "captured_ms": t_cap,
+            "deadline_ms": self.associator.deadline_ms(ref.centre_mm[0], t_cap),
+            "box_mm": self._box(track), "centre_mm": ref.centre_mm, "crops": crops,
+            "views_missing": tuple(c for c in self.segmenters if c not in track.best),
+            "merged": merged, "truth": truth_of(ref)}
         if not claims:
             return [ItemRecord(item_id=self.associator.generated_id(track.track_id, t_cap),
                                product_id=None, unannounced=True, **base)]  # type: ignore[arg-type]

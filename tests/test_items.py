@@ -136,7 +136,8 @@ def test_two_cameras_and_one_dies_mid_run() -> None:
     assert median_err <= 5.0
     both = [r for r in run.records if not r.views_missing]
     late = [r for r in run.records if r.views_missing == ("angled",)]
-    assert both and late
+    assert both
+    assert late
     assert all(set(r.crops) == {"top"} for r in late)
     assert all(set(r.crops) == set(cams) for r in both)
     assert sorted(run.seen) == sorted(r.item_id for r in run.records if not r.unannounced)
@@ -151,9 +152,11 @@ def test_record_crops_are_model_ready() -> None:
         crop = r.crops["top"]
         assert crop.color.shape == (size, size, 3)
         assert crop.height_mm.shape == (size, size)
-        assert crop.has_depth and crop.mask.mean() > 0.2
+        assert crop.has_depth
+        assert crop.mask.mean() > 0.2
         assert r.deadline_ms > r.captured_ms
-        assert r.truth is not None and r.product_id == r.truth.product_id
+        assert r.truth is not None
+        assert r.product_id == r.truth.product_id
 
 
 # -- analytic scenes: boxes rendered exactly (top faces) for the geometry and splits ----------
@@ -193,7 +196,8 @@ def test_measured_box_matches_the_true_box(length: float, aspect: float, height:
     dets = _segmenter().detect(_render_boxes([(x, y, yaw, length, width, height)]))
     assert len(dets) == 1
     d = dets[0]
-    assert not d.merged and d.complete
+    assert not d.merged
+    assert d.complete
     assert d.box_mm[0] == pytest.approx(max(length, width), abs=6.0)
     assert d.box_mm[1] == pytest.approx(min(length, width), abs=6.0)
     assert d.box_mm[2] == pytest.approx(height, abs=2.0)
@@ -226,7 +230,7 @@ def test_wrong_frame_size_for_the_calibration_is_refused() -> None:
     seg = _segmenter()
     small = Frame("top", 0, 0.0, np.zeros((240, 320, 3), np.uint8),
                   np.zeros((240, 320), np.uint16), 0.001, default_intrinsics(320, 240))
-    with pytest.raises(ValueError, match="320x240.*640x480"):
+    with pytest.raises(ValueError, match=r"320x240.*640x480"):
         seg.detect(small)
 
 

@@ -83,10 +83,10 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
 
 def _node(cfg: Config, clock: WallClock, stall_after_s: float) -> Node:
     catalogue = load_catalogue()
-    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
-                              start_ms=clock.now_ms() + 200.0)
-    cameras = open_cameras(cfg, clock, world)
     inspector = ItemInspector.load(cfg.models, catalogue)
+    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
+                              start_ms=clock.now_ms() + 300.0)
+    cameras = open_cameras(cfg, clock, world)
     Path(cfg.storage.state_dir).mkdir(parents=True, exist_ok=True)
     return Node(cfg, clock, cameras, inspector, catalogue,
                 outbox_path=Path(cfg.storage.state_dir) / "outbox.sqlite",

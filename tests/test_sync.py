@@ -64,7 +64,8 @@ def test_a_camera_that_stops_does_not_stall_the_others() -> None:
     # Without a flush: everything up to ~200 ms before the newest frame has gone out.
     assert len(sets) >= 90 - 7
     late = [fs for fs in sets if fs.frames["top"].index >= 30]
-    assert late and all(fs.missing == ("angled",) for fs in late)
+    assert late
+    assert all(fs.missing == ("angled",) for fs in late)
     assert sync.counters.incomplete == len(late)
     assert sync.counters.unmatched_frames == len(late)
 
@@ -123,3 +124,14 @@ def test_grouping_properties(offsets: list[float], jitter: float, drop: list[boo
         assert set(fs.missing) | set(fs.frames) == set(cams)
         corrected = [sync.corrected_ms(f) for f in fs.frames.values()]
         assert max(corrected) - min(corrected) <= sync.tolerance_ms + 1e-9
+
+
+def test_default_tolerance_is_half_a_frame_period_from_config() -> None:
+    """From the default config (two cameras at 30 fps): tolerance 16.7 ms, timeout 500 ms."""
+    from edge.config import load_config
+
+    cfg = load_config(None)
+    sync = FrameSynchronizer.from_config(cfg.cameras, cfg.sync)
+    assert sync.camera_ids == ("top", "angled")
+    assert sync.tolerance_ms == pytest.approx(1000.0 / 30 / 2)
+    assert sync.camera_timeout_ms == cfg.sync.camera_timeout_ms

@@ -39,11 +39,12 @@ def open_backend(spec: ModelSpec, cfg: ModelsConfig) -> Backend:
     if cfg.backend == "onnxruntime":
         from edge.infer.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(spec, intra_op_threads=cfg.intra_op_threads)
+        return OnnxRuntimeBackend(spec, intra_op_threads=cfg.intra_op_threads,
+                                  providers=[*cfg.onnx_providers, "CPUExecutionProvider"])
     if cfg.backend == "tensorrt":
         from edge.infer.engines import EngineCache
         from edge.infer.tensorrt import TensorRTBackend
 
-        plan = EngineCache(cfg.engine_cache).plan_for(spec)
+        plan = EngineCache(cfg.engine_cache).plan_for(spec, cfg.tensorrt_precision)
         return TensorRTBackend(spec, plan, max_batch=cfg.max_batch)
     raise BackendError(f"backend {cfg.backend!r} is unknown; expected one of {BACKENDS}")

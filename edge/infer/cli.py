@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from edge.catalogue import load_catalogue
 from edge.config import Config, ConfigError, ModelsConfig, load_config
@@ -19,6 +20,7 @@ from edge.infer.gallery import ReferenceGallery
 from edge.infer.manifest import ManifestError, load_manifest, write_manifest
 from edge.infer.models import DAMAGE, EMBEDDING, ItemInspector
 from edge.infer.photo import PhotoError, load_photo
+from edge.logs import configure_logging
 
 SubParsers = argparse._SubParsersAction
 
@@ -139,10 +141,15 @@ def _engines(args: argparse.Namespace) -> int:
     cache = EngineCache(args.cache or cfg.models.engine_cache,
                         progress=lambda msg: _emit(f"  {msg}", err=True))
     rows = []
+    calibration = None
+    if args.action == "build" and "int8" in args.precision:
+        from edge.infer.int8 import calibration_batches
+
+        calibration = calibration_batches(manifest)
     for spec in manifest.models.values():
         for precision in args.precision:
             if args.action == "build":
-                cache.ensure(spec, precision)
+                _build(cache, spec, precision, calibration, cfg.models.max_batch)
             st = cache.verify(spec, precision) if args.action == "verify" else cache.status(
                 spec, precision)
             rows.append({"model": spec.name, "precision": precision, "state": st.state,
@@ -151,8 +158,35 @@ def _engines(args: argparse.Namespace) -> int:
     return 0 if all(r["state"] == "fresh" for r in rows) or args.action == "list" else 1
 
 
-def _guarded(func: Any) -> Any:
+class _Stderr(io.TextIOBase):
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+def _build(cache: Any, spec: Any, precision: str, calibration: Any, max_batch: int) -> None:
+    if precision == "fp16" or calibration is None:
+        cache.ensure(spec, precision)
+        return
+    from edge.infer.int8 import int8_acceptance
+    from edge.infer.tensorrt import TensorRTBackend
+
+    fp16 = cache.ensure(spec, "fp16")  # the reference INT8 must match
+    batches = calibration[spec.name]
+    accept = int8_acceptance(spec, fp16, batches,
+                             lambda s, p: TensorRTBackend(s, p, max_batch=max_batch))
+    cache.ensure(spec, "int8", calibration=batches, accept=accept)
+
+
+def _guarded(func: Any, log_level: str = "warning") -> Any:
     def run(args: argparse.Namespace) -> int:
+        # stdout carries the command's output; logs go to whatever sys.stderr is at write time.
+        configure_logging(log_level, stream=cast("TextIO", _Stderr()))
         try:
             return int(func(args))
         except (ManifestError, BackendError, DatasetError, PhotoError) as exc:
@@ -175,7 +209,7 @@ def add_model_commands(sub: SubParsers[argparse.ArgumentParser]) -> None:
         p = eng_sub.add_parser(action, help=text, parents=[common])
         p.add_argument("--cache", type=Path, default=None, help="default: models.engine_cache")
         p.add_argument("--precision", nargs="+", choices=("fp16", "int8"), default=["fp16"])
-        p.set_defaults(handler=_guarded(_engines))
+        p.set_defaults(handler=_guarded(_engines, "info"))
 
     thr = sub.add_parser("thresholds", help="operating thresholds")
     thr_sub = thr.add_subparsers(dest="action", required=True)

@@ -202,7 +202,18 @@ class EngineCache:
         self.progress(f"{plan.name}: built in {seconds:.1f} s")
 
     def plan_for(self, spec: ModelSpec, precision: str = "fp16") -> Path:
-        return self.ensure(spec, precision)
+        """The plan the node loads: FP16 (built if needed) or an accepted, fresh INT8 plan.
+
+        INT8 plans are only built by `edge-node engines build --precision int8`
+        (calibration + golden check); without a fresh one the node uses FP16.
+        """
+        if precision == "int8":
+            st = self.status(spec, "int8")
+            if st.state == "fresh":
+                return st.plan
+            log.warning("int8_plan_unavailable", model=spec.name, state=st.state,
+                        detail=st.detail, using="fp16")
+        return self.ensure(spec, "fp16")
 
     def verify(self, spec: ModelSpec, precision: str = "fp16") -> PlanStatus:
         """Status plus a deserialization check of a fresh plan."""

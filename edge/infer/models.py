@@ -8,8 +8,8 @@ with their coarse maps). Crops are copied into preallocated batch buffers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -14,18 +14,14 @@ outbox rows done: paho calls `on_publish` with its own locks held.
 from __future__ import annotations
 
 import contextlib
-import math
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge import __version__
 from edge.publish.connection import (
@@ -34,8 +30,10 @@ from edge.publish.connection import (
     parse_url,
     tls_context,
 )
+from edge.publish.delivery import MAX_QUEUED, Delivery, properties
 from edge.publish.inputs import InputGate
-from edge.publish.outbox import Outbox, OutboxRow
+from edge.publish.metrics import AckedVerdict, PublisherMetrics
+from edge.publish.outbox import Outbox
 from edge.publish.payloads import dumps, event_payload, status_payload, verdict_payload
 from edge.publish.topics import Topics
 
@@ -50,69 +48,45 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["AckedVerdict", "PublisherMetrics", "VerdictPublisher"]
+
 SESSION_EXPIRY_S = 24 * 3600
+TOP_UP_INTERVAL_S = 1.0
 _UNSUPPORTED_PROTOCOL = 132
 
 
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
-
-
-@dataclass(frozen=True, slots=True)
-class AckedVerdict:
-    """A verdict the broker acknowledged (for capture-to-PUBACK latency)."""
-
-    seq: int
-    item_id: str
-    captured_ms: float | None
-    decided_ms: float
-    published_ms: float
-    acked_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class PublisherMetrics:
-    connected: bool
-    protocol: str
-    published: int  # verdicts written to the outbox and handed to MQTT
-    acked: int
-    resent: int  # re-sends after a reconnect or a restart
-    refused: int  # PUBACK with an error reason code (e.g. not authorized)
-    reconnects: int
-    connect_failures: int
-    events_published: int
-    outbox_depth: int
-    dropped_expired: int
-    dropped_actionable: int
-    inputs_received: int
-    accepted: Mapping[str, int] = field(default_factory=dict)
-    rejected: Mapping[str, int] = field(default_factory=dict)
-    last_error: str | None = None
-
-
 class VerdictPublisher:
-    """Publishes verdicts durably and delivers inductions and feedback to the node."""
+    """Publishes verdicts durably and delivers inductions and feedback to the node.
+
+    Threads: ``mqtt-net`` (socket I/O, reconnects; calls `on_announcement` and
+    `on_feedback`, which must return quickly) and ``mqtt-acks`` (outbox
+    bookkeeping; calls `on_acked`). `publish_verdict`, `publish_status` and
+    `publish_event` may be called from any thread. `known_products` enables the
+    unknown-product check on inputs; `health` (optional) is polled every
+    ``mqtt.status_interval_s`` for the retained status; `versions` go into it.
+    """
 
     backoff_min_s = 0.05
     backoff_max_s = 2.0
 
-    def __init__(  # noqa: PLR0917 - the node's documented constructor
+    def __init__(
         self, mqtt_cfg: MqttConfig, node_cfg: NodeConfig, outbox_path: Path, clock: Clock,
         on_announcement: Callable[[Announcement], None], on_feedback: Callable[[Feedback], None],
         on_acked: Callable[[AckedVerdict], None] | None = None, *,
         known_products: Collection[str] | None = None, versions: Mapping[str, str] | None = None,
         outbox_max_rows: int = 100_000, environ: Mapping[str, str] | None = None,
+        health: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         self._cfg = mqtt_cfg
         self._node = node_cfg
         self._clock = clock
-        self._on_acked = on_acked
         self.topics = Topics(mqtt_cfg.topic_prefix, node_cfg.line_id, node_cfg.node_id)
         self._addr = parse_url(mqtt_cfg.url)
         self._credentials = load_credentials(mqtt_cfg, environ)
         self._tls = tls_context(mqtt_cfg.tls) if self._addr.tls else None
         self._versions = {"node": __version__, **(versions or {})}
         self._health: dict[str, object] = {}
+        self._health_provider = health
         self._outbox = Outbox(outbox_path, outbox_max_rows)
         self._gate = InputGate(self.topics, clock, on_announcement=on_announcement,
                                on_feedback=on_feedback, report=self._report,
@@ -121,12 +95,12 @@ class VerdictPublisher:
                           else MQTTProtocolVersion.MQTTv5)
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._lock = threading.Lock()  # mid <-> seq maps and counters
-        self._mid_seq: dict[int, int] = {}
-        self._seq_mid: dict[int, int] = {}
-        self._acks: queue.Queue[tuple[int, bool, str, float]] = queue.Queue()
-        self._counts = dict.fromkeys(("published", "acked", "resent", "refused", "reconnects",
-                                      "connect_failures", "events", "connects"), 0)
+        self._subscribed = threading.Event()
+        self._lock = threading.Lock()  # the counters
+        self._counts = dict.fromkeys(("published", "reconnects", "connect_failures", "events",
+                                      "connects"), 0)
+        self._delivery = Delivery(self._outbox, clock, lambda: self._client,
+                                  lambda: self._protocol == MQTTProtocolVersion.MQTTv5, on_acked)
         self._last_error: str | None = None
         self._fallback = False
         self._closing = False
@@ -137,8 +111,8 @@ class VerdictPublisher:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._run_network, name="mqtt-net", daemon=True),
-                         threading.Thread(target=self._run_acks, name="mqtt-acks", daemon=True)]
+        self._delivery.start()
+        self._threads = [threading.Thread(target=self._run_network, name="mqtt-net", daemon=True)]
         for t in self._threads:
             t.start()
         log.info("mqtt.starting", host=self._addr.host, port=self._addr.port, tls=self._addr.tls,
@@ -170,6 +144,7 @@ class VerdictPublisher:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5.0)
+        self._delivery.stop()
         left = self._outbox.unacked
         self._outbox.close()
         log.info("mqtt.stopped", unacked=left)
@@ -180,7 +155,8 @@ class VerdictPublisher:
         return time.monotonic()  # timeouts run on real time, whatever the node's clock does
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return self._connected.wait(timeout_s)
+        """Wait until connected *and* subscribed to the inputs (SUBACK received)."""
+        return self._subscribed.wait(timeout_s) and self._connected.is_set()
 
     @property
     def connected(self) -> bool:
@@ -204,6 +180,7 @@ class VerdictPublisher:
             return dumps(verdict_payload(verdict, node_id=self._node.node_id,
                                          line_id=self._node.line_id, seq=seq, published_ms=now))
 
+        dropped = self._outbox.dropped_expired + self._outbox.dropped_actionable
         row = self._outbox.append(
             item_id=verdict.item_id, topic=self.topics.verdict, deadline_ms=verdict.deadline_ms,
             captured_ms=verdict.captured_ms, decided_ms=verdict.decided_ms, published_ms=now,
@@ -211,7 +188,12 @@ class VerdictPublisher:
         self._gate.remember(verdict.item_id)
         with self._lock:
             self._counts["published"] += 1
-        self._send(row)
+        self._delivery.send(row)
+        if self._outbox.dropped_expired + self._outbox.dropped_actionable > dropped:
+            self.publish_event("outbox_dropped", {
+                "dropped_expired": self._outbox.dropped_expired,
+                "dropped_actionable": self._outbox.dropped_actionable,
+                "max_rows": self._outbox.max_rows})
         return row.seq
 
     def publish_status(self, health: Mapping[str, object]) -> None:
@@ -227,36 +209,6 @@ class VerdictPublisher:
         self._client.publish(self.topics.events, payload, qos=1, retain=False)
         with self._lock:
             self._counts["events"] += 1
-
-    def _send(self, row: OutboxRow) -> bool:
-        """Hand a row to paho unless paho already holds it."""
-        props = None
-        if self._protocol == MQTTProtocolVersion.MQTTv5:
-            props = _properties(PacketTypes.PUBLISH)
-            left_ms = row.deadline_ms - self._clock.now_ms()
-            if left_ms > 0:  # after the deadline: audit only, no expiry
-                props.MessageExpiryInterval = max(1, math.ceil(left_ms / 1000.0))
-        with self._lock:
-            if row.seq in self._seq_mid:
-                return False
-            info = self._client.publish(row.topic, row.payload, qos=1, retain=False,
-                                        properties=props)
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                log.error("mqtt.publish_failed", seq=row.seq, rc=paho.error_string(info.rc))
-                return False
-            self._mid_seq[info.mid] = row.seq
-            self._seq_mid[row.seq] = info.mid
-        return True
-
-    def _resend_pending(self) -> None:
-        with self._lock:
-            held = set(self._seq_mid)
-            self._counts["resent"] += len(held)  # paho re-sends what it holds itself
-        sent = sum(self._send(row) for row in self._outbox.pending(exclude=held))
-        with self._lock:
-            self._counts["resent"] += sent
-        if sent or held:
-            log.info("mqtt.resending", from_outbox=sent, in_flight=len(held))
 
     def _status_bytes(self, state: str) -> bytes:
         return dumps(status_payload(state, node_id=self._node.node_id,
@@ -282,18 +234,20 @@ class VerdictPublisher:
                              clean_session=None if v5 else False, reconnect_on_failure=False)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
+        client.on_publish = self._delivery.on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         # Never write from the caller's thread: the mqtt-net thread does all socket I/O.
         client.on_socket_register_write = lambda *_: None
         client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(MAX_QUEUED)  # beyond this, verdicts wait in the outbox
         if self._credentials is not None:
             client.username_pw_set(self._credentials.username, self._credentials.password)
         if self._tls is not None:
             client.tls_set_context(self._tls)
         client.will_set(self.topics.status, self._status_bytes("offline"), qos=1, retain=True)
         if v5:
-            props = _properties(PacketTypes.CONNECT)
+            props = properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             client.connect_async(self._addr.host, self._addr.port, self._cfg.keepalive_s,
                                  clean_start=False, properties=props)
@@ -313,24 +267,51 @@ class VerdictPublisher:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
                 continue
-            self._connack_seen = False
-            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-            while not self._stop.is_set():
-                rc = self._client.loop(0.05)
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-                if self._connected.is_set():
-                    backoff = self.backoff_min_s
-            if not self._connack_seen and not self._stop.is_set():
-                hint = " (TLS: does the broker require a client certificate, " \
-                    "mqtt.tls.cert_file?)" if self._addr.tls else ""
-                self._connect_failed(f"the broker closed the connection before CONNACK "
-                                     f"({paho.error_string(rc)}){hint}")
+            if self._serve_connection():
+                backoff = self.backoff_min_s
             self._connected.clear()
+            self._subscribed.clear()
             if not self._stop.is_set():
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
-        self._acks.put((-1, False, "", 0.0))
+
+    def _serve_connection(self) -> bool:
+        """Run one connection until it drops; True if the broker accepted it."""
+        self._connack_seen = False
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        accepted = False
+        now = time.monotonic()
+        next_status, next_top_up = now + self._cfg.status_interval_s, now + TOP_UP_INTERVAL_S
+        while not self._stop.is_set():
+            rc = self._client.loop(0.05)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            if not self._connected.is_set():
+                continue
+            accepted = True
+            now = time.monotonic()
+            if now >= next_top_up:
+                next_top_up = now + TOP_UP_INTERVAL_S
+                self._delivery.top_up()
+            if now >= next_status:
+                next_status = now + self._cfg.status_interval_s
+                self._refresh_health()
+        if not self._connack_seen and not self._stop.is_set():
+            hint = " (TLS: does the broker require a client certificate, " \
+                "mqtt.tls.cert_file?)" if self._addr.tls else ""
+            self._connect_failed(f"the broker closed the connection before CONNACK "
+                                 f"({paho.error_string(rc)}){hint}")
+        return accepted
+
+    def _refresh_health(self) -> None:
+        if self._health_provider is None:
+            return
+        try:
+            health = self._health_provider()
+        except Exception:
+            log.exception("mqtt.health_provider_failed")
+            return
+        self.publish_status(health)
 
     def _connect_failed(self, message: str) -> None:
         with self._lock:
@@ -343,9 +324,7 @@ class VerdictPublisher:
         log.warning("mqtt.protocol_fallback", to="3.1.1")
         self._fallback = False
         self._protocol = MQTTProtocolVersion.MQTTv311
-        with self._lock:
-            self._mid_seq.clear()
-            self._seq_mid.clear()
+        self._delivery.forget_in_flight()
         self._client = self._make_client()
 
     def _on_connect(self, client: paho.Client, _userdata: Any, flags: paho.ConnectFlags,
@@ -367,59 +346,36 @@ class VerdictPublisher:
                  protocol="5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1")
         client.publish(self.topics.status, self._status_bytes("online"), qos=1, retain=True)
         client.subscribe([(t, 1) for t in self.topics.inputs])
-        self._resend_pending()
+        self._delivery.resend_pending(reconnected=True)
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any) -> None:
         if self._connected.is_set():
             (log.info if self._closing else log.warning)("mqtt.disconnected", reason=str(reason))
         self._connected.clear()
+        self._subscribed.clear()
 
-    def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: Any,
-                    _props: Any) -> None:
-        # paho holds its message lock here: hand over, do nothing else.
-        self._acks.put((mid, bool(reason.is_failure), str(reason), self._clock.now_ms()))
+    def _on_subscribe(self, _client: paho.Client, _userdata: Any, _mid: int,
+                      reasons: list[Any], _props: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:  # e.g. an ACL without read rights: inputs will not arrive
+            log.error("mqtt.subscribe_refused", topics=self.topics.inputs, reasons=refused)
+        self._subscribed.set()
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self._gate.handle(msg.topic, bytes(msg.payload))
-
-    def _run_acks(self) -> None:
-        while True:
-            mid, failed, reason, acked_ms = self._acks.get()
-            if mid < 0:
-                return
-            with self._lock:
-                seq = self._mid_seq.pop(mid, None)
-                if seq is not None:
-                    self._seq_mid.pop(seq, None)
-            if seq is None:
-                continue  # status or event message
-            self._record_ack(seq, failed, reason, acked_ms)
-
-    def _record_ack(self, seq: int, failed: bool, reason: str, acked_ms: float) -> None:
-        row = self._outbox.mark_acked(seq, acked_ms, f"refused: {reason}" if failed else "acked")
-        with self._lock:
-            self._counts["refused" if failed else "acked"] += 1
-        if failed:
-            log.error("mqtt.verdict_refused", seq=seq, reason=reason)
-            return
-        if row is not None and self._on_acked is not None:
-            try:
-                self._on_acked(AckedVerdict(seq, row.item_id, row.captured_ms, row.decided_ms,
-                                            row.published_ms, acked_ms))
-            except Exception:
-                log.exception("mqtt.on_acked_failed", seq=seq)
 
     def metrics(self) -> PublisherMetrics:
         received, accepted, rejected = self._gate.snapshot()
         stats = self._outbox.stats()
         with self._lock:
             c = dict(self._counts)
+        c.update(self._delivery.snapshot())
         return PublisherMetrics(
             connected=self.connected,
             protocol="5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1",
-            published=c["published"], acked=c["acked"], resent=c["resent"],
-            refused=c["refused"], reconnects=c["reconnects"],
+            published=c["published"], acked=c.get("acked", 0), resent=c.get("resent", 0),
+            refused=c.get("refused", 0), reconnects=c["reconnects"],
             connect_failures=c["connect_failures"], events_published=c["events"],
             outbox_depth=stats.unacked, dropped_expired=stats.dropped_expired,
             dropped_actionable=stats.dropped_actionable, inputs_received=received,

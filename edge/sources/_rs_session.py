@@ -193,9 +193,13 @@ class PlaybackSession:
 class LiveSession:
     """A live camera by serial, streaming through an `rs.pipeline`."""
 
-    def __init__(self, rs: Any, serial: str, size: tuple[int, int], fps: int,
+    def __init__(self, rs: Any, context: Any, serial: str, size: tuple[int, int], fps: int,
                  sync_mode: str) -> None:
         self.rs, self.serial = rs, serial
+        present = [d.get_info(rs.camera_info.serial_number) for d in context.query_devices()]
+        if serial not in present:
+            raise RuntimeError(f"no RealSense with serial {serial} is connected "
+                               f"(connected: {', '.join(present) or 'none'})")
         self.pipeline = rs.pipeline()
         cfg = rs.config()
         cfg.enable_device(serial)

@@ -123,8 +123,16 @@ class RealSenseSource:
             self._context = self._rs.context()
             self._context.set_devices_changed_callback(self._devices_changed)
         self._stop.clear()
-        self._session = self._open()
         self._build_blocks()
+        if self.recording is not None:
+            self._session = self._open()  # bad files are errors, not faults to retry
+            return
+        try:
+            self._session = self._open()
+        except RuntimeError as exc:  # not plugged in (yet): read() keeps trying
+            log.warning("camera_unavailable", camera=self.camera_id, serial=self.serial,
+                        error=str(exc))
+            self._lost.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -137,7 +145,8 @@ class RealSenseSource:
             return PlaybackSession(self._rs, self.recording, realtime=self.realtime,
                                    expect_size=self.size, stop=self._stop)
         assert self.serial is not None
-        return LiveSession(self._rs, self.serial, self.size, self.fps, self.sync_mode)
+        return LiveSession(self._rs, self._context, self.serial, self.size, self.fps,
+                           self.sync_mode)
 
     def _check_recording_file(self, path: Path) -> None:
         if not path.is_file():
@@ -316,6 +325,11 @@ class RealSenseSource:
         if self.filters.decimation > 1:
             intr = intr.scaled(1.0 / self.filters.decimation)
         return intr
+
+    @property
+    def resets(self) -> int:
+        """hardware_reset escalations so far."""
+        return self._resets
 
     @property
     def device_serial(self) -> str | None:

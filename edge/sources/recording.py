@@ -138,7 +138,7 @@ def write_recording(path: Path, frames: Iterable[Frame], fps: int, *,
                 writer = _Writer(rs, path, frame, fps, color_format, serial, with_depth)
             writer.write(frame)
             count += 1
-    except RuntimeError as exc:
+    except (RuntimeError, SourceError) as exc:
         raise SourceError(f"cannot write recording {path}: {exc}") from exc
     finally:
         if writer is not None:

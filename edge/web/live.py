@@ -176,12 +176,14 @@ def annotate(frame: Frame, plane: BeltPlane | None, items: list[LiveItem],
             text = ascii_text(f"{item.item_id} {item.decision.value.upper()}", 32)
             (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
             ty = y0 - 4 if y0 > th + 6 else y1 + th + 4
+            x0 = max(0, min(x0, img.shape[1] - tw - 4))  # keep the label inside the image
             cv2.rectangle(img, (x0, ty - th - 3), (x0 + tw + 4, ty + 3), colour, -1)
             cv2.putText(img, text, (x0 + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                         (255, 255, 255), 1, cv2.LINE_AA)
     stamp = ascii_text(f"{frame.camera_id}  frame {frame.index}  t={frame.timestamp_ms:.0f} ms")
-    cv2.putText(img, stamp, (6, img.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3,
+    (tw, th), _ = cv2.getTextSize(stamp, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    h = img.shape[0]
+    cv2.rectangle(img, (0, h - th - 12), (tw + 12, h), (0, 0, 0), -1)
+    cv2.putText(img, stamp, (6, h - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                 cv2.LINE_AA)
-    cv2.putText(img, stamp, (6, img.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                (255, 255, 255), 1, cv2.LINE_AA)
     return img

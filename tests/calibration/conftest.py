@@ -10,7 +10,7 @@ import pytest
 
 from calibration.boards import BoardSpec, parse_board
 from calibration.render import board_views, render_board, undistorted_rays
-from edge.types import Intrinsics
+from edge.types import Frame, Intrinsics
 
 #: The camera the boards are rendered with (truth for the intrinsics tests).
 TRUE_CAMERA = Intrinsics(640, 480, 600.0, 605.0, 322.5, 236.0,
@@ -44,3 +44,10 @@ def charuco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rng() -> np.random.Generator:
     """A seeded random generator."""
     return np.random.default_rng(1234)
+
+
+def still_frames(color: np.ndarray, depth: np.ndarray, intr: Intrinsics, count: int = 3,
+                 camera_id: str = "cam") -> list[Frame]:
+    """`count` frames of a still scene, numbered and 1/30 s apart (for .db3 recordings)."""
+    return [Frame(camera_id, i, 1000.0 + i * 1000.0 / 30, color, depth, 0.001, intr)
+            for i in range(count)]

@@ -216,3 +216,28 @@ def test_belt_pose_is_a_proper_rigid_transform(normal: tuple[float, float, float
     assert angle_deg(R[0], t_in) < 1e-4
     assert pose.apply(origin)[2] == pytest.approx(0.0, abs=1e-6)
     assert pose.translation_mm[2] == pytest.approx(height, rel=1e-9)
+
+
+def test_edge_node_synth_record_then_edge_calibrate_belt(tmp_path: Path) -> None:
+    """End to end with the real scripts: `edge-node synth record` writes an empty-belt .db3 and
+    `edge-calibrate belt --recording` recovers the synthetic top camera's pose from it."""
+    import subprocess
+    import sys
+
+    from edge.sources.synthetic import default_pose
+
+    bin_dir = Path(sys.executable).parent
+    rec = tmp_path / "top.db3"
+    subprocess.run([str(bin_dir / "edge-node"), "synth", "record", "--out", str(rec),
+                    "--seconds", "0.2", "--seed", "5", "--camera", "top",
+                    "--items-per-second", "0"], check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([str(bin_dir / "edge-calibrate"), "belt", "--recording", str(rec),
+                           "--out", str(tmp_path / "top.yaml"), "--travel-image", "right"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "residual RMS" in proc.stdout
+    cal = load_camera_calibration(tmp_path / "top.yaml", serial="top")
+    truth = default_pose(0)
+    assert cal.pose is not None
+    assert angle_deg(cal.pose.rotation[2], truth.rotation[2]) < 0.5
+    assert cal.pose.translation_mm[2] == pytest.approx(truth.translation_mm[2], abs=2.0)

@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
-from calibration.check import BeltCheckThresholds, check_belt, check_board
+from calibration.check import BeltChecker, BeltCheckThresholds, check_belt, check_board
 from calibration.cli import main
 from calibration.files import CameraCalibration
 from calibration.render import Box, DepthNoise, board_views, render_belt_depth, render_board
 from edge.sources.recording import write_recording
-from edge.types import Frame, Intrinsics, Pose
+from edge.types import Intrinsics, Pose
 
-from .conftest import CHARUCO, TRUE_CAMERA
+from .conftest import CHARUCO, TRUE_CAMERA, still_frames
 
 CAMERA = Intrinsics(640, 480, 610.0, 610.0, 318.0, 243.0)
 POSE = Pose.look_at(np.array([-200.0, 0.0, 1000.0]), np.array([0.0, 0.0, 0.0]))
@@ -52,10 +52,14 @@ def test_unchanged_camera_passes(calibration: CameraCalibration) -> None:
 
 
 def test_items_on_the_belt_do_not_fail_the_check(calibration: CameraCalibration) -> None:
-    """Boxes covering about a third of the region leave the plane estimate unchanged."""
+    """Boxes covering about a third of the region leave the plane estimate unchanged (checked
+    the way the node does it, through a BeltChecker reused across frames)."""
+    checker = BeltChecker(calibration)
     boxes = (Box(-150, 80, 300, 200, 150), Box(180, -120, 250, 250, 60), Box(60, 160, 120, 80, 15))
     depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=13, boxes=boxes)
-    result = check_belt(calibration, depth, 0.001)
+    assert checker.check(render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=3),
+                         0.001).passed
+    result = checker.check(depth, 0.001)
     assert result.passed, result.reasons
     assert result.drift_mm is not None
     assert abs(result.drift_mm) < 1.0
@@ -130,8 +134,8 @@ def test_check_command_passes_then_fails_after_the_camera_moves(
     for name, pose, expected in (("same", POSE, 0), ("knocked", _tilted(POSE, 3.0), 1)):
         depth = render_belt_depth(CAMERA, pose, noise=DepthNoise(), seed=21)
         color = np.full((480, 640, 3), 90, np.uint8)
-        write_recording(tmp_path / f"{name}.db3", 3 * [Frame("top", 0, 0.0, color, depth, 0.001,
-                                                         CAMERA)], 30, serial="C1")
+        write_recording(tmp_path / f"{name}.db3", still_frames(color, depth, CAMERA), 30,
+                        serial="C1")
         config = _config(tmp_path, tmp_path / f"{name}.db3", tmp_path / "c1.yaml")
         report = tmp_path / f"report-{name}"
         assert main(["check", "--config", str(config), "--report", str(report)]) == expected
@@ -150,8 +154,8 @@ def test_check_command_refuses_a_calibration_of_another_camera(
     """A config pointing a camera at another camera's calibration exits 2 naming both serials."""
     calibration.replace(serial="OTHER").save(tmp_path / "c1.yaml")
     depth = render_belt_depth(CAMERA, POSE, seed=1)
-    write_recording(tmp_path / "r.db3", 3 * [Frame("top", 0, 0.0, np.zeros((480, 640, 3), np.uint8),
-                                               depth, 0.001, CAMERA)], 30, serial="C1")
+    write_recording(tmp_path / "r.db3", still_frames(np.zeros((480, 640, 3), np.uint8), depth,
+                                                     CAMERA), 30, serial="C1")
     config = _config(tmp_path, tmp_path / "r.db3", tmp_path / "c1.yaml")
     assert main(["check", "--config", str(config), "--report", str(tmp_path / "r")]) == 2
     assert "for camera OTHER, not C1" in capsys.readouterr().err

@@ -18,9 +18,9 @@ from calibration.cli import main
 from calibration.files import load_camera_calibration
 from calibration.render import board_views, render_board
 from edge.sources.recording import write_recording
-from edge.types import Frame, Intrinsics
+from edge.types import Intrinsics
 
-from .conftest import CHARUCO, CHESSBOARD, TRUE_CAMERA, render_views
+from .conftest import CHARUCO, CHESSBOARD, TRUE_CAMERA, render_views, still_frames
 
 OPENCV_SAMPLES = Path(__file__).parent / "data" / "opencv_samples"
 #: OpenCV's Python calibration tutorial, left01..left14.jpg (9x6 inner corners).
@@ -144,9 +144,9 @@ def test_compare_factory_reads_a_recordings_intrinsics(chessboard_dir: Path,
                                                        tmp_path: Path) -> None:
     """--compare-factory --factory-from FILE.db3 reports the distance to the stream's intrinsics
     and takes the serial from the recording (real pyrealsense2 playback)."""
-    frame = Frame("cam", 0, 0.0, np.zeros((480, 640, 3), np.uint8),
-                  np.zeros((480, 640), np.uint16), 0.001, TRUE_CAMERA)
-    write_recording(tmp_path / "f.db3", [frame, frame], 30, serial="FACTORY1")
+    frames = still_frames(np.zeros((480, 640, 3), np.uint8), np.zeros((480, 640), np.uint16),
+                          TRUE_CAMERA)
+    write_recording(tmp_path / "f.db3", frames, 30, serial="FACTORY1")
     assert main(["intrinsics", "--images", str(chessboard_dir), "--board", CHESSBOARD,
                  "--out", str(tmp_path / "cam.yaml"), "--compare-factory",
                  "--factory-from", str(tmp_path / "f.db3")]) == 0
@@ -170,3 +170,20 @@ def test_real_photographs_match_the_published_reference(tmp_path: Path) -> None:
     assert abs(i.cy - OPENCV_REFERENCE["cy"]) < 3.0
     assert cal.quality.rms_reprojection_px is not None
     assert cal.quality.rms_reprojection_px < 0.3
+
+
+def test_recalibrating_keeps_the_belt_pose(chessboard_dir: Path, tmp_path: Path) -> None:
+    """Re-running intrinsics into a file that already holds this camera's belt pose keeps the
+    pose and region (the node keeps working) and updates the intrinsics."""
+    from calibration.files import CameraCalibration, InspectionRegion
+    from edge.types import Pose
+    out = tmp_path / "cam.yaml"
+    pose = Pose.look_at(np.array([0.0, 0.0, 900.0]), np.array([0.0, 0.0, 0.0]))
+    CameraCalibration("SN1", Intrinsics(640, 480, 500.0, 500.0, 320.0, 240.0), pose=pose,
+                      region=InspectionRegion(-1.0, 1.0, -1.0, 1.0)).save(out)
+    assert _calibrate(chessboard_dir, CHESSBOARD, out) == 0
+    cal = load_camera_calibration(out, serial="SN1")
+    assert cal.pose is not None
+    assert cal.region is not None
+    np.testing.assert_allclose(cal.pose.rotation, pose.rotation)
+    assert cal.intrinsics.fx == pytest.approx(TRUE_CAMERA.fx, rel=0.005)

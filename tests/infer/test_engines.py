@@ -181,3 +181,24 @@ def test_real_tensorrt_build_and_run_matches_onnxruntime(tmp_path: Path) -> None
     trt_out = TensorRTBackend(spec, plan, max_batch=2).run(feed)
     ort_out = OnnxRuntimeBackend(spec).run(feed)
     assert float(np.abs(trt_out["probs"] - ort_out["probs"]).max()) < 0.02
+
+
+def test_int8_calibration_set_and_acceptance_against_fp16(tmp_path: Path) -> None:
+    """Calibration inputs come from the shipped golden set; INT8 within tolerance is accepted."""
+    from edge.config import DEFAULT_MANIFEST
+    from edge.infer.int8 import calibration_batches, int8_acceptance
+    from edge.infer.manifest import load_manifest
+    from edge.infer.onnxruntime import OnnxRuntimeBackend
+
+    manifest = load_manifest(DEFAULT_MANIFEST)
+    batches = calibration_batches(manifest, batch=8)
+    assert batches["damage"][0]["trunk"].shape[1:] == (80, 8, 8)
+    assert batches["embedding"][0]["rgb"].shape[1:] == (3, 128, 128)
+    spec = manifest.model("damage")
+    # Stand-ins for plans: ONNX Runtime on the same model agrees with itself.
+    accept = int8_acceptance(spec, spec.path, batches["damage"][:1],
+                             lambda s, _p: OnnxRuntimeBackend(s))
+    assert accept(spec.path)
+    reject = int8_acceptance(spec, spec.path, batches["damage"][:1],
+                             lambda s, _p: OnnxRuntimeBackend(s), tolerance=-1.0)
+    assert not reject(spec.path)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge.clock import WallClock
 from edge.publish import SCHEMA_DIR
@@ -29,7 +31,7 @@ def validator(name: str) -> jsonschema.protocols.Validator:
     schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)  # type: ignore[no-any-return]
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 def make_verdict(item_id: str, *, deadline_in_ms: float = 60_000.0,
@@ -74,10 +76,10 @@ class Collector:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_disconnect = lambda *_: self.subscribed.clear()
-        self.client.reconnect_delay_set(0.02, 0.2)
+        self.client.reconnect_delay_set(0.02, 0.2)  # type: ignore[arg-type]  # floats work
         if login is not None:
             self.client.username_pw_set(*login)
-        props = paho.Properties(paho.PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", broker.port, keepalive=5, clean_start=False,
                             properties=props)

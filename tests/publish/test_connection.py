@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from typing import TYPE_CHECKING
@@ -9,7 +10,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 from edge.config import MqttConfig
-from edge.publish.broker import free_port
 from edge.publish.connection import BrokerConfigError, load_credentials, parse_url
 
 if TYPE_CHECKING:
@@ -70,36 +70,74 @@ def test_malformed_credentials_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "XYZZY" not in str(err.value)
 
 
+def _read_packet(conn: socket.socket) -> tuple[int, bytes]:
+    """One MQTT packet: (first header byte, body)."""
+    header = conn.recv(1)
+    if not header:
+        raise ConnectionError("closed")
+    length, shift = 0, 0
+    while True:
+        byte = conn.recv(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        chunk = conn.recv(length - len(body))
+        if not chunk:
+            raise ConnectionError("closed")
+        body += chunk
+    return header[0], body
+
+
+def _serve_311(conn: socket.socket, levels: list[int]) -> None:
+    """Refuse MQTT 5 like a 3.1.1 broker (CONNACK code 1); speak enough 3.1.1 otherwise."""
+    _, body = _read_packet(conn)
+    level = body[6]  # "\0\4MQTT" then the protocol level
+    levels.append(level)
+    if level == 5:
+        conn.sendall(b"\x20\x02\x00\x01")
+        conn.close()
+        return
+    conn.sendall(b"\x20\x02\x00\x00")
+    while True:
+        kind, body = _read_packet(conn)
+        if kind & 0xF0 == 0x80:  # SUBSCRIBE -> SUBACK granting QoS 1 to each filter
+            pos, n = 2, 0
+            while pos < len(body):
+                pos += 2 + int.from_bytes(body[pos:pos + 2], "big") + 1
+                n += 1
+            conn.sendall(bytes([0x90, 2 + n]) + body[:2] + b"\x01" * n)
+        elif kind & 0xF0 == 0x30 and kind & 0x06:  # PUBLISH QoS 1 -> PUBACK
+            topic_len = int.from_bytes(body[:2], "big")
+            conn.sendall(b"\x40\x02" + body[2 + topic_len:4 + topic_len])
+        elif kind & 0xF0 == 0xC0:  # PINGREQ
+            conn.sendall(b"\xd0\x00")
+
+
 @pytest.fixture
 def mqtt311_only_broker() -> Iterator[tuple[int, list[int]]]:
     """A fake MQTT 3.1.1-only broker: refuses a v5 CONNECT the way old brokers do (CONNACK
     return code 1) and accepts a 3.1.1 one. Yields its port and the protocol levels seen."""
-    port = free_port()
-    levels: list[int] = []
-    server = socket.create_server(("127.0.0.1", port))
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
     server.settimeout(0.2)
+    levels: list[int] = []
     stop = threading.Event()
     conns: list[socket.socket] = []
 
-    def serve() -> None:
+    def accept_loop() -> None:
         while not stop.is_set():
             try:
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
             conns.append(conn)
-            data = conn.recv(4096)
-            # fixed header byte, remaining length (a varint), "\0\4MQTT", protocol level
-            pos = 1
-            while data[pos] & 0x80:
-                pos += 1
-            level = data[pos + 7]
-            levels.append(level)
-            conn.sendall(b"\x20\x02\x00" + (b"\x01" if level == 5 else b"\x00"))
-            if level == 5:
-                conn.close()
+            threading.Thread(target=_quietly, args=(conn, levels), name="fake-conn",
+                             daemon=True).start()
 
-    thread = threading.Thread(target=serve, name="fake-broker", daemon=True)
+    thread = threading.Thread(target=accept_loop, name="fake-broker", daemon=True)
     thread.start()
     yield port, levels
     stop.set()
@@ -107,6 +145,11 @@ def mqtt311_only_broker() -> Iterator[tuple[int, list[int]]]:
     for c in conns:
         c.close()
     server.close()
+
+
+def _quietly(conn: socket.socket, levels: list[int]) -> None:
+    with contextlib.suppress(ConnectionError, OSError, IndexError):  # the client hung up
+        _serve_311(conn, levels)
 
 
 def test_falls_back_to_mqtt311_when_broker_refuses_v5(

@@ -12,9 +12,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+import structlog.testing
+
 from edge.config import MqttConfig, NodeConfig
 from edge.publish.broker import MosquittoBroker
-from tests.publish.helpers import Collector, make_verdict, validator, wait_until
+from edge.types import Decision
+from tests.publish.helpers import Collector, Received, make_verdict, validator, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +49,11 @@ def test_1000_verdicts_survive_two_broker_crashes(
     feeder = threading.Thread(target=feed, name="test-feeder")
     feeder.start()
     for threshold in (250, 600):
-        assert collector.wait_for(lambda ms, n=threshold: len(ms) >= n, 20), len(sent)
+
+        def enough(ms: list[Received], n: int = threshold) -> bool:
+            return len(ms) >= n
+
+        assert collector.wait_for(enough, 20), len(sent)
         broker.kill()
         threading.Event().wait(0.2)  # the node keeps deciding while the broker is down
         broker.start()
@@ -125,8 +133,6 @@ def test_mosquitto_sub_receives_schema_valid_verdicts(
                            stdout=subprocess.PIPE, text=True)
     try:
         threading.Event().wait(0.5)  # let mosquitto_sub subscribe
-        from edge.types import Decision
-
         for i in range(3):
             node.publisher.publish_verdict(make_verdict(f"ok-{i}"))
             node.publisher.publish_verdict(make_verdict(f"bad-{i}", decision=Decision.SIDELINE))
@@ -194,7 +200,7 @@ def test_clean_stop_flushes_and_leaves_offline(
         node.publisher.publish_verdict(make_verdict(f"s-{i}"))
     assert node.publisher.stop(flush_timeout_s=5) == 0
     watcher = collector_factory(mosquitto, "+/+/+/status")
-    assert watcher.wait_for(lambda ms: bool(ms), 5)
+    assert watcher.wait_for(bool, 5)
     assert watcher.on("/status")[-1].json()["state"] == "offline"
     assert watcher.on("/status")[-1].retain
 
@@ -210,8 +216,6 @@ def test_refused_connack_is_not_connected(
     broker = mosquitto_factory(extra_config=f"allow_anonymous false\npassword_file {pwfile}")
     creds = tmp_path / "creds"
     creds.write_text("edge-01:wrong-pass-XYZZY\n")
-    import structlog
-
     with structlog.testing.capture_logs() as logs:
         node = node_factory(broker, mqtt=MqttConfig(url=broker.url, credentials_file=creds),
                             connect=False)
@@ -256,3 +260,42 @@ def test_example_acl_limits_the_node_to_its_tree(
     assert wait_until(lambda: intruder.publisher.metrics().refused == 1, 5)
     assert not any("not-mine" in m.payload.decode() for m in collector.messages)
 
+
+
+def test_status_is_refreshed_with_health_periodically(
+        mosquitto: MosquittoBroker, node_factory: Callable[..., NodeSide],
+        collector_factory: Callable[..., Collector]) -> None:
+    """With a health provider the retained status is re-published every status interval."""
+    collector = collector_factory(mosquitto, "+/+/+/status")
+    calls: list[int] = []
+
+    def health() -> dict[str, object]:
+        calls.append(1)
+        return {"polls": len(calls)}
+
+    node_factory(mosquitto, mqtt=MqttConfig(url=mosquitto.url, status_interval_s=0.1),
+                 health=health)
+    assert collector.wait_for(
+        lambda ms: sum(1 for m in ms if m.json()["health"].get("polls")) >= 3, 5)
+    for m in collector.on("/status"):
+        validator("status").validate(m.json())
+
+
+def test_memory_bound_defers_to_the_outbox_without_loss(
+        monkeypatch: pytest.MonkeyPatch, mosquitto: MosquittoBroker,
+        node_factory: Callable[..., NodeSide],
+        collector_factory: Callable[..., Collector]) -> None:
+    """With the broker down, paho's in-memory queue stays bounded; verdicts beyond it wait
+    in the outbox and are topped up after the broker returns: all of them arrive."""
+    monkeypatch.setattr("edge.publish.mqtt.MAX_QUEUED", 20)
+    monkeypatch.setattr("edge.publish.delivery.MAX_QUEUED", 20)
+    monkeypatch.setattr("edge.publish.mqtt.TOP_UP_INTERVAL_S", 0.05)
+    collector = collector_factory(mosquitto, "+/+/+/verdict")
+    node = node_factory(mosquitto)
+    mosquitto.stop()
+    assert wait_until(lambda: not node.publisher.connected, 5)
+    seqs = [node.publisher.publish_verdict(make_verdict(f"q-{i}")) for i in range(100)]
+    assert node.publisher.outbox_depth == 100
+    mosquitto.start()
+    assert wait_until(lambda: node.publisher.outbox_depth == 0, 20), node.publisher.metrics()
+    assert collector.wait_for(lambda _ms: set(collector.verdict_seqs()) >= set(seqs), 10)

@@ -54,7 +54,8 @@ def rig(mosquitto: MosquittoBroker, node_factory: Callable[..., NodeSide],
 def _send_and_wait(node: NodeSide, injector: Injector, topic: str, payload: bytes) -> None:
     before = node.publisher.metrics().inputs_received
     injector.send(topic, payload)
-    assert wait_until(lambda: node.publisher.metrics().inputs_received > before, 5)
+    assert wait_until(lambda: node.publisher.metrics().inputs_received > before, 5), (
+        topic, payload[:80], node.publisher.metrics())
 
 
 def _induct(item_id: str, product_id: str = "box-small", **extra: Any) -> bytes:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -63,8 +64,7 @@ def test_every_verdict_payload_validates_against_the_schema(verdict: Verdict, se
 def test_anomaly_map_is_never_published() -> None:
     """The verdict's anomaly map stays on the node."""
     v = make_verdict("x")
-    v = Verdict(**{**{f: getattr(v, f) for f in v.__slots__},  # type: ignore[attr-defined]
-                   "anomaly_map": np.ones((4, 4), np.float32)})
+    v = dataclasses.replace(v, anomaly_map=np.ones((4, 4), np.float32))
     payload = verdict_payload(v, node_id="n", line_id="l", seq=1, published_ms=1.0)
     assert "anomaly" not in json.dumps(payload).replace('"anomaly":', "")
 

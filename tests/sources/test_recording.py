@@ -100,7 +100,7 @@ def test_colour_only_recording_has_no_depth_stream(tmp_path: Path) -> None:
 
 def test_no_frames_or_changing_size_is_an_error_naming_the_file(tmp_path: Path) -> None:
     """An empty frame list or a frame of another size raises SourceError with the path."""
-    with pytest.raises(SourceError, match="empty.db3.*no frames"):
+    with pytest.raises(SourceError, match=r"empty\.db3.*no frames"):
         write_recording(tmp_path / "empty.db3", [], fps=30)
     bad = frames(2)
     small = Frame("cam", 2, bad[1].timestamp_ms + 33, np.zeros((24, 32, 3), np.uint8),

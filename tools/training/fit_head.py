@@ -44,7 +44,7 @@ def train_head(data: CropTensors, *, epochs: int, seed: int, batch: int = 64,
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         print(f"epoch {epoch + 1}/{epochs} loss {total / n:.4f} ({time.monotonic() - start:.1f} s)",
               flush=True)
     return head.eval()

@@ -47,12 +47,28 @@ class DamageHead(nn.Module):
         return torch.sigmoid(pooled), torch.sigmoid(maps)
 
 
+def pin_output_shapes(path: Path, shapes: dict[str, tuple[int | str, ...]]) -> None:
+    """Write the static output dimensions the exporter left symbolic (e.g. after LogSumExp)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        for dim, want in zip(out.type.tensor_type.shape.dim, shapes[out.name], strict=True):
+            if isinstance(want, int):
+                dim.Clear()
+                dim.dim_value = want
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def export_embedding(trunk: Trunk, path: Path, size: int) -> None:
     dummy = torch.zeros(1, 3, size, size)
     torch.onnx.export(trunk.eval(), (dummy,), str(path), input_names=["rgb"],
                       output_names=["patches", "trunk"], opset_version=17,
                       dynamic_axes={"rgb": {0: "batch"}, "patches": {0: "batch"},
                                     "trunk": {0: "batch"}}, dynamo=False)
+    pin_output_shapes(path, {"patches": ("batch", PATCH_CHANNELS, size // 8, size // 8),
+                             "trunk": ("batch", TRUNK_CHANNELS, size // 16, size // 16)})
 
 
 def export_damage(head: DamageHead, path: Path, size: int) -> None:
@@ -63,3 +79,5 @@ def export_damage(head: DamageHead, path: Path, size: int) -> None:
                       output_names=["probs", "maps"], opset_version=17,
                       dynamic_axes={"trunk": {0: "batch"}, "depth": {0: "batch"},
                                     "probs": {0: "batch"}, "maps": {0: "batch"}}, dynamo=False)
+    pin_output_shapes(path, {"probs": ("batch", N_OUTPUTS),
+                             "maps": ("batch", N_OUTPUTS, cells, cells)})

@@ -1,0 +1,155 @@
+"""The node's HTTP endpoint against a running node: live page data, images, snapshots, access."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.config import ConfigError, HttpConfig
+from edge.web.server import read_token, start_http
+from tests.web.conftest import LiveNode
+
+
+def _jpeg(body: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None
+    return img
+
+
+def test_live_page_and_its_assets_are_served(live_node: LiveNode) -> None:
+    """/ is the live page; its script and style load; unknown paths are 404."""
+    code, body, ctype = live_node.get("/")
+    assert code == 200
+    assert ctype.startswith("text/html")
+    assert b'id="cameras"' in body
+    assert b'id="sidelined"' in body
+    for path, kind in (("/static/app.js", "javascript"), ("/static/style.css", "css")):
+        code, _, ctype = live_node.get(path)
+        assert code == 200
+        assert kind in ctype
+    assert live_node.get("/static/../server.py")[0] == 404
+    assert live_node.get("/nothing")[0] == 404
+
+
+def test_camera_images_show_the_newest_frame(live_node: LiveNode) -> None:
+    """Each camera's JPEG decodes at the camera's resolution and changes as the belt runs."""
+    cams = [c.id for c in live_node.cfg.cameras]
+    live_node.wait_for("frames", lambda: live_node.live.framesets_seen() > 5)
+    for cam in cams:
+        code, first, ctype = live_node.get(f"/api/camera/{cam}.jpg")
+        assert code == 200
+        assert ctype == "image/jpeg"
+        cfg = next(c for c in live_node.cfg.cameras if c.id == cam)
+        assert _jpeg(first).shape == (cfg.height, cfg.width, 3)
+        live_node.wait_for("a newer frame", lambda cam=cam, first=first: live_node.get(
+            f"/api/camera/{cam}.jpg")[1] != first, 10.0)
+    assert live_node.get("/api/camera/nope.jpg")[0] == 404
+
+
+def test_status_lists_stages_calibration_and_sidelined_snapshots(live_node: LiveNode) -> None:
+    """/api/status has stage timings, calibration per camera and the last sidelined items,
+    each with a snapshot sheet and overlays that are served."""
+    live_node.wait_for("a sidelined item with a snapshot",
+                       lambda: bool(live_node.status()["sidelined"]), 90.0)
+    s = live_node.status()
+    assert {"capture-top", "sync", "items", "inference"} <= set(s["stage_ms"])
+    assert set(s["calibration"]) == {c.id for c in live_node.cfg.cameras}
+    assert all(c["source"] == "synthetic" and c["ok"] for c in s["calibration"].values())
+    assert s["health"]["broker_connected"] is True
+    item = s["sidelined"][0]
+    assert item["snapshot_id"]
+    assert item["reasons"]
+    code, body, ctype = live_node.get(item["sheet"])
+    assert code == 200
+    assert ctype == "image/jpeg"
+    assert _jpeg(body).shape[1] >= 600
+    for url in item["overlays"].values():
+        assert live_node.get(url)[0] == 200
+    code, body, _ = live_node.get(f"/snapshots/{item['snapshot_id']}/verdict.json")
+    assert code == 200
+    assert json.loads(body)["verdict"]["decision"] == "sideline"
+    assert any(r["decision"] == "sideline" for r in s["recent"]) or s["recent"]
+
+
+def test_snapshot_paths_cannot_leave_the_store(live_node: LiveNode) -> None:
+    """Malformed IDs, unknown IDs, dot-files and traversal are all 404."""
+    sid = live_node.store.ids()[-1] if live_node.store.ids() else "20260101T000000000-abcd-000001"
+    for path in (f"/snapshots/{sid}/../../outbox.sqlite", f"/snapshots/{sid}/.hidden",
+                 "/snapshots/..%2F..%2Fetc/passwd", "/snapshots/20260101T000000000-abcd-999999/"
+                 "verdict.json", f"/snapshots/{sid}/nope.jpg"):
+        assert live_node.get(path)[0] == 404, path
+
+
+def test_endpoint_is_read_only(live_node: LiveNode) -> None:
+    """Anything but GET and HEAD is refused with 405."""
+    import urllib.request
+
+    for method in ("POST", "PUT", "DELETE"):
+        req = urllib.request.Request(live_node.url + "/metrics", data=b"x", method=method)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=5)
+        assert err.value.code == 405
+
+
+def test_healthz_reports_stalled_stages(live_node: LiveNode) -> None:
+    """/healthz is 200 with no stalled stage."""
+    code, body, _ = live_node.get("/healthz")
+    assert code == 200
+    assert json.loads(body) == {"ok": True, "stalled_stages": []}
+
+
+def test_token_protects_every_route(live_node: LiveNode, tmp_path: Path) -> None:
+    """With a token file every route wants the token (header or ?token=); a wrong one is 401."""
+    token = "s3cret-token-for-the-floor"
+    (tmp_path / "token").write_text(token + "\n")
+    cfg = HttpConfig(port=0, live_page=True, token_file=tmp_path / "token")
+    http = start_http(cfg, live_node.node, live=live_node.live)
+    try:
+        import urllib.request
+
+        def get(path: str, headers: dict[str, str] | None = None) -> int:
+            req = urllib.request.Request(http.url + path, headers=headers or {})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as res:
+                    return int(res.status)
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        for path in ("/metrics", "/", "/api/status"):
+            assert get(path) == 401
+            assert get(path + "?token=wrong-token-wrong-token") == 401
+            assert get(path + f"?token={token}") == 200
+            assert get(path, {"Authorization": f"Bearer {token}"}) == 200
+    finally:
+        http.shutdown()
+
+
+def test_binding_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
+    """A non-loopback bind without a token file is a config error naming http.token_file."""
+    with pytest.raises(ConfigError, match=r"http\.token_file"):
+        read_token(HttpConfig(port=9108, bind="0.0.0.0"))
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(ConfigError, match="16 characters"):
+        read_token(HttpConfig(port=9108, bind="0.0.0.0", token_file=tmp_path / "short"))
+    assert read_token(HttpConfig(port=9108, bind="127.0.0.1")) is None
+    assert read_token(HttpConfig(port=9108, bind="::1")) is None
+
+
+def test_live_page_off_serves_metrics_only(live_node: LiveNode) -> None:
+    """Production default: /metrics yes, the page and its API no."""
+    http = start_http(HttpConfig(port=0, live_page=False), live_node.node)
+    try:
+        import urllib.request
+
+        with urllib.request.urlopen(http.url + "/metrics", timeout=5) as res:
+            assert res.status == 200
+        for path in ("/", "/api/status", "/api/camera/top.jpg"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(http.url + path, timeout=5)
+            assert err.value.code == 404
+    finally:
+        http.shutdown()
