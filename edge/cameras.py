@@ -36,6 +36,18 @@ def _calibration(cam: CameraConfig, index: int) -> CameraCalibration:
                                                cam.height // cam.filters.decimation))
 
 
+def _synthetic_calibration(world: SyntheticConveyor, camera_id: str, cfg: Config
+                           ) -> CameraCalibration:
+    """What `edge-calibrate belt` would write for a synthetic camera (its pose is exact)."""
+    from calibration.files import CameraCalibration, InspectionRegion
+
+    half_w = cfg.belt.width_mm / 2 - 20.0
+    return CameraCalibration(serial=f"synthetic-{camera_id}",
+                             intrinsics=world.intrinsics(camera_id),
+                             pose=world.camera_pose(camera_id),
+                             region=InspectionRegion(-300.0, 300.0, -half_w, half_w))
+
+
 def open_cameras(cfg: Config, clock: Clock, world: SyntheticConveyor | None = None, *,
                  max_frames: int | None = None) -> Cameras:
     """Build every configured camera; synthetic views share one `world`."""
@@ -55,6 +67,7 @@ def open_cameras(cfg: Config, clock: Clock, world: SyntheticConveyor | None = No
             sources[cam.id] = SyntheticSource(world, cam.id, clock, realtime=cam.realtime,
                                               max_frames=max_frames)
             planes[cam.id] = BeltPlane(world.intrinsics(cam.id), world.camera_pose(cam.id))
+            calibrations[cam.id] = _synthetic_calibration(world, cam.id, cfg)
             continue
         from edge.sources.realsense import RealSenseSource
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from calibration.check import BeltChecker
 from edge import __version__
 from edge.cameras import Cameras, open_cameras
 from edge.catalogue import load_catalogue
@@ -25,8 +26,8 @@ from edge.config import Config
 from edge.node import Node, NodeHooks
 from edge.snapshots import SnapshotStore
 from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
-from edge.update import ReleaseStore, running_release_version
 from edge.types import FrameSet
+from edge.update import ReleaseStore, running_release_version
 
 if TYPE_CHECKING:
     from edge.web.live import LiveFeed
@@ -48,6 +49,10 @@ class BeltMonitor:
     latest: dict[str, FrameSet] = field(default_factory=dict)
     results: dict[str, dict[str, object]] = field(default_factory=dict)
     last_run_mono: float = 0.0
+    checkers: dict[str, BeltChecker] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.checkers = {cam: BeltChecker(cal) for cam, cal in self.cameras.calibrations.items()}
 
     def on_frameset(self, frameset: FrameSet) -> None:
         self.latest["last"] = frameset  # a reference, no copy
@@ -56,17 +61,15 @@ class BeltMonitor:
         return time.monotonic() - self.last_run_mono > BELT_CHECK_INTERVAL_S
 
     def run(self) -> dict[str, dict[str, object]]:
-        from calibration.check import check_belt
-
         frameset = self.latest.get("last")
         if frameset is None:
             return self.results
         self.last_run_mono = time.monotonic()
-        for cam_id, cal in self.cameras.calibrations.items():
+        for cam_id, checker in self.checkers.items():
             frame = frameset.frames.get(cam_id)
             if frame is None:
                 continue
-            result = check_belt(cal, frame.depth, frame.depth_scale_m)
+            result = checker.check(frame.depth, frame.depth_scale_m)
             self.results[cam_id] = result.as_dict()
             if not result.passed:
                 log.warning("belt_check_failed", camera=cam_id, reasons=list(result.reasons))

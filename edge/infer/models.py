@@ -25,7 +25,7 @@ from edge.infer.gallery import ReferenceGallery
 from edge.infer.geometry import geometry_check
 from edge.infer.golden import GoldenReport
 from edge.infer.manifest import Manifest, load_manifest, sha256_file
-from edge.types import CLASSIFIER_DAMAGE_TYPES, F32Array, ItemCrop, ItemRecord, Scores
+from edge.types import CLASSIFIER_DAMAGE_TYPES, DamageType, F32Array, ItemCrop, ItemRecord, Scores
 
 log = structlog.get_logger(__name__)
 
@@ -235,6 +235,11 @@ class ItemInspector:
         raw, amap, acam = self._anomaly(record.product_id, views)
         geometry = self._geometry(record)
         anomaly = self.fusion.normalize_anomaly(raw)
+        broken = self._broken_set(record.product_id, anomaly, geometry)
+        if broken is not None:
+            per_type[DamageType.BROKEN_SET.value] = broken
+            if amap is not None:
+                boxes[DamageType.BROKEN_SET.value] = map_box(amap, amap.shape[0])
         return ItemInference(damage, per_type, anomaly, raw, amap, acam, geometry,
                              self.fusion.fuse(damage, anomaly, geometry), boxes,
                              tuple(cam for cam, *_ in views))
@@ -251,6 +256,14 @@ class ItemInspector:
                                              interpolation=cv2.INTER_LINEAR), np.float32)
                 best = (res.score, amap, cam)
         return (None, None, None) if best is None else best
+
+    def _broken_set(self, product_id: str | None, anomaly: float | None,
+                    geometry: float | None) -> float | None:
+        """Multipacks only: the fusion's gallery + geometry terms with the classifier neutral."""
+        product = None if product_id is None else self.catalogue.get(product_id)
+        if product is None or product.units <= 1 or (anomaly is None and geometry is None):
+            return None
+        return self.fusion.fuse(0.5, anomaly, geometry)
 
     def _geometry(self, record: ItemRecord) -> float | None:
         product = None if record.product_id is None else self.catalogue.get(record.product_id)

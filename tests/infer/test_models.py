@@ -123,3 +123,17 @@ def test_intra_op_threads_do_not_change_results(golden: GoldenSet, threads: int,
     insp = memory_inspector(cfg, None)
     (inf,) = insp.infer([golden.records[0]])
     assert abs(inf.fused - golden.expected["fused"][0]) < 1e-3
+
+
+def test_broken_set_finding_points_at_the_gap(inspector: ItemInspector, golden: GoldenSet) -> None:
+    """A broken multipack gets a broken_set finding boxed from the anomaly map; intact ones not."""
+    policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
+    for rec in _by_label(golden, "broken_set"):
+        (inf,) = inspector.infer([rec])
+        finding = {f.type.value: f for f in policy.decide(rec, inf, 0.0).findings}
+        assert "broken_set" in finding
+        assert finding["broken_set"].box_px is not None
+    multipacks = [r for r, lab in zip(golden.records, golden.labels, strict=True)
+                  if lab != "broken_set" and str(r.product_id).startswith("P-MULTI")]
+    for inf in inspector.infer(multipacks):
+        assert inf.per_type.get("broken_set", 0.0) < 0.5
