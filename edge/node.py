@@ -106,7 +106,8 @@ class Node:
         self.inference = InferenceStage(self.inspector.infer, self._decide, self._complete,
                                         self.items_q, clock, cfg.models.max_batch)
         self._threads: list[StageThread] = []
-        self._lock = threading.Lock()
+        #: belt calibration check per camera (set by the service's periodic check)
+        self.calibration_ok: dict[str, bool] = {}
         self.started_mono: float | None = None
         # Last: registering the collector reads `snapshot()` (auto_describe), which needs
         # every stage above.
@@ -297,6 +298,7 @@ class Node:
             broker_connected=self.publisher.connected,
             rejected_inputs=dict(pub.rejected),
             model_versions=self.inspector.model_versions(),
+            calibration_ok=dict(self.calibration_ok),
             unmatched_frames=self.synchronizer.counters.unmatched_frames,
         )
 

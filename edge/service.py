@@ -132,6 +132,7 @@ class NodeService:
             if not stop.is_set():
                 pinger.mark_ready()
                 monitor.run()
+                node.calibration_ok = monitor.ok()
                 self.notifier.ready(node.summary_line())
                 log.info("node_ready")
                 self._report_last_update(node)
@@ -144,6 +145,7 @@ class NodeService:
                     self.notifier.ready(node.summary_line())
                 if monitor.due():
                     monitor.run()
+                    node.calibration_ok = monitor.ok()
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_INTERVAL_S
                     node.publisher.publish_status({**node.health(),
