@@ -118,6 +118,9 @@ class ItemsConfig:
     lost_after_ms: float = _f(250.0, lo=10.0, hi=10000.0,
                               doc="a track unseen this long has left the view: emit its record")
     min_observations: int = _f(2, lo=1, hi=100, doc="sightings before a track becomes an item")
+    emit_past_centre_mm: float | None = _f(
+        60.0, lo=0.0, hi=5000.0, doc="emit an item's record once its centre is this far past the "
+        "cameras' centre (its best views are behind it); null: only when it leaves the view")
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,8 @@ def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConve
               recorder: DemoRecorder, cfg: Config) -> dict[str, object]:
     """The demo's summary JSON (keys documented in README.md)."""
     actuations = controller.actuations()
-    truth = {it.item_id: it for it in world.schedule.items_until(float("inf"))
+    last = max((a.induct_time_ms for a in controller.announced.values()), default=world.start_ms)
+    truth = {it.item_id: it for it in world.schedule.items_until(last - world.start_ms)
              if it.item_id in controller.announced}
     decisions: dict[str, int] = {}
     reasons: dict[str, int] = {}

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: Announcements kept waiting for their item (the deadline scheduler owns them anyway).
+_MAX_OPEN = 10_000
+
 
 class InductAssociator:
     """Thread-safe: announcements come from the MQTT thread, claims from the item stage."""
@@ -72,7 +75,9 @@ class InductAssociator:
                 log.warning("induct.duplicate_announcement", item_id=a.item_id)
                 return
             self._open[a.item_id] = (a, self.expected_arrival_ms(a))
-            self._expire(a.induct_time_ms)
+            while len(self._open) > _MAX_OPEN:  # nothing seen for a long time: forget the oldest
+                self._open.popitem(last=False)
+                self.expired += 1
 
     def pending(self) -> list[Announcement]:
         with self._lock:

@@ -49,6 +49,7 @@ class Track:
     sightings: int = 0
     votes: dict[str, list[bool]] = field(default_factory=dict)  # camera -> merged? per view
     boxes: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    emitted: bool = False  # its record went out early; later sightings are absorbed
     best: dict[str, tuple[float, Detection, float]] = field(default_factory=dict)
 
     def predicted(self, t_ms: float, speed: float) -> tuple[float, float]:
@@ -96,7 +97,7 @@ class ItemTracker:
                     track = self._new_track(det, fs.timestamp_ms)
                 taken.add(track.track_id)
                 self._update(track, det, fs.timestamp_ms, speed)
-        records = self._finish(fs.timestamp_ms - self.cfg.lost_after_ms)
+        records = self._finish(fs.timestamp_ms - self.cfg.lost_after_ms, fs.timestamp_ms)
         self.cpu_ms.append((time.process_time() - start) * 1000.0)
         return records
 
@@ -157,13 +158,27 @@ class ItemTracker:
 
     # -- records -------------------------------------------------------------------------
 
-    def _finish(self, cutoff_ms: float) -> list[ItemRecord]:
+    def _ready_early(self, track: Track, now_ms: float) -> bool:
+        """Past the cameras' centre, fully seen: its best views will not get better."""
+        past = self.cfg.emit_past_centre_mm
+        if past is None or track.emitted or not track.fixed:
+            return False
+        if track.sightings < self.cfg.min_observations or len(track.best) < len(self.segmenters):
+            return False
+        lo, hi = track.predicted(now_ms, self.associator.speed_mm_per_ms)
+        return 0.5 * (lo + hi) > past
+
+    def _finish(self, cutoff_ms: float, now_ms: float | None = None) -> list[ItemRecord]:
+        early = [t for t in self.tracks if now_ms is not None and self._ready_early(t, now_ms)]
         done = [t for t in self.tracks if t.last_seen_ms < cutoff_ms]
-        if not done:
-            return []
         self.tracks = [t for t in self.tracks if t.last_seen_ms >= cutoff_ms]
         records: list[ItemRecord] = []
+        for track in early:
+            track.emitted = True
+            records.extend(self._records(track))
         for track in sorted(done, key=lambda t: t.first_seen_ms):
+            if track.emitted:
+                continue
             # Never fully in view (e.g. at the belt edge): trust it after one more sighting.
             needed = self.cfg.min_observations + (0 if track.fixed else 1)
             if track.sightings >= needed:

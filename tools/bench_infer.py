@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 # One BLAS thread, as the node runs it (set before numpy loads OpenBLAS): with the default
@@ -54,7 +55,7 @@ def bench_items(insp: ItemInspector, repeat: int) -> list[str]:
             "|---|---|---|---|"]
     for batch in (1, 8):
         items = (records * 8)[:batch]
-        med, p95 = _time(lambda items=items: insp.infer(items), repeat)
+        med, p95 = _time(partial(insp.infer, items), repeat)
         rows.append(f"| {batch} | {med:.1f} / {p95:.1f} | {med / batch:.1f} | "
                     f"{1000.0 * batch / med:.1f} |")
         if batch == 1:
@@ -92,7 +93,7 @@ def bench_gallery(insp: ItemInspector, repeat: int) -> list[str]:
             gallery.add("P", "top", noisy, views=k, persist=False)
         bank = gallery.views("P", "top")
         size = min(bank * patches.shape[2] * patches.shape[3], gallery.max_patches)
-        med, p95 = _time(lambda g=gallery: g.score("P", "top", patches[0]), repeat * 5)
+        med, p95 = _time(partial(gallery.score, "P", "top", patches[0]), repeat * 5)
         rows.append(f"| {n} | {size} | {med:.2f} / {p95:.2f} |")
     return rows
 

@@ -133,7 +133,11 @@ class ReferenceGallery:
             self._banks[(product_id, camera_id)] = _Bank(
                 rows, np.einsum("ij,ij->i", rows, rows), total)
         if persist and self.root is not None:
-            self._save(self.root, product_id, camera_id, rows, total)
+            try:
+                self._save(self.root, product_id, camera_id, rows, total)
+            except OSError as exc:  # keep learning in memory; the next add retries the write
+                log.error("gallery_write_failed", product_id=product_id, camera=camera_id,
+                          root=str(self.root), error=str(exc))
         log.info("gallery_learned", product_id=product_id, camera=camera_id, views=total,
                  patches=len(rows))
 

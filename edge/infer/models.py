@@ -235,7 +235,8 @@ class ItemInspector:
         raw, amap, acam = self._anomaly(record.product_id, views)
         geometry = self._geometry(record)
         anomaly = self.fusion.normalize_anomaly(raw)
-        broken = self._broken_set(record.product_id, anomaly, geometry)
+        broken = self._broken_set(record.product_id, anomaly, geometry,
+                                  max(per_type.values(), default=0.0))
         if broken is not None:
             per_type[DamageType.BROKEN_SET.value] = broken
             if amap is not None:
@@ -258,12 +259,12 @@ class ItemInspector:
         return (None, None, None) if best is None else best
 
     def _broken_set(self, product_id: str | None, anomaly: float | None,
-                    geometry: float | None) -> float | None:
-        """Multipacks only: the fusion's gallery + geometry terms with the classifier neutral."""
+                    geometry: float | None, typed_damage: float) -> float | None:
+        """Multipacks only: gallery + geometry evidence that no classifier type explains."""
         product = None if product_id is None else self.catalogue.get(product_id)
         if product is None or product.units <= 1 or (anomaly is None and geometry is None):
             return None
-        return self.fusion.fuse(0.5, anomaly, geometry)
+        return self.fusion.fuse(0.5, anomaly, geometry) * (1.0 - typed_damage)
 
     def _geometry(self, record: ItemRecord) -> float | None:
         product = None if record.product_id is None else self.catalogue.get(record.product_id)

@@ -81,9 +81,13 @@ function render(s) {
   rows("#stages", Object.entries(s.stage_ms).map(([k, v]) => [k, fmt(v, 2)]));
   rows("#queues", Object.entries(s.queues).map(([k, v]) => [k, v]));
   rows("#calibration", Object.entries(s.calibration).map(([cam, c]) => [
-    cam, el("span", {class: c.ok ? "ok" : "bad"}, c.ok ? "ok" : "check failed"),
-    c.source + (c.calibrated_at ? " " + c.calibrated_at : ""),
-    c.check ? "drift " + fmt(c.check.drift_mm, 1) + " mm" : (c.note || "")]));
+    cam,
+    c.ok === null ? el("span", {class: "empty"}, "not checked yet")
+                  : el("span", {class: c.ok ? "ok" : "bad"}, c.ok ? "check ok" : "check failed"),
+    c.source + (c.calibrated ? ", calibrated " + (c.calibrated_at || "") : ", not calibrated"),
+    c.check ? "drift " + fmt(c.check.drift_mm, 1) + " mm, tilt " + fmt(c.check.tilt_deg, 2) + "°"
+              + (c.check.reasons && c.check.reasons.length ? " (" + c.check.reasons.join("; ") + ")" : "")
+            : ""]));
   rows("#recent", s.recent.map(r => [
     r.item_id, el("span", {class: r.decision}, r.decision), r.reasons.join(","), fmt(r.fused, 3)]));
   const snap = s.snapshots;

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -54,6 +54,36 @@ class LiveItem:
                 "late": self.late, "fail_safe": self.fail_safe}
 
 
+@dataclass(frozen=True, slots=True)
+class LiveTrack:
+    """An item being tracked, not yet decided (drawn amber)."""
+
+    track_id: int
+    x_mm: tuple[float, float]  # extent along the belt at `t_ms`
+    y_mm: float
+    t_ms: float
+    width_mm: float
+    height_mm: float
+
+
+def tracks_of(tracker: object) -> list[LiveTrack]:
+    """The tracker's open tracks, read without locking (best effort, for display only)."""
+    out = []
+    try:
+        for t in list(getattr(tracker, "tracks", ())):
+            boxes = [b for bs in list(t.boxes.values()) for b in bs]
+            if not boxes:  # not fully in view yet: the best partial detection's box
+                boxes = [det.box_mm for _, det, _ in list(t.best.values())]
+            if not boxes:
+                continue
+            out.append(LiveTrack(t.track_id, t.x_mm, t.y_mm, t.t_ms,
+                                 float(np.median([b[1] for b in boxes])),
+                                 float(np.median([b[2] for b in boxes]))))
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return out  # the tracker changed under us; the next frame will do
+    return out
+
+
 def footprint_rect(plane: BeltPlane, centre_mm: tuple[float, float],
                    box_mm: tuple[float, float, float]) -> tuple[int, int, int, int] | None:
     """Image rectangle (x0, y0, x1, y1) around an item's belt-frame box; None if not in view."""
@@ -81,10 +111,10 @@ class LiveFeed:
 
     def __init__(self, keep: int = 64) -> None:
         self._lock = threading.Lock()
-        self._frameset: FrameSet | None = None
+        self._frames: dict[str, Frame] = {}  # newest frame per camera (framesets may lack one)
         self._framesets = 0
         self._items: deque[LiveItem] = deque(maxlen=keep)
-        self._cache: dict[str, tuple[tuple[int, int], bytes]] = {}
+        self._cache: dict[str, tuple[tuple[int, int, int], bytes]] = {}
 
     def wrap(self, hooks: NodeHooks) -> NodeHooks:
         """`hooks` with this feed's observers chained after the existing ones."""
@@ -107,7 +137,7 @@ class LiveFeed:
 
     def on_frameset(self, frameset: FrameSet) -> None:
         with self._lock:
-            self._frameset = frameset
+            self._frames.update(frameset.frames)
             self._framesets += 1
 
     def on_decided(self, decided: Decided) -> None:
@@ -131,23 +161,21 @@ class LiveFeed:
 
     def camera_ids(self) -> list[str]:
         with self._lock:
-            fs = self._frameset
-        return sorted(fs.frames) if fs is not None else []
+            return sorted(self._frames)
 
     def camera_jpeg(self, camera_id: str, planes: Mapping[str, BeltPlane],
-                    speed_mm_per_ms: float) -> bytes | None:
+                    speed_mm_per_ms: float, tracks: Sequence[LiveTrack] = ()) -> bytes | None:
         """The newest frame of one camera with the recent items drawn on; None if no frame yet."""
         with self._lock:
-            fs = self._frameset
-            key = (self._framesets, len(self._items))
+            frame = self._frames.get(camera_id)
             cached = self._cache.get(camera_id)
             items = list(self._items)
-        if fs is None or camera_id not in fs.frames:
+        if frame is None:
             return None
+        key = (frame.index, len(items), id(items[-1]) if items else 0)
         if cached is not None and cached[0] == key:
             return cached[1]
-        frame = fs.frames[camera_id]
-        img = annotate(frame, planes.get(camera_id), items, speed_mm_per_ms)
+        img = annotate(frame, planes.get(camera_id), items, speed_mm_per_ms, tracks)
         ok, buf = cv2.imencode(".jpg", img, _JPEG)
         if not ok:
             return None
@@ -157,29 +185,41 @@ class LiveFeed:
         return data
 
 
-def annotate(frame: Frame, plane: BeltPlane | None, items: list[LiveItem],
-             speed_mm_per_ms: float) -> U8Array:
-    """A copy of the frame's colour image with item boxes, IDs and verdict colours."""
+def _draw_box(img: U8Array, rect: tuple[int, int, int, int], colour: tuple[int, int, int],
+              text: str) -> None:
+    x0, y0, x1, y1 = rect
+    cv2.rectangle(img, (x0, y0), (x1, y1), colour, 2)
+    label = ascii_text(text, 32)
+    (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    ty = y0 - 4 if y0 > th + 6 else y1 + th + 4
+    x0 = max(0, min(x0, img.shape[1] - tw - 4))  # keep the label inside the image
+    cv2.rectangle(img, (x0, ty - th - 3), (x0 + tw + 4, ty + 3), colour, -1)
+    cv2.putText(img, label, (x0 + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                cv2.LINE_AA)
+
+
+def annotate(frame: Frame, plane: BeltPlane | None, items: Sequence[LiveItem],
+             speed_mm_per_ms: float, tracks: Sequence[LiveTrack] = ()) -> U8Array:
+    """A copy of the frame's colour image with item boxes, IDs and verdict colours
+    (amber: still being tracked; red: sideline; green: pass)."""
     img: U8Array = frame.color.copy()
     if plane is not None:
+        for track in tracks:
+            dx = speed_mm_per_ms * (frame.timestamp_ms - track.t_ms)
+            x0, x1 = track.x_mm
+            rect = footprint_rect(plane, ((x0 + x1) / 2 + dx, track.y_mm),
+                                  (x1 - x0, track.width_mm, track.height_mm))
+            if rect is not None:
+                _draw_box(img, rect, verdict_bgr(None), f"#{track.track_id} tracking")
         for item in items:
             age = frame.timestamp_ms - item.captured_ms
             if not -DRAW_FOR_MS < age < DRAW_FOR_MS:
                 continue
             centre = (item.centre_mm[0] + speed_mm_per_ms * age, item.centre_mm[1])
             rect = footprint_rect(plane, centre, item.box_mm)
-            if rect is None:
-                continue
-            colour = verdict_bgr(item.decision)
-            x0, y0, x1, y1 = rect
-            cv2.rectangle(img, (x0, y0), (x1, y1), colour, 2)
-            text = ascii_text(f"{item.item_id} {item.decision.value.upper()}", 32)
-            (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-            ty = y0 - 4 if y0 > th + 6 else y1 + th + 4
-            x0 = max(0, min(x0, img.shape[1] - tw - 4))  # keep the label inside the image
-            cv2.rectangle(img, (x0, ty - th - 3), (x0 + tw + 4, ty + 3), colour, -1)
-            cv2.putText(img, text, (x0 + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                        (255, 255, 255), 1, cv2.LINE_AA)
+            if rect is not None:
+                _draw_box(img, rect, verdict_bgr(item.decision),
+                          f"{item.item_id} {item.decision.value.upper()}")
     stamp = ascii_text(f"{frame.camera_id}  frame {frame.index}  t={frame.timestamp_ms:.0f} ms")
     (tw, th), _ = cv2.getTextSize(stamp, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
     h = img.shape[0]

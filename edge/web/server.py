@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from edge.config import ConfigError, HttpConfig
 from edge.node import Node
-from edge.web.live import LiveFeed
+from edge.web.live import LiveFeed, tracks_of
 from edge.web.status import page_status
 
 log = structlog.get_logger(__name__)
@@ -206,7 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
         data = None
         if live is not None:
             data = live.camera_jpeg(camera_id, node.cameras.planes,
-                                    node.cfg.belt.speed_mps)  # m/s == mm/ms
+                                    node.cfg.belt.speed_mps,  # m/s == mm/ms
+                                    tracks_of(getattr(node, "tracker", None)))
         if data is None:
             self._send(HTTPStatus.NOT_FOUND, b"no frame from this camera yet\n", "text/plain",
                        head)

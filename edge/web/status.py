@@ -26,23 +26,21 @@ def clean(value: Any) -> Any:
 
 
 def calibration_status(node: Node, results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per camera: where its belt pose comes from, when it was calibrated, the last check."""
+    """Per camera: its source, when it was calibrated, and the last belt check (ok is None
+    until a check has run)."""
+    sources = {c.id: c.source for c in node.cfg.cameras}
     out: dict[str, dict[str, Any]] = {}
     for cam in node.cameras.sources:
         cal = node.cameras.calibrations.get(cam)
-        if cal is not None:
-            entry: dict[str, Any] = {"source": "calibrated", "calibrated_at": cal.calibrated_at,
-                                     "serial": cal.serial}
-        elif node.cameras.world is not None:
-            entry = {"source": "synthetic", "calibrated_at": None,
-                     "note": "synthetic camera: exact pose, no check needed"}
-        else:
-            entry = {"source": "uncalibrated", "calibrated_at": None}
         check = results.get(cam)
-        entry["check"] = dict(check) if isinstance(check, Mapping) else None
-        entry["ok"] = (bool(check.get("passed")) if isinstance(check, Mapping)
-                       else entry["source"] == "synthetic")
-        out[cam] = entry
+        out[cam] = {
+            "source": sources.get(cam, "?"),
+            "calibrated": cal is not None,
+            "calibrated_at": None if cal is None else cal.calibrated_at,
+            "serial": None if cal is None else cal.serial,
+            "check": dict(check) if isinstance(check, Mapping) else None,
+            "ok": bool(check.get("passed")) if isinstance(check, Mapping) else None,
+        }
     return out
 
 

@@ -89,3 +89,12 @@ def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "B").mkdir()
     (tmp_path / "B" / "top.npz").write_bytes(b"junk")
     assert ReferenceGallery(tmp_path).products() == ("A",)
+
+
+def test_unwritable_gallery_keeps_learning_in_memory(tmp_path: Path) -> None:
+    """If the gallery directory cannot be written, the reference still counts (logged error)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("file in the way")
+    g = ReferenceGallery(blocker)
+    g.add("P", "top", _patches(np.random.default_rng(5)))
+    assert g.has("P", "top")

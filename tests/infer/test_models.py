@@ -126,14 +126,15 @@ def test_intra_op_threads_do_not_change_results(golden: GoldenSet, threads: int,
 
 
 def test_broken_set_finding_points_at_the_gap(inspector: ItemInspector, golden: GoldenSet) -> None:
-    """A broken multipack gets a broken_set finding boxed from the anomaly map; intact ones not."""
+    """A broken multipack gets a boxed broken_set finding; a holed multipack a hole finding."""
     policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
     for rec in _by_label(golden, "broken_set"):
         (inf,) = inspector.infer([rec])
         finding = {f.type.value: f for f in policy.decide(rec, inf, 0.0).findings}
         assert "broken_set" in finding
         assert finding["broken_set"].box_px is not None
-    multipacks = [r for r, lab in zip(golden.records, golden.labels, strict=True)
-                  if lab != "broken_set" and str(r.product_id).startswith("P-MULTI")]
-    for inf in inspector.infer(multipacks):
+    other = [r for r, lab in zip(golden.records, golden.labels, strict=True)
+             if lab != "broken_set" and str(r.product_id).startswith("P-MULTI")]
+    assert other
+    for inf in inspector.infer(other):
         assert inf.per_type.get("broken_set", 0.0) < 0.5

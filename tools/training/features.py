@@ -36,7 +36,8 @@ def _crop_labels(damage: str | None, truth_mask: np.ndarray | None) -> np.ndarra
 
 def _cells(mask: np.ndarray, cells: int) -> np.ndarray:
     s = mask.shape[0] // cells
-    return mask[: s * cells, : s * cells].reshape(cells, s, cells, s).max(axis=(1, 3))
+    out: np.ndarray = mask[: s * cells, : s * cells].reshape(cells, s, cells, s).max(axis=(1, 3))
+    return out
 
 
 def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTensors:

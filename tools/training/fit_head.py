@@ -28,7 +28,7 @@ def train_head(data: CropTensors, *, epochs: int, seed: int, batch: int = 64,
     for epoch in range(epochs):
         start, total = time.monotonic(), 0.0
         head.train()
-        for idx in torch.randperm(n).split(batch):
+        for idx in torch.split(torch.randperm(n), batch):
             depth = data.depth[idx].float()
             drop = torch.rand(len(idx)) < DEPTH_DROPOUT
             depth[drop] = 0.0

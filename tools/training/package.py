@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge.decide import COMBOS, Fusion, Thresholds
+
+__all__ = ["COMBOS", "evaluate", "manifest_data", "neutral_fusion", "pick_golden", "score",
+           "write_gallery_seed", "write_golden"]
 from edge.infer.dataset import HEIGHT_UNIT_MM, Dataset
 from edge.infer.fit import ScoreTable, fused_scores, recall_at_fpr, roc_auc
 from edge.infer.manifest import SCHEMA, sha256_file
@@ -59,8 +62,8 @@ def model_entries(engines: Path, version: str, size: int) -> dict[str, Any]:
 
 
 def manifest_data(engines: Path, version: str, size: int, *, fusion: Fusion,
-                  thresholds: dict[str, Any], geometry: dict[str, Any],
-                  extra: dict[str, Any]) -> dict[str, Any]:
+                  thresholds: Mapping[str, Any], geometry: Mapping[str, Any],
+                  extra: Mapping[str, Any]) -> dict[str, Any]:
     fusion_map = fusion.to_mapping()
     fusion_map["geometry"] = geometry
     return {"schema": SCHEMA, "version": version, "models": model_entries(engines, version, size),
