@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,22 @@ def write_snapshot(out: Path, record: ItemRecord, verdict: Verdict, saved_ms: fl
         "sheet": SHEET,
     }
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=1, allow_nan=False) + "\n")
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes a file or directory tree occupies on disk (allocated blocks, like du)."""
+    if path.is_file():
+        st = path.stat()
+        return max(st.st_size, st.st_blocks * 512)
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            total += max(st.st_size, st.st_blocks * 512)
+    return total
 
 
 def read_sidecar(snapshot_dir: Path) -> dict[str, Any]:

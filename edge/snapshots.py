@@ -19,8 +19,8 @@ same ones. Controller feedback becomes a ``label.json`` beside the sidecar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import queue
 import re
 import secrets
@@ -39,7 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.config import StorageConfig
-from edge.snapshot_files import LABEL, read_sidecar, write_label, write_snapshot
+from edge.snapshot_files import LABEL, disk_usage, read_sidecar, write_label, write_snapshot
 from edge.types import Decision, ItemRecord, Verdict
 
 log = structlog.get_logger(__name__)
@@ -93,22 +93,6 @@ def keep_passed(item_id: str, sample: float) -> bool:
     return zlib.crc32(item_id.encode("utf-8")) < sample * 2**32
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes a file or directory tree occupies on disk (allocated blocks, like du)."""
-    if path.is_file():
-        st = path.stat()
-        return max(st.st_size, st.st_blocks * 512)
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.stat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            total += max(st.st_size, st.st_blocks * 512)
-    return total
-
-
 def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
@@ -127,7 +111,7 @@ class SnapshotStore:
         self.stats = SnapshotStats()
         self._wall = wall
         self._free = free_bytes
-        self._queue: queue.Queue[_Write | _Label] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[_Write | _Label | None] = queue.Queue(maxsize=queue_size)
         self._tag = secrets.token_hex(2)
         self._seq = 0
         self._lock = threading.Lock()
@@ -171,15 +155,17 @@ class SnapshotStore:
         with self._lock:
             snapshot_id = self._by_item.get(item_id)
         if snapshot_id is None:
-            self.stats.labels_unmatched += 1
+            with self._lock:
+                self.stats.labels_unmatched += 1
             log.info("snapshot_label_unmatched", item_id=item_id, kind=kind)
             return False
         label = {"item_id": item_id, "kind": kind, "note": note,
                  "received_ms": received_ms if received_ms is not None else self._wall() * 1000}
-        try:
-            self._queue.put(_Label(snapshot_id, label), timeout=1.0)
+        try:  # on the MQTT client's thread: never wait
+            self._queue.put_nowait(_Label(snapshot_id, label))
         except queue.Full:
-            self.stats.labels_unmatched += 1
+            with self._lock:
+                self.stats.labels_unmatched += 1
             log.warning("snapshot_label_dropped", item_id=item_id, why="writer queue full")
             return False
         return True
@@ -195,11 +181,13 @@ class SnapshotStore:
         """Write what is queued (within `timeout_s`), then stop the writer."""
         self.flush(timeout_s)
         self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)  # wake the writer now rather than at its next poll
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("snapshot_writer_did_not_stop")
-        left = self._queue.qsize()
+        left = sum(1 for job in list(self._queue.queue) if job is not None)
         if left:
             self.stats.dropped_queue_full += left
             log.warning("snapshots_not_written_on_shutdown", count=left)
@@ -228,6 +216,9 @@ class SnapshotStore:
                 if time.monotonic() > next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._trim(0)
+                continue
+            if job is None:
+                self._queue.task_done()
                 continue
             try:
                 if isinstance(job, _Write):
@@ -270,7 +261,8 @@ class SnapshotStore:
     def _apply_label(self, job: _Label) -> None:
         path = self.path(job.snapshot_id)
         if path is None:
-            self.stats.labels_unmatched += 1
+            with self._lock:
+                self.stats.labels_unmatched += 1
             log.info("snapshot_label_unmatched", snapshot_id=job.snapshot_id,
                      why="snapshot not stored (dropped or evicted)")
             return

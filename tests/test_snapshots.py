@@ -18,8 +18,8 @@ from edge.cli import main as cli_main
 from edge.config import StorageConfig
 from edge.metrics import NodeMetrics, NodeSnapshot
 from edge.overlays import hot_area
-from edge.snapshot_files import read_sidecar
-from edge.snapshots import ID_PATTERN, SnapshotStore, disk_usage, keep_passed
+from edge.snapshot_files import disk_usage, read_sidecar
+from edge.snapshots import ID_PATTERN, SnapshotStore, keep_passed
 from edge.snapshots_cli import parse_since, snapshot_time_s
 from edge.types import Decision, ItemRecord
 from tests.snapshot_helpers import blob_map, make_store, synthetic_records, verdict_for

@@ -121,7 +121,7 @@ def start_http(cfg: HttpConfig, node: Node, *, live: LiveFeed | None = None,
     server = ThreadingHTTPServer((cfg.bind, cfg.port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True,
-                              kwargs={"poll_interval": 0.2})
+                              kwargs={"poll_interval": 0.1})
     thread.start()
     http = HttpServer(server, thread)
     log.info("http_started", url=http.url, live_page=cfg.live_page,
