@@ -257,6 +257,8 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
         if not node.publisher.wait_connected(10.0):
             raise RuntimeError(f"no MQTT connection to {cfg.mqtt.url}")
         controller.start()
+        # The first items are inducted only once the controller can announce them.
+        world.start_ms = max(world.start_ms, clock.now_ms() + 100.0)
         t0 = time.monotonic()
         while (elapsed := time.monotonic() - t0) < opts.seconds:
             time.sleep(min(1.0, opts.seconds - elapsed))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge.crops import CROP_MARGIN, rectify_item
+from edge.geometry import BeltPlane
 from edge.types import ItemCrop, ItemRecord, ItemTruth
 
 if TYPE_CHECKING:
@@ -216,30 +217,37 @@ class ItemTracker:
 
     def crop(self, det: Detection) -> ItemCrop:
         """The model crop of one view (rectified, `crop_size` square)."""
-        frame = det.frame
-        x0, y0, x1, y1 = det.roi
-        pad = int(0.5 * max(x1 - x0, y1 - y0) * (CROP_MARGIN + 0.2)) + 2
-        h, w = frame.depth.shape
-        px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
-        mask = np.zeros((py1 - py0, px1 - px0), bool)
-        mask[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = det.mask
-        heights = self._roi_heights(det, (px0, py0, px1, py1))
-        damage = None
-        if frame.truth is not None:
-            labels = frame.truth.labels[py0:py1, px0:px1]
-            label = _majority_label(labels, mask)
-            damage = frame.truth.damage_mask[py0:py1, px0:px1] & ((labels == 0) | (labels == label))
-        return rectify_item(det.camera_id, frame.color[py0:py1, px0:px1], heights, mask,
-                            self.cfg.crop_size, truth_damage=damage)
+        return crop_detection(det, self.segmenters[det.camera_id].plane, self.cfg.crop_size)
 
-    def _roi_heights(self, det: Detection, roi: tuple[int, int, int, int]) -> F32Array:
-        x0, y0, x1, y1 = roi
-        plane = self.segmenters[det.camera_id].plane
-        depth = det.frame.depth[y0:y1, x0:x1]
-        z = depth.astype(np.float32) * np.float32(det.frame.depth_scale_m * 1000.0)
-        out = z * plane.rays[y0:y1, x0:x1, 2] + np.float32(plane.pose.translation_mm[2])
-        out[depth == 0] = np.nan
-        return out.astype(np.float32)
+
+def crop_detection(det: Detection, plane: BeltPlane, size: int) -> ItemCrop:
+    """The model crop of one detection; the training-set writer cuts items the same way."""
+    frame = det.frame
+    x0, y0, x1, y1 = det.roi
+    # The rectified square reaches out to about 0.9 of the long side from the centre when
+    # the item lies diagonally: cut wide enough that it never samples past the cut-out.
+    pad = int(max(x1 - x0, y1 - y0) * (0.45 + CROP_MARGIN)) + 4
+    h, w = frame.depth.shape
+    px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    mask = np.zeros((py1 - py0, px1 - px0), bool)
+    mask[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = det.mask
+    heights = _roi_heights(det, plane, (px0, py0, px1, py1))
+    damage = None
+    if frame.truth is not None:
+        labels = frame.truth.labels[py0:py1, px0:px1]
+        label = _majority_label(labels, mask)
+        damage = frame.truth.damage_mask[py0:py1, px0:px1] & ((labels == 0) | (labels == label))
+    return rectify_item(det.camera_id, frame.color[py0:py1, px0:px1], heights, mask, size,
+                        truth_damage=damage)
+
+
+def _roi_heights(det: Detection, plane: BeltPlane, roi: tuple[int, int, int, int]) -> F32Array:
+    x0, y0, x1, y1 = roi
+    depth = det.frame.depth[y0:y1, x0:x1]
+    z = depth.astype(np.float32) * np.float32(det.frame.depth_scale_m * 1000.0)
+    out = z * plane.rays[y0:y1, x0:x1, 2] + np.float32(plane.pose.translation_mm[2])
+    out[depth == 0] = np.nan
+    return out.astype(np.float32)
 
 
 def _majority_label(labels: np.ndarray, mask: np.ndarray) -> int:

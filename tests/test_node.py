@@ -58,7 +58,7 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     """>= 200 announced items: one actuation verdict each; damage sidelined at the card's rate."""
     cfg = _fast_config(tmp_path, mosquitto, damage_rate=0.12, touching_rate=0.0)
-    opts = DemoOptions(seconds=58.0, items_per_second=4.5, seed=11, broker=mosquitto.url,
+    opts = DemoOptions(seconds=58.0, items_per_second=6.0, seed=11, broker=mosquitto.url,
                        quiet=True, summary_json=tmp_path / "summary.json")
     summary = run_demo(cfg, opts)
     announced = summary["items_announced"]

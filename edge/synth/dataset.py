@@ -1,7 +1,9 @@
 """Training sets from the synthetic conveyor: item crops with labels, and pristine references.
 
-Each item is cut out of the frames where it passes under the cameras with
-the same `measure_box` and `rectify_item` the node uses, from noisy depth.
+Each item is found and cut out exactly as the node does it at run time: the
+item segmenter on noisy depth, its measured box, and the tracker's crop of
+the detection; ground truth only says which detection is which item. So the
+models train on the crops they will see.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import structlog
 
 from edge.catalogue import DEFAULT_CATALOGUE, Catalogue
 from edge.config import Config
-from edge.crops import measure_box, rectify_item
-from edge.geometry import BeltPlane
+from edge.items import ItemSegmenter
 from edge.sources.synthetic import SyntheticConveyor
 from edge.synth.world import SceneItem
+from edge.tracking import crop_detection, truth_of
 from edge.types import Frame, ItemCrop
 
 log = structlog.get_logger(__name__)
@@ -43,32 +45,29 @@ class ItemView:
 
 
 def item_views(world: SyntheticConveyor, item: SceneItem, crop_size: int,
-               planes: dict[str, BeltPlane]) -> Iterator[ItemView]:
+               segmenters: dict[str, ItemSegmenter]) -> Iterator[ItemView]:
     """The crops of `item` from every camera, when its centre passes the camera centre."""
     centre_ms = item.induct_ms + world.arrival_delay_ms()
     for cam in world.camera_ids:
         index = round(centre_ms / (1000.0 / world.fps(cam)))
         frame = world.render(cam, index)
-        view = _cut(frame, item, crop_size, planes[cam])
+        view = _cut(frame, item, crop_size, segmenters[cam])
         if view is not None:
             yield view
 
 
-def _cut(frame: Frame, item: SceneItem, crop_size: int, plane: BeltPlane) -> ItemView | None:
-    truth = frame.truth
-    assert truth is not None
-    ids = [t.item_id for t in truth.items]
-    if item.item_id not in ids:
-        return None
-    label = ids.index(item.item_id) + 1
-    mask = truth.labels == label
-    if int(mask.sum()) < MIN_VIEW_PIXELS:
-        return None
-    heights = plane.height_map(frame.depth, frame.depth_scale_m)
-    box, _, _ = measure_box(plane, frame.depth, frame.depth_scale_m, heights, mask)
-    own_damage = truth.damage_mask & (mask | (truth.labels == 0))
-    crop = rectify_item(frame.camera_id, frame.color, heights, mask, crop_size, own_damage)
-    return ItemView(item, crop, box)
+def _cut(frame: Frame, item: SceneItem, crop_size: int, segmenter: ItemSegmenter
+         ) -> ItemView | None:
+    """The node's detection of `item` in `frame`, if the item is wholly in view."""
+    for det in segmenter.detect(frame):
+        truth = truth_of(det)
+        if truth is None or truth.item_id != item.item_id:
+            continue
+        if not det.complete or det.area_px < MIN_VIEW_PIXELS:
+            return None
+        crop = crop_detection(det, segmenter.plane, crop_size)
+        return ItemView(item, crop, det.box_mm)
+    return None
 
 
 def _write_view(out: Path, role: str, view: ItemView) -> dict[str, object]:
@@ -109,7 +108,8 @@ def write_dataset(out: Path, cfg: Config, catalogue: Catalogue, *, items: int, s
                               confounder_rate=confounder_rate, touching_rate=0.0,
                               items_per_second=max(cfg.synthetic.items_per_second, 1.0))
     world = SyntheticConveyor(syn, cfg.belt, cfg.cameras, catalogue, start_ms=0.0)
-    planes = {c: BeltPlane(world.intrinsics(c), world.camera_pose(c)) for c in world.camera_ids}
+    segmenters = {c: ItemSegmenter(c, world.intrinsics(c), world.camera_pose(c), cfg.items)
+                  for c in world.camera_ids}
     with (out / "index.jsonl").open("w", encoding="utf-8") as index:
         pristine = dataclasses.replace(syn, seed=seed + 1_000_003, damage_rate=0.0,
                                        confounder_rate=0.3)
@@ -123,7 +123,7 @@ def write_dataset(out: Path, cfg: Config, catalogue: Catalogue, *, items: int, s
                 if per_product[pid] >= references or item.induct_ms < t - 10_000.0:
                     continue
                 per_product[pid] += 1
-                for view in item_views(ref_world, item, cfg.items.crop_size, planes):
+                for view in item_views(ref_world, item, cfg.items.crop_size, segmenters):
                     index.write(json.dumps(_write_view(out, "reference", view)) + "\n")
                     counts["references"] += 1
         t = 0.0
@@ -133,7 +133,7 @@ def write_dataset(out: Path, cfg: Config, catalogue: Catalogue, *, items: int, s
                 if item.induct_ms < t - 10_000.0 or counts["items"] >= items:
                     continue
                 wrote = False
-                for view in item_views(world, item, cfg.items.crop_size, planes):
+                for view in item_views(world, item, cfg.items.crop_size, segmenters):
                     index.write(json.dumps(_write_view(out, "item", view)) + "\n")
                     counts["crops"] += 1
                     wrote = True
