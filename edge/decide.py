@@ -163,8 +163,8 @@ class VerdictPolicy:
         notes: list[Reason] = []
         if not inference.has_gallery:
             notes.append(Reason.NO_GALLERY)
-        if not inference.has_depth:
-            notes.append(Reason.NO_DEPTH)
+        if record.crops and not any(c.has_depth for c in record.crops.values()):
+            notes.append(Reason.NO_DEPTH)  # (without a product, geometry is skipped, not depth)
         if record.views_missing:
             notes.append(Reason.VIEWS_MISSING)
         policy_sideline: list[Reason] = []

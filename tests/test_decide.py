@@ -73,9 +73,14 @@ def test_no_gallery_and_no_depth_are_reported_and_use_their_threshold() -> None:
     th = Thresholds("t", 0.005, {"full": 0.5, "no_gallery": 0.5, "no_depth": 0.5,
                                  "classifier_only": 0.95}, {})
     policy = VerdictPolicy(th, DecisionConfig(), {})
-    v = policy.decide(_record(), _inf(0.9, anomaly=None, geometry=None), 0.0)
+    blind = ItemCrop("top", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32),
+                     np.ones((8, 8), bool), has_depth=False)
+    v = policy.decide(_record(crops={"top": blind}), _inf(0.9, anomaly=None, geometry=None), 0.0)
     assert v.decision is Decision.PASS
     assert set(v.reasons) == {Reason.NO_GALLERY, Reason.NO_DEPTH}
+    # An unknown product has no geometry check either, but its depth is fine: no NO_DEPTH.
+    v = policy.decide(_record(product_id=None), _inf(0.9, anomaly=None, geometry=None), 0.0)
+    assert set(v.reasons) == {Reason.NO_GALLERY}
 
 
 def test_unannounced_and_merged_follow_the_config() -> None:
