@@ -73,6 +73,8 @@ class ItemTracker:
             self.segmenters[c].plane.pose.rotation[2, 2]))
         #: CPU time (ms) of segmentation + tracking per frameset, the most recent ones
         self.cpu_ms: deque[float] = deque(maxlen=10_000)
+        #: oblique-view detections that matched no track of the primary camera (ignored)
+        self.unmatched_views = 0
 
     @classmethod
     def from_views(cls, views: Mapping[str, tuple[Intrinsics, Pose]],
@@ -87,7 +89,12 @@ class ItemTracker:
         """Detect, track and emit the records of items that have left the view."""
         start = time.process_time()
         speed = self.associator.speed_mm_per_ms
-        for camera_id, frame in fs.frames.items():
+        # The top-down camera decides what is an item; oblique views only add views to its
+        # tracks (their blobs of tall or neighbouring items are ambiguous), unless it is gone.
+        primary_here = self.primary in fs.frames
+        order = sorted(fs.frames, key=lambda c: c != self.primary)
+        for camera_id in order:
+            frame = fs.frames[camera_id]
             seg = self.segmenters.get(camera_id)
             if seg is None:
                 continue
@@ -95,6 +102,9 @@ class ItemTracker:
             for det in seg.detect(frame):
                 track = self._match(det, fs.timestamp_ms, speed, taken)
                 if track is None:
+                    if primary_here and camera_id != self.primary:
+                        self.unmatched_views += 1
+                        continue
                     track = self._new_track(det, fs.timestamp_ms)
                 taken.add(track.track_id)
                 self._update(track, det, fs.timestamp_ms, speed)

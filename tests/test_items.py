@@ -243,3 +243,31 @@ def test_empty_belt_and_noise_give_no_items() -> None:
     frame = dataclasses.replace(frame, depth=noisy.astype(np.uint16))
     assert _segmenter().detect(frame) == []
 
+
+
+def test_two_camera_records_come_early_once_per_item_without_ghosts() -> None:
+    """With both cameras on a busy belt, each item gets one record, emitted soon after its best
+    view (not when it leaves the view), and the oblique view adds no items of its own."""
+    cams = ("top", "angled")
+    world = _world(cams, items_per_second=4.0, seed=5, touching_rate=0.0)
+    seen: list[str] = []
+    tracker, assoc = _pipeline(world, cams, seen)
+    sync = FrameSynchronizer(cams, fps=30, camera_timeout_ms=300.0)
+    announced: set[str] = set()
+    emitted: list[tuple[ItemRecord, float]] = []
+    for k in range(0, 450):
+        for a in world.announcements_until(k * 1000.0 / 30):
+            if a.item_id not in announced:
+                announced.add(a.item_id)
+                assoc.announce(a)
+        for cam in cams:
+            for fs in sync.push(world.render(cam, k)):
+                emitted += [(r, fs.timestamp_ms) for r in tracker.process(fs)]
+    ids = [r.item_id for r, _ in emitted]
+    assert len(ids) >= 30
+    assert len(ids) == len(set(ids))
+    assert not [r for r, _ in emitted if r.unannounced]
+    assert all(r.truth is not None and r.truth.item_id == r.item_id for r, _ in emitted)
+    delays = sorted(t - r.captured_ms for r, t in emitted)
+    # The old rule (emit once out of view + 250 ms) waited ~0.7 s at 1.2 m/s.
+    assert delays[len(delays) // 2] < 250.0
