@@ -255,7 +255,7 @@ def test_two_camera_records_come_early_once_per_item_without_ghosts() -> None:
     sync = FrameSynchronizer(cams, fps=30, camera_timeout_ms=300.0)
     announced: set[str] = set()
     emitted: list[tuple[ItemRecord, float]] = []
-    for k in range(0, 450):
+    for k in range(450):
         for a in world.announcements_until(k * 1000.0 / 30):
             if a.item_id not in announced:
                 announced.add(a.item_id)
