@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -172,25 +173,35 @@ def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle
     controller = ControllerSimulator(mosquitto.url, topics, clock,
                                      lambda now: world.announcements_until(now - start_ms))
     controller.start()
+    log_path = tmp_path / "node.log"
+    log_file = log_path.open("wb")  # a file, not a pipe: a full pipe would block the node
     proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg_path)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     messages: list[tuple[float, str]] = []
-    try:
-        end = time.monotonic() + 60.0
-        while time.monotonic() < end:
+
+    def listen(until: Callable[[], bool], seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not until():
             try:
-                data = sock.recv(4096).decode()
+                messages.append((time.monotonic(), sock.recv(4096).decode()))
             except TimeoutError:
                 if proc.poll() is not None:
-                    break
-                continue
-            messages.append((time.monotonic(), data))
-            if sum("WATCHDOG=1" in m for _, m in messages) >= 3 and any(
-                    "READY=1" in m for _, m in messages) and len(controller.announced) >= 12:
-                break
+                    return
+
+    def said(text: str) -> int:
+        return sum(text in m for _, m in messages)
+
+    try:
+        listen(lambda: said("WATCHDOG=1") >= 3 and said("READY=1") >= 1
+               and len(controller.announced) >= 12, 60.0)
         ready = [t for t, m in messages if "READY=1" in m]
-        assert ready, (messages, proc.stderr.read().decode()[-3000:] if proc.stderr else "")
+        assert ready, (messages, log_path.read_text()[-3000:])
         assert any("WATCHDOG=1" in m for t, m in messages if t > ready[0])
+        # SIGHUP reloads thresholds and gallery; the node says so and is ready again.
+        proc.send_signal(signal.SIGHUP)
+        listen(lambda: said("RELOADING=1") >= 1 and said("READY=1") >= 2, 20.0)
+        assert said("RELOADING=1") == 1
+        assert said("READY=1") == 2
         # Items announced from here on may arrive after the node stopped listening.
         world.induct_cutoff_ms = time.time() * 1000.0 - start_ms
         time.sleep(0.5)  # announcements already sent reach the node
@@ -210,6 +221,7 @@ def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle
             proc.kill()
         controller.stop()
         sock.close()
+        log_file.close()
     assert any("STOPPING=1" in m for _, m in messages)
     status = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(mosquitto.port),
                              "-t", topics.status, "-C", "1", "-W", "5"],

@@ -9,6 +9,7 @@ broker would, so a restarted broker still knows durable subscribers.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -109,8 +110,11 @@ class MosquittoBroker:
             return
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text(), encoding="utf-8")
+        # Debian's mosquitto speaks sd_notify itself: it must not answer for the node.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         self._proc = subprocess.Popen([self._exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE)
+                                      stderr=subprocess.PIPE, env=env)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self._proc.poll() is not None:
