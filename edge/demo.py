@@ -57,7 +57,7 @@ class DemoRecorder:
     """What the demo observes inside the node (latencies, decisions with truth)."""
 
     ack_latency_ms: list[float] = field(default_factory=list)
-    decided: list[Decided] = field(default_factory=list)
+    seen_items: set[str] = field(default_factory=set)  # announced items the node decided on
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_acked(self, acked: AckedVerdict) -> None:
@@ -67,7 +67,8 @@ class DemoRecorder:
 
     def on_decided(self, decided: Decided) -> None:
         with self.lock:
-            self.decided.append(decided)
+            if not decided.record.unannounced:
+                self.seen_items.add(decided.record.item_id)
 
 
 def demo_config(base: Config, opts: DemoOptions, broker_url: str, state_dir: Path) -> Config:
@@ -107,7 +108,7 @@ def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConve
     caught = sum(1 for i in damaged if actuations.get(i, {}).get("decision") == "sideline")
     false_alarms = sum(1 for i in intact if actuations.get(i, {}).get("decision") == "sideline")
     stats = node.scheduler.stats()
-    seen = len({d.record.item_id for d in recorder.decided if not d.record.unannounced})
+    seen = len(recorder.seen_items)
     return {
         "items_announced": len(controller.announced),
         "items_seen": seen,

@@ -23,7 +23,7 @@ from edge.cameras import Cameras, open_cameras
 from edge.catalogue import load_catalogue
 from edge.clock import Clock, WallClock
 from edge.config import Config
-from edge.node import Node, NodeHooks
+from edge.node import Node, NodeHooks, stage_timings
 from edge.snapshots import SnapshotStore
 from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
 from edge.types import FrameSet
@@ -148,6 +148,8 @@ class NodeService:
                     node.calibration_ok = monitor.ok()
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_INTERVAL_S
+                    log.info("node_health", summary=node.summary_line(),
+                             stage_ms=stage_timings(node))
                     node.publisher.publish_status({**node.health(),
                                                    "calibration": monitor.results})
         finally:
