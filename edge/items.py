@@ -37,6 +37,8 @@ MIN_FILL = 0.86
 MIN_PART = 0.15
 #: Pixels of image border inside which a detection counts as cut off.
 BORDER_PX = 3
+#: Footprint grid for splitting blobs on the belt (gaps between items are >= ~2 cells).
+BELT_CELL_MM = 15.0
 _KERNEL3 = np.ones((3, 3), np.uint8)
 _KERNEL5 = np.ones((5, 5), np.uint8)
 
@@ -117,12 +119,50 @@ class ItemSegmenter:
         det = self._detection(frame, comp, roi, merged=False)
         if det is None:
             return []
-        if not det.complete or not self._suspicious(det, comp):
+        if not det.complete and det.box_mm[0] <= self.cfg.max_item_length_mm:
             return [det]
-        parts = self._split(frame, heights, comp, roi)
+        if det.complete and not self._suspicious(det, comp):
+            return [det]
+        # Items a few cm apart fuse in the image where a tall item's side face covers the
+        # gap; on the belt their footprints stay apart. Then cut along height steps.
+        parts = self._split_on_belt(frame, comp, roi) or (
+            self._split(frame, heights, comp, roi) if det.complete else [])
         if parts:
             return parts
-        return [self._with_merged(det)]
+        return [self._with_merged(det)] if det.complete else [det]
+
+    def _split_on_belt(self, frame: Frame, comp: BoolArray, roi: tuple[int, int, int, int]
+                       ) -> list[Detection]:
+        """Components of the blob's footprint on the belt (BELT_CELL_MM grid); [] if one."""
+        x0, y0, x1, y1 = roi
+        depth = frame.depth[y0:y1, x0:x1]
+        valid = comp & (depth > 0)
+        rows, cols = np.nonzero(valid)
+        if rows.size < 16:
+            return []
+        z = depth[rows, cols].astype(np.float32) * np.float32(frame.depth_scale_m * 1000.0)
+        rays = self.plane.rays[rows + y0, cols + x0]
+        t = self.plane.pose.translation_mm.astype(np.float32)
+        xy = z[:, None] * rays[:, :2] + t[:2]
+        cells = np.floor((xy - xy.min(axis=0)) / BELT_CELL_MM).astype(np.int32)
+        grid = np.zeros((int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1), np.uint8)
+        grid[cells[:, 1], cells[:, 0]] = 1
+        grid = np.asarray(cv2.morphologyEx(grid, cv2.MORPH_CLOSE, _KERNEL3), dtype=np.uint8)
+        count, labels = cv2.connectedComponents(grid, connectivity=8)
+        if count <= 2:
+            return []
+        owner = labels[cells[:, 1], cells[:, 0]]
+        parts = []
+        for k in range(1, count):
+            part = np.zeros(comp.shape, bool)
+            part[rows[owner == k], cols[owner == k]] = True
+            if int(part.sum()) < self._min_pixels():
+                continue
+            det = self._detection(frame, part, roi, merged=False)
+            if det is None:
+                continue
+            parts.append(det)
+        return parts if len(parts) >= 2 else []
 
     def _suspicious(self, det: Detection, comp: BoolArray) -> bool:
         length, width, _ = det.box_mm

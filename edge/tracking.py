@@ -102,7 +102,8 @@ class ItemTracker:
             for det in seg.detect(frame):
                 track = self._match(det, fs.timestamp_ms, speed, taken)
                 if track is None:
-                    if primary_here and camera_id != self.primary:
+                    oblique = primary_here and camera_id != self.primary
+                    if oblique or self._covers_known(det, fs.timestamp_ms, speed):
                         self.unmatched_views += 1
                         continue
                     track = self._new_track(det, fs.timestamp_ms)
@@ -137,6 +138,18 @@ class ItemTracker:
                 if overlap > best_overlap:
                     fallback, best_overlap = track, overlap
         return best or fallback
+
+    def _covers_known(self, det: Detection, t: float, speed: float) -> bool:
+        """A blob over much of a tracked item is that item fused with a neighbour (e.g. by a
+        tall side face at the image edge), not a new item: new items enter the view upstream."""
+        d_lo, d_hi = det.extent_x_mm
+        for track in self.tracks:
+            lo, hi = track.predicted(t, speed)
+            if not det.extent_y_mm[0] <= track.y_mm <= det.extent_y_mm[1]:
+                continue
+            if min(hi, d_hi) - max(lo, d_lo) > 0.3 * max(1.0, hi - lo):
+                return True
+        return False
 
     def _new_track(self, det: Detection, t: float) -> Track:
         track = Track(next(self._ids), det.extent_x_mm, det.centre_mm[1], t, t, t)
