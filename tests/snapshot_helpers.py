@@ -10,7 +10,7 @@ import numpy as np
 
 from edge.catalogue import load_catalogue
 from edge.config import StorageConfig, load_config
-from edge.geometry import BeltPlane
+from edge.items import ItemSegmenter
 from edge.snapshots import SnapshotStore
 from edge.sources.synthetic import SyntheticConveyor
 from edge.synth.dataset import item_views
@@ -32,7 +32,8 @@ def synthetic_records(count: int, *, damage_rate: float, seed: int = 3) -> list[
     syn = dataclasses.replace(cfg.synthetic, seed=seed, damage_rate=damage_rate,
                               touching_rate=0.0, confounder_rate=0.0)
     world = SyntheticConveyor(syn, cfg.belt, cfg.cameras, load_catalogue(), start_ms=0.0)
-    planes = {c: BeltPlane(world.intrinsics(c), world.camera_pose(c)) for c in world.camera_ids}
+    planes = {c: ItemSegmenter(c, world.intrinsics(c), world.camera_pose(c), cfg.items)
+              for c in world.camera_ids}
     out: list[ItemRecord] = []
     t = 0.0
     while len(out) < count:

@@ -33,8 +33,11 @@ def _inspect(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object
 
 def test_inspect_json_with_depth_and_product(golden: GoldenSet, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """RGB + depth + product: all three checks run; a holed item is sidelined with reasons."""
-    rgb, depth, product = _write_item(golden, "hole", tmp_path)
+    """RGB + depth + product: all three checks run; a crushed item is sidelined with reasons.
+
+    (The golden hole of the retrained set shows mostly in the oblique view; from the top
+    photograph alone the gallery catches it, not the classifier.)"""
+    rgb, depth, product = _write_item(golden, "crush", tmp_path)
     out = _inspect(capsys, "--rgb", str(rgb), "--depth", str(depth), "--product", product)
     assert out["decision"] == "sideline"
     assert "damage" in out["reasons"]  # type: ignore[operator]

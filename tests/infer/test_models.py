@@ -56,11 +56,12 @@ def test_without_depth_classifier_runs_on_rgb_and_geometry_is_skipped(
     rec = _by_label(golden, "hole")[0]
     crops = {k: dataclasses.replace(c, height_mm=np.zeros_like(c.height_mm), has_depth=False)
              for k, c in rec.crops.items()}
-    (inf,) = inspector.infer([dataclasses.replace(rec, crops=crops)])
+    blind = dataclasses.replace(rec, crops=crops)
+    (inf,) = inspector.infer([blind])
     assert inf.geometry is None
     assert inf.damage > 0.5
     policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
-    assert Reason.NO_DEPTH in policy.decide(rec, inf, 0.0).reasons
+    assert Reason.NO_DEPTH in policy.decide(blind, inf, 0.0).reasons
 
 
 def test_batched_inference_equals_one_by_one(inspector: ItemInspector,
