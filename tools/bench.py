@@ -52,7 +52,11 @@ def main() -> int:
                         help="length of the real-time latency run (0: skip)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--replay", choices=["recording", "memory"], default="recording",
+                        help="play the .db3 files through librealsense for every run, or read "
+                        "them once and replay the frames from memory")
     args = parser.parse_args()
+    os.environ["CV_BENCH_REPLAY"] = args.replay
     from edge.publish.broker import MosquittoBroker
 
     with tempfile.TemporaryDirectory(prefix="cv-bench-") as tmp:
@@ -84,6 +88,7 @@ def main() -> int:
         "limit_frames_per_s": round(limit, 2),
         "speedup": round(float(pipe["items_per_s"]) / max(1e-9, float(seq["items_per_s"])), 3),
         "efficiency": round(float(pipe["frames_per_s"]) / limit, 3),
+        "replay": args.replay,
         "numpy": np.__version__,
     }
     text = json.dumps(out, indent=2)
