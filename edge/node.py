@@ -43,8 +43,9 @@ log = structlog.get_logger(__name__)
 #: A stage that makes no progress for this long is stalled (watchdog, health).
 STALL_AFTER_S = 10.0
 #: Items kept after their verdict, for feedback (packaging changed -> learn their views).
-#: About 260 KB each (two crops with depth): 400 items are ~100 MB, minutes of belt.
-RECENT_ITEMS = 400
+#: About 260 KB each (two crops with depth): 256 items are ~65 MB, 1.5 minutes at 3 items/s;
+#: older sidelined items keep their crops in the snapshot store on disk.
+RECENT_ITEMS = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,7 +106,9 @@ def _box_faces(centre: FloatArray, yaw: float, dims: tuple[float, float, float],
 class SceneRenderer:
     """Draws items at their positions at one instant, for one camera rig."""
 
-    def __init__(self, cache_size: int = 256) -> None:
+    def __init__(self, cache_size: int = 64) -> None:
+        # Items are in view for about a second: a few dozen item tops (multipacks: one per
+        # unit) cover every item on screen; more would only hold memory.
         self._tops: OrderedDict[tuple[int, int], TopSurface] = OrderedDict()
         self._cache_size = cache_size
 
