@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 WARMUP_S = 180.0
 
 
