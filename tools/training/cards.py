@@ -42,7 +42,9 @@ train `{args.train}` ({n_train} items, damage rate 50%; the gallery seed comes f
 reference views), validation `{args.val}` ({n_val} items: fusion weights, normalization,
 thresholds), test `{args.test}` ({m['test_items']} items, {m['test_damaged']} damaged; never seen
 by training or fitting). Two views per item (top, angled), crops {m.get('size', 128)} px,
-rectified (long side along x). No real photographs: expect a domain gap on real packages.
+rectified (long side along x). Items are found and cut out by the node's own code
+(`ItemSegmenter` on noisy depth, `crop_detection`), so training crops are the crops the
+node infers on. No real photographs: expect a domain gap on real packages.
 Reproduce: `python tools/train_models.py --generate` writes the same splits (`edge-node synth
 dataset`, seeds 11 / 22 / 33, 2400 / 1500 / 2000 items, damage rates 0.5 / 0.3 / 0.3, 4 reference
 views per product and camera) and trains on them.
