@@ -94,12 +94,14 @@ class StageStats:
 
 
 class StageThread:
-    """Runs `step()` repeatedly in a named thread; `step` returns True when it did work.
+    """Runs `step()` repeatedly in a named thread.
 
-    `observe` receives each working step's duration (the node feeds its histograms).
+    `step` returns False when it had nothing to do, True when it did work (the whole step
+    is timed), or the seconds it worked (stages that wait on a queue inside `step` time only
+    the work). `observe` receives each working step's duration (the node's histograms).
     """
 
-    def __init__(self, name: str, step: Callable[[], bool], stop: threading.Event,
+    def __init__(self, name: str, step: Callable[[], float | bool], stop: threading.Event,
                  observe: Callable[[str, float], None] | None = None,
                  on_exit: Callable[[], None] | None = None) -> None:
         self.name = name
@@ -126,8 +128,8 @@ class StageThread:
                     log.exception("stage_step_failed", stage=self.name, error=str(exc))
                     worked = False
                     time.sleep(0.05)
-                if worked:
-                    dt = time.perf_counter() - t0
+                if worked is not False:
+                    dt = time.perf_counter() - t0 if worked is True else float(worked)
                     self.stats.observe(dt)
                     if self._observe is not None:
                         self._observe(self.name, dt)

@@ -14,6 +14,7 @@ its fail-safe verdict from the deadline scheduler.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -87,8 +88,9 @@ class SyncStage:
         self._clock = clock
         self.framesets = 0
 
-    def step(self) -> bool:
+    def step(self) -> float | bool:
         frame = self._in.get(0.05)
+        t0 = time.perf_counter()  # the work, not the wait for a frame
         ready = self._sync.push(frame) if frame is not None else self._sync.poll(
             self._clock.now_ms())
         for frameset in ready:
@@ -97,7 +99,7 @@ class SyncStage:
                 self._out.put(frameset, self._stop)
             else:
                 self._out.put_nowait_or_drop(frameset)
-        return frame is not None
+        return time.perf_counter() - t0 if frame is not None else False
 
     def flush(self) -> list[FrameSet]:
         return self._sync.flush()
@@ -116,16 +118,17 @@ class ItemStage:
         self._stop = stop
         self.records = 0
 
-    def step(self) -> bool:
+    def step(self) -> float | bool:
         frameset = self._in.get(0.05)
         if frameset is None:
             return False
+        t0 = time.perf_counter()
         if self._on_frameset is not None:
             self._on_frameset(frameset)
         for record in self._tracker.process(frameset):
             self.records += 1
             self._out.put(record, self._stop)  # items are never dropped: backpressure
-        return True
+        return time.perf_counter() - t0
 
     def finish(self) -> list[ItemRecord]:
         """Records of every item still being tracked (shutdown)."""
@@ -156,12 +159,13 @@ class InferenceStage:
         self.gate = threading.Event()  # cleared: inference is paused (tests, reload)
         self.gate.set()
 
-    def step(self) -> bool:
+    def step(self) -> float | bool:
         if not self.gate.wait(0.05):
             return False
         first = self._in.get(0.05)
         if first is None:
             return False
+        t0 = time.perf_counter()
         batch = [first]
         while len(batch) < self._max_batch:
             more = self._in.get_nowait()
@@ -174,7 +178,7 @@ class InferenceStage:
             self._complete(Decided(record, self._decide(record, result, now)))
         self.items += len(batch)
         self.batches += 1
-        return True
+        return time.perf_counter() - t0
 
 
 class FrameSynchronizerLike(Protocol):
