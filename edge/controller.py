@@ -48,7 +48,7 @@ class ControllerSimulator:
     """Announces items and records verdicts over a real MQTT connection."""
 
     def __init__(self, url: str, topics: Topics, clock: Clock,
-                 announcements: Callable[[float], list[Announcement]],  # wall ms -> due
+                 announcements: Callable[[float, int], list[Announcement]],
                  on_verdict: Callable[[dict[str, object]], None] | None = None) -> None:
         parsed = urlparse(url)
         self._host = parsed.hostname or "127.0.0.1"
@@ -109,8 +109,8 @@ class ControllerSimulator:
     def _run(self) -> None:
         while not self._stop.wait(0.01):
             now = self._clock.now_ms()
-            due = self._announcements(now)
-            for ann in due[len(self.announced):]:  # announcements come in induct order
+            # Due by `now` (wall ms), past the ones already sent (they come in induct order).
+            for ann in self._announcements(now, len(self.announced)):
                 self.announced[ann.item_id] = ann
                 body = {"schema_version": 1, "item_id": ann.item_id,
                         "product_id": ann.product_id, "induct_time_ms": ann.induct_time_ms}

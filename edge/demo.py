@@ -242,7 +242,7 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
                 snapshots=operator.store)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
-                                     lambda now: world.announcements_until(now - world.start_ms),
+                                     world.due_announcements,
                                      on_verdict=view.verdict)
     belt = cfg.belt
     travel_ms = (belt.induct_to_camera_m + belt.camera_to_divert_m) / belt.speed_mps * 1000.0

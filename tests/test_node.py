@@ -112,7 +112,7 @@ def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(
     assert world is not None
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
-                                     lambda now: world.announcements_until(now - world.start_ms))
+                                     world.due_announcements)
     node.start()
     try:
         assert node.publisher.wait_connected(5.0)
@@ -171,7 +171,7 @@ def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle
     world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, load_catalogue(), start_ms)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(mosquitto.url, topics, clock,
-                                     lambda now: world.announcements_until(now - start_ms))
+                                     world.due_announcements)
     controller.start()
     log_path = tmp_path / "node.log"
     log_file = log_path.open("wb")  # a file, not a pipe: a full pipe would block the node

@@ -137,9 +137,15 @@ class SyntheticConveyor:
             truth=truth,
         )
 
-    def announcements_until(self, t_ms: float) -> list[Announcement]:
-        """Induct events the controller has sent by world time `t_ms`."""
-        return self.schedule.announcements_until(min(t_ms, self.induct_cutoff_ms), self.start_ms)
+    def announcements_until(self, t_ms: float, skip: int = 0) -> list[Announcement]:
+        """Induct events the controller has sent by world time `t_ms` (after the first `skip`)."""
+        return self.schedule.announcements_until(min(t_ms, self.induct_cutoff_ms), self.start_ms,
+                                                 skip)
+
+    def due_announcements(self, wall_ms: float, skip: int = 0) -> list[Announcement]:
+        """What a controller has announced by `wall_ms` on the wall clock (the controller
+        simulator polls this)."""
+        return self.announcements_until(wall_ms - self.start_ms, skip)
 
     def arrival_delay_ms(self) -> float:
         """Time from the induct point to the camera centre."""

@@ -7,6 +7,7 @@ camera can be rendered in any order and gives the same bytes.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class ItemSchedule:
         self._belt = belt
         self._rng = np.random.default_rng([cfg.seed, 0x5EED])
         self._items: list[SceneItem] = []
+        self._times: list[float] = []  # induct time of each item, for bisection
         self._lock = threading.Lock()
         self._plain = tuple(p for p in catalogue.products if not p.damage_like_print)
         self._confounders = tuple(p for p in catalogue.products if p.damage_like_print)
@@ -90,9 +92,10 @@ class ItemSchedule:
         with self._lock:
             while not self._items or self._items[-1].induct_ms < t_ms:
                 for _ in range(_CHUNK):
-                    self._items.append(self._draw(len(self._items)))
-            count = int(np.searchsorted([it.induct_ms for it in self._items], t_ms, side="right"))
-            return self._items[:count]
+                    item = self._draw(len(self._items))
+                    self._items.append(item)
+                    self._times.append(item.induct_ms)
+            return self._items[:bisect.bisect_right(self._times, t_ms)]
 
     def _pick_product(self) -> Product:
         rng = self._rng
@@ -167,10 +170,12 @@ class ItemSchedule:
         missing = int(rng.integers(product.units)) if kind is DamageType.BROKEN_SET else -1
         return Damage(kind, u, v, size, float(depth), int(rng.integers(2**31)), missing)
 
-    def announcements_until(self, t_ms: float, start_ms: float) -> list[Announcement]:
-        """The controller's induct events up to `t_ms` (relative), stamped on the wall clock."""
+    def announcements_until(self, t_ms: float, start_ms: float, skip: int = 0
+                            ) -> list[Announcement]:
+        """The controller's induct events up to `t_ms` (relative), stamped on the wall clock;
+        `skip` leaves out the first ones (already sent)."""
         return [
             Announcement(item_id=it.item_id, product_id=it.product.product_id,
                          induct_time_ms=start_ms + it.induct_ms)
-            for it in self.items_until(t_ms)
+            for it in self.items_until(t_ms)[skip:]
         ]

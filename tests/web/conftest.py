@@ -132,7 +132,7 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
                       calibration=lambda: monitor.results)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
-                                     lambda now: world.announcements_until(now - world.start_ms))
+                                     world.due_announcements)
     store.start()
     node.start()
     try:
