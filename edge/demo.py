@@ -23,11 +23,11 @@ import structlog
 
 from edge.cameras import open_cameras
 from edge.catalogue import load_catalogue
-from edge.clock import WallClock
+from edge.clock import Clock, WallClock
 from edge.config import Config, ConfigError, HttpConfig
 from edge.controller import ControllerSimulator
 from edge.infer.models import ItemInspector
-from edge.node import Node, NodeHooks, stage_timings
+from edge.node import STALL_AFTER_S, Node, NodeHooks, stage_timings
 from edge.publish.mqtt import AckedVerdict
 from edge.publish.topics import Topics
 from edge.snapshots import SnapshotStore
@@ -226,20 +226,32 @@ def run_demo(base: Config, opts: DemoOptions, out: TextIO = sys.stdout) -> dict[
                 broker.close()
 
 
+def build_synthetic_node(cfg: Config, clock: Clock, outbox_path: Path, *,
+                         hooks: NodeHooks | None = None, snapshots: SnapshotStore | None = None,
+                         stall_after_s: float = STALL_AFTER_S) -> tuple[Node, SyntheticConveyor]:
+    """A node on the synthetic conveyor (demo, tests, benchmarks): models first, then the
+    world, whose belt starts moving 300 ms from now (set `world.start_ms` again to delay)."""
+    catalogue = load_catalogue()
+    inspector = ItemInspector.load(cfg.models, catalogue)
+    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
+                              start_ms=clock.now_ms() + 300.0)
+    cameras = open_cameras(cfg, clock, world)
+    outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=outbox_path, hooks=hooks,
+                snapshots=snapshots, stall_after_s=stall_after_s)
+    return node, world
+
+
 def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, object]:
     clock = WallClock()
-    catalogue = load_catalogue()
-    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
-                              start_ms=clock.now_ms() + 200.0)
-    cameras = open_cameras(cfg, clock, world)
-    inspector = ItemInspector.load(cfg.models, catalogue)
     recorder = DemoRecorder()
     view = LiveView(out, opts.quiet)
     operator = OperatorView.build(cfg, opts, state)
-    node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=state / "outbox.sqlite",
-                hooks=operator.hooks(NodeHooks(on_decided=recorder.on_decided,
-                                               on_acked=recorder.on_acked)),
-                snapshots=operator.store)
+    node, world = build_synthetic_node(
+        cfg, clock, state / "outbox.sqlite",
+        hooks=operator.hooks(NodeHooks(on_decided=recorder.on_decided,
+                                       on_acked=recorder.on_acked)),
+        snapshots=operator.store)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
                                      world.due_announcements,
@@ -273,7 +285,7 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
         operator.stop()
         time.sleep(0.3)  # let the controller receive the last verdicts
         controller.stop()
-        inspector.close()
+        node.inspector.close()
     summary = summarize(node, controller, world, recorder, cfg)
     print(json.dumps(summary, indent=2), file=out, flush=True)
     if opts.summary_json is not None:

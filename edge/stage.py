@@ -54,6 +54,11 @@ class BoundedQueue(Generic[T]):
             return True
         return False
 
+    def hand_on(self, value: T, stop: threading.Event, *, lossless: bool) -> bool:
+        """The pipeline's policy in one place: wait for room when nothing may be lost
+        (recordings played offline), else never block and count the drop (live cameras)."""
+        return self.put(value, stop) if lossless else self.put_nowait_or_drop(value)
+
     def get(self, timeout_s: float) -> T | None:
         try:
             return self._q.get(timeout=timeout_s)

@@ -67,10 +67,7 @@ class CaptureStage:
         if frame is None:
             return False
         self.last_frame_ms = frame.timestamp_ms
-        if self._offline:
-            self._out.put(frame, self._stop)
-        else:
-            self._out.put_nowait_or_drop(frame)
+        self._out.hand_on(frame, self._stop, lossless=self._offline)
         return True
 
 
@@ -95,10 +92,7 @@ class SyncStage:
             self._clock.now_ms())
         for frameset in ready:
             self.framesets += 1
-            if self._lossless:
-                self._out.put(frameset, self._stop)
-            else:
-                self._out.put_nowait_or_drop(frameset)
+            self._out.hand_on(frameset, self._stop, lossless=self._lossless)
         return time.perf_counter() - t0 if frame is not None else False
 
     def flush(self) -> list[FrameSet]:

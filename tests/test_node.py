@@ -20,13 +20,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.cameras import open_cameras
 from edge.catalogue import load_catalogue
 from edge.clock import WallClock
 from edge.config import Config, config_to_mapping, load_config
 from edge.controller import ControllerSimulator
-from edge.demo import DemoOptions, run_demo
-from edge.infer.models import ItemInspector
+from edge.demo import DemoOptions, build_synthetic_node, run_demo
 from edge.node import Node
 from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
@@ -83,15 +81,9 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
 
 
 def _node(cfg: Config, clock: WallClock, stall_after_s: float) -> Node:
-    catalogue = load_catalogue()
-    inspector = ItemInspector.load(cfg.models, catalogue)
-    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
-                              start_ms=clock.now_ms() + 300.0)
-    cameras = open_cameras(cfg, clock, world)
-    Path(cfg.storage.state_dir).mkdir(parents=True, exist_ok=True)
-    return Node(cfg, clock, cameras, inspector, catalogue,
-                outbox_path=Path(cfg.storage.state_dir) / "outbox.sqlite",
-                stall_after_s=stall_after_s)
+    node, _ = build_synthetic_node(cfg, clock, Path(cfg.storage.state_dir) / "outbox.sqlite",
+                                   stall_after_s=stall_after_s)
+    return node
 
 
 def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(

@@ -23,18 +23,17 @@ from typing import Any
 
 import pytest
 
-from edge.cameras import open_cameras
-from edge.catalogue import load_catalogue
 from edge.clock import WallClock
 from edge.config import Config, HttpConfig, load_config
 from edge.controller import ControllerSimulator
-from edge.infer.models import ItemInspector
+from edge.demo import build_synthetic_node
 from edge.node import Node, NodeHooks
 from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
 from edge.service import BeltMonitor
 from edge.snapshots import SnapshotStore
 from edge.sources.synthetic import SyntheticConveyor
+from edge.types import FrameSet
 from edge.web.live import LiveFeed
 from edge.web.server import HttpServer, start_http
 
@@ -118,16 +117,13 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     broker.start()
     cfg = _config(tmp, broker.url)
     clock = WallClock()
-    catalogue = load_catalogue()
-    world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, catalogue,
-                              start_ms=clock.now_ms() + 200.0)
-    cameras = open_cameras(cfg, clock, world)
-    inspector = ItemInspector.load(cfg.models, catalogue)
     live = LiveFeed()
-    monitor = BeltMonitor(cameras)  # the service's belt check, as the page shows it
     store = SnapshotStore(tmp / "snapshots", cfg.storage)
-    node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=tmp / "outbox.sqlite",
-                hooks=live.wrap(NodeHooks(on_frameset=monitor.on_frameset)), snapshots=store)
+    latest: dict[str, FrameSet] = {}  # what the service's BeltMonitor keeps
+    hooks = live.wrap(NodeHooks(on_frameset=lambda fs: latest.__setitem__("last", fs)))
+    node, world = build_synthetic_node(cfg, clock, tmp / "outbox.sqlite", hooks=hooks,
+                                       snapshots=store)
+    monitor = BeltMonitor(node.cameras, latest)  # the belt check, as the page shows it
     http = start_http(HttpConfig(port=0, live_page=True), node, live=live,
                       calibration=lambda: monitor.results)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
@@ -140,12 +136,12 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
         controller.start()
         # A frameset may lack a camera; check until every camera has a belt-check result.
         LiveNode.wait_for("a belt check of every camera", lambda: "last" in monitor.latest
-                          and len(monitor.run()) == len(cameras.sources), 30.0)
+                          and len(monitor.run()) == len(node.cameras.sources), 30.0)
         yield LiveNode(cfg, node, world, controller, store, live, http)
     finally:
         node.stop()
         store.close()
         controller.stop()
         http.shutdown()
-        inspector.close()
+        node.inspector.close()
         broker.close()
