@@ -75,12 +75,16 @@ class ItemSegmenter:
         self.cfg = cfg
         self._heights: F32Array = np.empty((intrinsics.height, intrinsics.width), np.float32)
 
-    def height_map(self, frame: Frame) -> F32Array:
-        """Height above the belt (mm), NaN where depth is invalid; reuses one buffer."""
+    def check(self, frame: Frame) -> None:
+        """ValueError when the frame does not fit this camera's calibration."""
         if frame.depth.shape != self._heights.shape:
             raise ValueError(
                 f"camera {self.camera_id}: frame is {frame.depth.shape[1]}x{frame.depth.shape[0]}"
                 f", calibration is for {self._heights.shape[1]}x{self._heights.shape[0]}")
+
+    def height_map(self, frame: Frame) -> F32Array:
+        """Height above the belt (mm), NaN where depth is invalid; reuses one buffer."""
+        self.check(frame)
         return self.plane.height_map(frame.depth, frame.depth_scale_m, out=self._heights)
 
     def item_mask(self, heights: F32Array) -> BoolArray:

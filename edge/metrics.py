@@ -50,6 +50,8 @@ class NodeSnapshot:
     calibration_ok: Mapping[str, bool] = field(default_factory=dict)
     model_versions: Mapping[str, str] = field(default_factory=dict)
     unmatched_frames: int = 0
+    #: item-finding worker processes: workers, jobs, respawns, jobs_done_here; cpu_s
+    item_workers: Mapping[str, float] = field(default_factory=dict)
 
 
 class _SnapshotCollector(Collector):
@@ -97,6 +99,21 @@ def _stage_families(s: NodeSnapshot) -> Iterator[Metric]:
     for q, d in s.queue_drops.items():
         drops.add_metric([q], d)
     yield drops
+    if s.item_workers:
+        w = s.item_workers
+        for name, doc, value, kind in (
+                ("cv_item_workers", "Item-finding worker processes", w["workers"], "gauge"),
+                ("cv_item_worker_jobs", "Camera frames searched by the workers", w["jobs"],
+                 "counter"),
+                ("cv_item_worker_respawns", "Workers that died and were replaced",
+                 w["respawns"], "counter"),
+                ("cv_item_worker_jobs_done_here", "Frames a dead worker left, searched in the "
+                 "item thread", w["jobs_done_here"], "counter"),
+                ("cv_item_worker_cpu_seconds", "CPU time of the workers", w["cpu_s"],
+                 "counter")):
+            fam: Metric = (GaugeMetricFamily(name, doc, value=value) if kind == "gauge"
+                           else CounterMetricFamily(name, doc, value=value))
+            yield fam
     steps = CounterMetricFamily("cv_stage_steps", "Units of work done", labels=["stage"])
     errors = CounterMetricFamily("cv_stage_errors", "Steps that raised", labels=["stage"])
     stalled = GaugeMetricFamily("cv_stage_seconds_since_progress", "Seconds since progress",
@@ -164,10 +181,15 @@ class NodeMetrics:
         self.capture_to_decision = Histogram(
             "cv_capture_to_decision_seconds", "Frame capture to verdict decided",
             buckets=_E2E_BUCKETS, registry=self.registry)
+        self._stage_children: dict[str, Histogram] = {}
         self.registry.register(_SnapshotCollector(snapshot))
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_latency.labels(stage=stage).observe(seconds)
+        # Called for every unit of work of every stage: look the labelled child up once.
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_latency.labels(stage=stage)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -89,11 +89,19 @@ class NodeService:
         self.live: LiveFeed | None = None  # the live page's view of the node (http.live_page)
 
     def _build(self) -> tuple[Node, BeltMonitor]:
-        from edge.infer.models import ItemInspector
+        from edge.infer.golden import golden_self_test
+        from edge.infer.models import ItemInspector, ModelRejectedError
 
         catalogue = load_catalogue()
         self.notifier.extend_timeout(STARTUP_STEP_USEC, "loading models")
         inspector = ItemInspector.load(self.cfg.models, catalogue)
+        self.notifier.extend_timeout(STARTUP_STEP_USEC, "golden self-test")
+        # Models that do not reproduce their golden scores on this device never go READY (an
+        # update with such models is then rolled back); the run also warms the backends up.
+        report = golden_self_test(inspector)
+        if not report.passed:
+            inspector.close()
+            raise ModelRejectedError(report)
         self.notifier.extend_timeout(STARTUP_STEP_USEC, "opening cameras")
         cameras = open_cameras(self.cfg, self.clock)
         monitor = BeltMonitor(cameras)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -25,6 +25,10 @@ from edge.clock import Clock
 from edge.sources import EndOfStream, FrameSource, SourceError
 from edge.stage import BoundedQueue
 from edge.types import Frame, FrameSet, ItemRecord, Verdict
+
+if TYPE_CHECKING:
+    from edge.item_workers import SegmentationWorkers
+    from edge.items import Detection
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +80,10 @@ class SyncStage:
 
     def __init__(self, synchronizer: FrameSynchronizerLike, inbox: BoundedQueue[Frame],
                  out: BoundedQueue[FrameSet], clock: Clock, stop: threading.Event, *,
-                 lossless: bool = False) -> None:
+                 lossless: bool = False,
+                 finished: Mapping[str, threading.Event] | None = None) -> None:
         self._sync = synchronizer
+        self._finished = dict(finished or {})  # camera -> its capture has ended
         self._stop = stop
         self._lossless = lossless
         self._in = inbox
@@ -90,6 +96,12 @@ class SyncStage:
         t0 = time.perf_counter()  # the work, not the wait for a frame
         ready = self._sync.push(frame) if frame is not None else self._sync.poll(
             self._clock.now_ms())
+        if frame is None:
+            ended = [cid for cid, event in self._finished.items() if event.is_set()]
+            if ended and self._in.depth() == 0:  # their last frames are through the queue
+                for camera_id in ended:
+                    ready += self._sync.retire(camera_id)
+                    del self._finished[camera_id]
         for frameset in ready:
             self.framesets += 1
             self._out.hand_on(frameset, self._stop, lossless=self._lossless)
@@ -100,33 +112,82 @@ class SyncStage:
 
 
 class ItemStage:
-    """Finds and tracks items, ties them to announcements, emits one record per item."""
+    """Finds and tracks items, ties them to announcements, emits one record per item.
+
+    With `workers`, segmentation runs in worker processes: up to `workers.in_flight`
+    framesets are out at once and come back in order, so tracking (here, in order)
+    overlaps with finding items in the next frames.
+    """
 
     def __init__(self, tracker: ItemTrackerLike, inbox: BoundedQueue[FrameSet],
                  out: BoundedQueue[ItemRecord], stop: threading.Event,
-                 on_frameset: Callable[[FrameSet], None] | None = None) -> None:
+                 on_frameset: Callable[[FrameSet], None] | None = None,
+                 workers: SegmentationWorkers | None = None) -> None:
         self._tracker = tracker
         self._on_frameset = on_frameset
         self._in = inbox
         self._out = out
         self._stop = stop
+        self.workers = workers
         self.records = 0
 
     def step(self) -> float | bool:
-        frameset = self._in.get(0.05)
-        if frameset is None:
+        workers = self.workers
+        if workers is None:
+            frameset = self._in.get(0.05)
+            if frameset is None:
+                return False
+            t0 = time.perf_counter()
+            self._track(frameset, None)
+            return time.perf_counter() - t0
+        if not workers.full:
+            frameset = self._in.get(0.0 if workers.pending else 0.05)
+            if frameset is not None:
+                t0 = time.perf_counter()
+                workers.submit(frameset)
+                return time.perf_counter() - t0
+        if not workers.pending:
+            return False
+        ticket = workers.collect(0.05)
+        if ticket is None:
             return False
         t0 = time.perf_counter()
-        if self._on_frameset is not None:
-            self._on_frameset(frameset)
-        for record in self._tracker.process(frameset):
-            self.records += 1
-            self._out.put(record, self._stop)  # items are never dropped: backpressure
+        self._track(ticket.frameset, workers.detections(ticket))
         return time.perf_counter() - t0
 
-    def finish(self) -> list[ItemRecord]:
-        """Records of every item still being tracked (shutdown)."""
-        return self._tracker.flush()
+    @property
+    def in_flight(self) -> int:
+        """Framesets out at the workers."""
+        return self.workers.pending if self.workers is not None else 0
+
+    def _track(self, frameset: FrameSet, found: Mapping[str, list[Detection]] | None) -> None:
+        if self._on_frameset is not None:
+            self._on_frameset(frameset)
+        for record in self._tracker.process(frameset, found):
+            self.records += 1
+            self._out.put(record, self._stop)  # items are never dropped: backpressure
+
+    def finish(self, queued: Sequence[FrameSet] = (), timeout_s: float = 2.0
+               ) -> list[ItemRecord]:
+        """Shutdown: records of every item in flight, in `queued` framesets (not yet taken
+        from the inbox) or still being tracked, in time order."""
+        records: list[ItemRecord] = []
+        workers = self.workers
+        if workers is not None:
+            end = time.monotonic() + timeout_s
+            while workers.pending:
+                ticket = workers.collect(max(0.0, end - time.monotonic()))
+                if ticket is None:
+                    break  # workers gone: what is still out is fail-safed by the deadlines
+                records.extend(self._tracker.process(ticket.frameset,
+                                                     workers.detections(ticket)))
+        for frameset in queued:
+            records.extend(self._tracker.process(frameset))
+        return records + self._tracker.flush()
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +241,13 @@ class FrameSynchronizerLike(Protocol):
 
     def push(self, frame: Frame) -> list[FrameSet]: ...
     def poll(self, now_ms: float) -> list[FrameSet]: ...
+    def retire(self, camera_id: str) -> list[FrameSet]: ...
     def flush(self) -> list[FrameSet]: ...
 
 
 class ItemTrackerLike(Protocol):
-    """What the item stage needs from `edge.items`."""
+    """What the item stage needs from `edge.tracking`."""
 
-    def process(self, frameset: FrameSet) -> list[ItemRecord]: ...
+    def process(self, frameset: FrameSet, found: Mapping[str, list[Detection]] | None = None
+                ) -> list[ItemRecord]: ...
     def flush(self) -> list[ItemRecord]: ...

@@ -8,7 +8,10 @@ the oldest pending frame opens a set, and every camera whose oldest pending
 frame lies within `tolerance_ms` of it joins. A camera with nothing pending
 is waited for, but only for `camera_timeout_ms` (measured on the frames'
 own timeline, so replays run at any speed): after that the set goes on
-without it and names it in `FrameSet.missing`.
+without it and names it in `FrameSet.missing`. Recordings read as fast as
+possible are synchronized without a timeout (`camera_timeout_ms=inf`): a
+reader that falls behind is not a dead camera; a camera whose recording has
+ended is `retire`d.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class FrameSynchronizer:
             c: deque(maxlen=_OFFSET_WINDOW) for c in self.camera_ids}
         self._offset: dict[str, float] = dict.fromkeys(self.camera_ids, 0.0)
         self._stale: set[str] = set()  # timed out; not waited for until they deliver again
+        self._gone: set[str] = set()  # retired: never waited for
         self._now = float("-inf")
         self._last_emitted = float("-inf")
         self.counters = SyncCounters(offsets_ms=self._offset)
@@ -103,6 +107,12 @@ class FrameSynchronizer:
             out += self._drain(float("inf"), limit=len(queue) - self.max_pending)
         return out
 
+    def retire(self, camera_id: str) -> list[FrameSet]:
+        """A camera that will deliver no more (its recording ended, it failed): stop waiting
+        for it; returns the framesets that were only waiting for it."""
+        self._gone.add(camera_id)
+        return self._drain(self._now)
+
     def poll(self, now_ms: float) -> list[FrameSet]:
         """Framesets whose missing cameras have timed out by `now_ms` (same clock as frames)."""
         self._now = max(self._now, now_ms)
@@ -121,7 +131,8 @@ class FrameSynchronizer:
             t0 = min(self.corrected_ms(f) for f in heads.values())
             chosen = {c: f for c, f in heads.items()
                       if self.corrected_ms(f) - t0 <= self.tolerance_ms}
-            waiting = [c for c in self.camera_ids if not self._pending[c] and c not in self._stale]
+            waiting = [c for c in self.camera_ids if not self._pending[c]
+                       and c not in self._stale and c not in self._gone]
             if waiting and now - t0 < self.camera_timeout_ms:
                 break  # a camera may still deliver this instant
             if waiting and now != float("inf"):

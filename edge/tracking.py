@@ -71,7 +71,7 @@ class ItemTracker:
         # The camera that looks most straight down measures boxes best.
         self.primary = max(self.segmenters, key=lambda c: -float(
             self.segmenters[c].plane.pose.rotation[2, 2]))
-        #: CPU time (ms) of segmentation + tracking per frameset, the most recent ones
+        #: CPU time (ms, this thread) of segmentation + tracking per frameset, the most recent ones
         self.cpu_ms: deque[float] = deque(maxlen=10_000)
         #: oblique-view detections that matched no track of the primary camera (ignored)
         self.unmatched_views = 0
@@ -85,9 +85,14 @@ class ItemTracker:
         return cls({cam: ItemSegmenter(cam, intr, pose, cfg) for cam, (intr, pose) in
                     views.items()}, associator, cfg)
 
-    def process(self, fs: FrameSet) -> list[ItemRecord]:
-        """Detect, track and emit the records of items that have left the view."""
-        start = time.process_time()
+    def process(self, fs: FrameSet, found: Mapping[str, list[Detection]] | None = None
+                ) -> list[ItemRecord]:
+        """Detect, track and emit the records of items that have left the view.
+
+        `found`: detections per camera already made elsewhere (`edge.item_workers`);
+        without it each frame is segmented here.
+        """
+        start = time.thread_time()
         speed = self.associator.speed_mm_per_ms
         # The top-down camera decides what is an item; oblique views only add views to its
         # tracks (their blobs of tall or neighbouring items are ambiguous), unless it is gone.
@@ -99,7 +104,8 @@ class ItemTracker:
             if seg is None:
                 continue
             taken: set[int] = set()
-            for det in seg.detect(frame):
+            dets = found.get(camera_id, []) if found is not None else seg.detect(frame)
+            for det in dets:
                 track = self._match(det, fs.timestamp_ms, speed, taken)
                 if track is None:
                     oblique = primary_here and camera_id != self.primary
@@ -110,7 +116,7 @@ class ItemTracker:
                 taken.add(track.track_id)
                 self._update(track, det, fs.timestamp_ms, speed)
         records = self._finish(fs.timestamp_ms - self.cfg.lost_after_ms, fs.timestamp_ms)
-        self.cpu_ms.append((time.process_time() - start) * 1000.0)
+        self.cpu_ms.append((time.thread_time() - start) * 1000.0)
         return records
 
     def flush(self) -> list[ItemRecord]:

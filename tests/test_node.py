@@ -226,3 +226,51 @@ def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle
     per_item = Counter(str(v["item_id"]) for v in controller.received.by_key.values()
                        if not v.get("late"))
     assert all(per_item[i] == 1 for i in announced)
+
+
+def test_models_that_miss_their_golden_scores_never_go_ready(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """A release whose models do not reproduce the golden scores on this device (here: the
+    golden set expects other damage scores) stops before READY with a non-zero exit and says
+    why, so that systemd restarts it and the update's health gate rolls it back."""
+    import shutil
+
+    import numpy as np
+
+    from edge.infer.manifest import sha256_file
+
+    engines = tmp_path / "engines"
+    shutil.copytree(REPO / "engines", engines)
+    golden = engines / "golden" / "golden.npz"
+    with np.load(golden, allow_pickle=False) as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays["expected_damage"] = np.clip(arrays["expected_damage"] + 0.3, 0.0, 1.0)
+    np.savez(golden, **arrays)
+    manifest = engines / "manifest.yaml"
+    text = manifest.read_text()
+    old_sha = yaml.safe_load(text)["golden"]["sha256"]
+    manifest.write_text(text.replace(old_sha, sha256_file(golden)))
+    cfg = _fast_config(tmp_path, mosquitto)
+    cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, manifest=manifest))
+    cfg_path = tmp_path / "node.yaml"
+    mapping = config_to_mapping(cfg)
+    mapping["logging"]["format"] = "json"
+    cfg_path.write_text(yaml.safe_dump(mapping))
+    sock, sock_path = _notify_socket(tmp_path)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config",
+                               str(cfg_path)], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        said = []
+        while True:
+            try:
+                said.append(sock.recv(4096).decode())
+            except (TimeoutError, OSError):
+                break
+    finally:
+        sock.close()
+    assert proc.returncode != 0
+    assert not any("READY=1" in m for m in said), said
+    assert "golden self-test failed" in proc.stderr, proc.stderr[-2000:]
+    assert "damage" in proc.stderr

@@ -27,13 +27,17 @@ from edge.cameras import open_cameras
 from edge.catalogue import load_catalogue
 from edge.clock import WallClock
 from edge.config import Config, config_to_mapping, load_config
+from edge.infer.golden import golden_self_test
 from edge.infer.models import ItemInspector
+from edge.item_workers import SegmentationWorkers
 from edge.node import Node, NodeHooks, stage_timings
 from edge.publish.mqtt import AckedVerdict
 from edge.sources import EndOfStream, FrameSource, SourceCounters
 from edge.sources.recording import write_recording
 from edge.sources.synthetic import SyntheticConveyor
-from edge.stages import Decided
+from edge.stage import BoundedQueue
+from edge.stages import Decided, ItemStage
+from edge.tracking import ItemTracker
 from edge.types import Frame, FrameSet, ItemRecord
 
 FPS = 15
@@ -59,7 +63,10 @@ def prepare(work: Path, seconds: float, seed: int) -> int:
     cams = []
     for cam in cfg.cameras:
         rec = work / f"{cam.id}.db3"
-        write_recording(rec, (world.render(cam.id, k) for k in range(count)), FPS)
+        # Uncompressed: a live camera hands over raw frames; LZ4 decoding on playback would
+        # cost 6 ms of CPU per frame that no deployed node spends.
+        write_recording(rec, (world.render(cam.id, k) for k in range(count)), FPS,
+                        compress=False)
         cal = CameraCalibration(serial=cam.id, intrinsics=world.intrinsics(cam.id),
                                 pose=world.camera_pose(cam.id),
                                 region=InspectionRegion(-450.0, 450.0, -300.0, 300.0))
@@ -182,6 +189,9 @@ def _build(work: Path, broker: str, run: Run) -> Node:
                        for cid, s in cameras.sources.items()}
     catalogue = load_catalogue()
     inspector = ItemInspector.load(cfg.models, catalogue)
+    # As `edge-node run` does before READY (it also warms the backends up for either mode).
+    if not golden_self_test(inspector).passed:
+        raise RuntimeError("golden self-test failed")
     state = Path(cfg.storage.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     outbox = state / f"outbox-{os.getpid()}.sqlite"
@@ -216,21 +226,30 @@ def _wait_acked(node: Node, run: Run, timeout_s: float = 30.0) -> None:
 def pipelined(work: Path, broker: str) -> dict[str, object]:
     run = Run()
     node = _build(work, broker, run)
+    # The workers start once with the node, before the cameras: not part of the run.
+    workers = SegmentationWorkers(node.tracker.segmenters, node.cfg.items,
+                                  node.cfg.items.workers) if node.cfg.items.workers else None
+    node.item_stage.workers = workers
+    w0 = workers.cpu_s() if workers is not None else 0.0
     cpu0, t0 = time.process_time(), time.time()
     node.start()
     node.publisher.wait_connected(10.0)
     while not all(c.finished.is_set() for c in node.captures.values()):
         time.sleep(0.02)
     # Drain: every queue empty and nothing left in inference.
-    while node.frames_q.depth() or node.framesets_q.depth() or node.items_q.depth():
+    while (node.frames_q.depth() or node.framesets_q.depth() or node.item_stage.in_flight
+           or node.items_q.depth()):
         time.sleep(0.01)
     time.sleep(0.2)
     _wait_acked(node, run)
     wall = (run.last_ack_ms / 1000.0) - t0
-    cpu = time.process_time() - cpu0
+    # The item-finding worker processes' CPU counts too.
+    cpu = time.process_time() - cpu0 + (workers.cpu_s() - w0 if workers is not None else 0.0)
     out = _summary(node, run, wall, cpu)
     out["stage_ms_median"] = {k: round(v, 2) for k, v in stage_timings(node).items()}
     out["queue_drops"] = {q.name: q.dropped for q in node._queues()}
+    if workers is not None:
+        out["item_workers"] = {**workers.counters(), "cpu_s": round(workers.cpu_s(), 3)}
     node.stop()
     return out
 
@@ -278,14 +297,13 @@ def sequential(work: Path, broker: str) -> dict[str, object]:
     return out
 
 
-def stages(work: Path, broker: str) -> dict[str, object]:
+def stages(work: Path, broker: str) -> dict[str, dict[str, object]]:
     """Each stage alone on the same data: standalone rate and CPU per camera frame."""
     run = Run()
     node = _build(work, broker, run)
-    frames: list[Frame] = []
     lock = threading.Lock()
 
-    def read_all(s: FrameSource) -> None:
+    def read_all(s: FrameSource, keep: list[Frame] | None, count: list[int]) -> None:
         while True:
             try:
                 f = s.read(1.0)
@@ -293,21 +311,33 @@ def stages(work: Path, broker: str) -> dict[str, object]:
                 return
             if f is not None:
                 with lock:
-                    frames.append(f)
+                    count[0] += 1
+                    if keep is not None:
+                        keep.append(f)
+
+    def read_cameras(sources: list[FrameSource], keep: list[Frame] | None) -> int:
+        count = [0]
+        for s in sources:
+            s.start()
+        readers = [threading.Thread(target=read_all, args=(s, keep, count)) for s in sources]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join()
+        for s in sources:
+            s.stop()
+        return count[0]
 
     # One reader per camera, as in the node; process CPU, since librealsense's playback
-    # threads do part of the work.
+    # threads do part of the work. Timed without keeping the frames (the node lets them go
+    # after use; keeping 2.7 GB would time the page faults of a growing heap), then read
+    # again, untimed, for the stages below.
     t, c = time.perf_counter(), time.process_time()
-    for s in node.cameras.sources.values():
-        s.start()
-    readers = [threading.Thread(target=read_all, args=(s,)) for s in node.cameras.sources.values()]
-    for r in readers:
-        r.start()
-    for r in readers:
-        r.join()
-    n = len(frames)
+    n = read_cameras(list(node.cameras.sources.values()), None)
     out = {"capture": _rate(n, t, c, cpu_now=time.process_time())}
-    out["capture"]["note"] = "one reader per camera; process CPU incl. librealsense threads"  # type: ignore[index]
+    out["capture"]["note"] = "one reader per camera; process CPU incl. librealsense threads"
+    frames: list[Frame] = []
+    read_cameras(list(open_cameras(node.cfg, WallClock()).sources.values()), frames)
     frames.sort(key=lambda f: f.timestamp_ms)
     t, c = time.perf_counter(), time.thread_time()
     framesets: list[FrameSet] = []
@@ -315,11 +345,35 @@ def stages(work: Path, broker: str) -> dict[str, object]:
         framesets.extend(node.synchronizer.push(f))
     framesets.extend(node.synchronizer.flush())
     out["sync"] = _rate(n, t, c)
-    t, c = time.perf_counter(), time.thread_time()
-    records: list[ItemRecord] = []
+    # The item stage as the node runs it: segmentation in its worker processes (CPU: this
+    # thread plus the workers), tracking here; and for reference all of it in one thread.
+    workers = SegmentationWorkers(node.tracker.segmenters, node.cfg.items,
+                                  node.cfg.items.workers) if node.cfg.items.workers else None
+    inbox: BoundedQueue[FrameSet] = BoundedQueue("bench-framesets", len(framesets) + 1)
+    outbox: BoundedQueue[ItemRecord] = BoundedQueue("bench-items", 10**6)
+    stage = ItemStage(node.tracker, inbox, outbox, threading.Event(), workers=workers)
     for fs in framesets:
-        records.extend(node.tracker.process(fs))
-    out["items"] = _rate(n, t, c)
+        inbox.put_nowait_or_drop(fs)
+    t, c = time.perf_counter(), time.thread_time()
+    w0 = workers.cpu_s() if workers is not None else 0.0
+    while inbox.depth() or stage.in_flight:
+        stage.step()
+    records: list[ItemRecord] = []
+    while (rec := outbox.get_nowait()) is not None:
+        records.append(rec)
+    records += stage.finish()
+    w1 = workers.cpu_s() if workers is not None else 0.0
+    items = _rate(n, t, c, cpu_now=time.thread_time() + w1 - w0)
+    items["note"] = (f"{node.cfg.items.workers} worker processes find items; CPU of this "
+                     "thread + the workers")
+    stage.close()
+    node.tracker = ItemTracker(node.tracker.segmenters, node.associator, node.cfg.items)
+    t, c = time.perf_counter(), time.thread_time()
+    for fs in framesets:
+        node.tracker.process(fs)
+    node.tracker.flush()
+    items["one_thread"] = _rate(n, t, c)  # reference: how the sequential loop runs it
+    out["items"] = items
     decided: list[Decided] = []
     batch = node.cfg.models.max_batch
     t, c = time.perf_counter(), time.thread_time()
@@ -337,7 +391,7 @@ def stages(work: Path, broker: str) -> dict[str, object]:
         node.scheduler.complete(d.verdict)
     _wait_acked(node, run)
     out["publish"] = _rate(n, t, c, cpu_now=time.process_time())
-    out["publish"]["note"] = "process CPU, includes the MQTT network thread"  # type: ignore[index]
+    out["publish"]["note"] = "process CPU, includes the MQTT network thread"
     node.scheduler.stop()
     node.publisher.stop(2.0)
     return out

@@ -41,6 +41,8 @@ def add_synth_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     rec.add_argument("--items-per-second", type=float, default=None, help="induct rate")
     rec.add_argument("--damage-rate", type=float, default=None, help="fraction of damaged items")
     rec.add_argument("--config", type=Path, default=None, help="node config (cameras, belt)")
+    rec.add_argument("--uncompressed", action="store_true",
+                     help="raw frames (2x the size; playback without LZ4 decoding)")
     rec.set_defaults(handler=_record)
 
 
@@ -95,6 +97,6 @@ def _record(args: argparse.Namespace) -> int:
     for cam, path in recording_paths(args.out, cams).items():
         count = round(args.seconds * world.fps(cam))
         frames = (world.render(cam, k) for k in range(count))
-        write_recording(path, frames, world.fps(cam))
+        write_recording(path, frames, world.fps(cam), compress=not args.uncompressed)
         print(f"{cam}: {count} frames -> {path}")
     return 0

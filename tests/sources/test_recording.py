@@ -81,6 +81,21 @@ def test_recording_round_trips_pixels_timestamps_and_intrinsics(tmp_path: Path) 
     assert list(intr.coeffs) == pytest.approx(list(INTR.coeffs))
 
 
+def test_uncompressed_recordings_are_raw_and_round_trip(tmp_path: Path) -> None:
+    """compress=False stores the frames raw (noise does not compress: at least the pixel
+    bytes on disk) and they come back byte for byte, like the default LZ4 recordings."""
+    src = frames(20)
+    raw, packed = tmp_path / "raw.db3", tmp_path / "lz4.db3"
+    write_recording(raw, src, fps=30, compress=False)
+    write_recording(packed, src, fps=30)
+    pixel_bytes = sum(f.color.nbytes + f.depth.nbytes for f in src)
+    assert raw.stat().st_size >= pixel_bytes
+    for path in (raw, packed):
+        _, streams = read_raw(path)
+        assert [d for _, d in streams["depth"]][5].tobytes() == src[5].depth.tobytes()
+        assert np.array_equal(streams["color"][19][1], src[19].color)
+
+
 def test_rgb8_recordings_store_rgb_order(tmp_path: Path) -> None:
     """color_format='rgb8' writes the channels swapped, as a camera set to RGB would."""
     src = frames(3)

@@ -71,6 +71,11 @@ def test_metrics_cover_what_operators_watch(live_node: LiveNode) -> None:
     assert "cv_outbox_depth" in m
     assert "cv_capture_to_ack_seconds_bucket" in m
     assert {labels["model"] for labels, _ in m["cv_model_info"]} >= {"damage", "embedding"}
+    # Item finding runs in worker processes: how many, how much they did, how often one died.
+    assert m["cv_item_workers"][0][1] == live_node.cfg.items.workers
+    assert m["cv_item_worker_jobs_total"][0][1] > 0
+    assert m["cv_item_worker_respawns_total"][0][1] == 0
+    assert m["cv_item_worker_cpu_seconds_total"][0][1] > 0
 
 
 def test_grafana_dashboard_only_uses_metrics_the_node_exposes(live_node: LiveNode) -> None:

@@ -1,0 +1,390 @@
+"""Item finding in worker processes: `ItemSegmenter.detect` off the GIL.
+
+Segmentation is thousands of small numpy/OpenCV calls per frame that hold
+the GIL between them, so more threads only add switching (measured: a
+thread per camera made the node slower). Worker processes run it in
+parallel for real. The depth images travel through one shared-memory ring
+(a file in /dev/shm mapped by every process, one slot per frameset in
+flight, removed on close, or by the next node if this one was killed);
+only the small job tuples and the
+detections (boxes and item masks) are pickled.
+
+A job is one frameset (all its cameras: one message each way) and goes to
+the least busy worker; results are consumed strictly in submission order, so
+tracking sees framesets in time order. A worker that dies is replaced, and
+the jobs it held are done in the calling thread: a crash costs time, never
+an item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+
+from edge.items import Detection, ItemSegmenter
+
+if TYPE_CHECKING:
+    from edge.config import ItemsConfig
+    from edge.types import FrameSet, U16Array
+
+log = structlog.get_logger(__name__)
+
+#: Detection fields that travel back from a worker (the frame stays in the node).
+_WIRE_FIELDS = tuple(f.name for f in fields(Detection) if f.name != "frame")
+_NO_COLOR = np.zeros((0, 0, 3), np.uint8)
+_SHM_DIRS = (Path("/dev/shm"), Path(tempfile.gettempdir()))
+_RING_PREFIX = "cv-depth-ring-"
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    camera: int  # index into the pool's camera list
+    index: int
+    timestamp_ms: float
+    depth_scale_m: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """All views of one frameset: one message each way per frameset."""
+
+    job_id: int
+    slot: int
+    views: tuple[_View, ...]
+
+
+@dataclass(slots=True)
+class _Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    outstanding: deque[_Job]
+    cpu_s: float = 0.0  # the worker's own CPU time, as it last reported
+
+
+class Ticket:
+    """One submitted frameset and, once they are in, its detections by camera."""
+
+    __slots__ = ("frameset", "job_id", "results", "slot")
+
+    def __init__(self, frameset: FrameSet, slot: int) -> None:
+        self.frameset = frameset
+        self.slot = slot
+        self.job_id = -1
+        self.results: dict[str, list[Detection]] | None = None
+
+
+class SegmentationWorkers:
+    """A pool of processes that find items in depth images, results in submission order."""
+
+    def __init__(self, segmenters: Mapping[str, ItemSegmenter], cfg: ItemsConfig,
+                 workers: int, *, in_flight: int = 4) -> None:
+        if workers < 1:
+            raise ValueError("SegmentationWorkers needs at least one worker")
+        self._segmenters = dict(segmenters)
+        self._cameras = list(self._segmenters)
+        self._cfg = cfg
+        self._shape = _common_shape(self._segmenters)
+        self.in_flight = in_flight
+        h, w = self._shape
+        self._slot_shape = (in_flight, len(self._cameras), h, w)
+        self._file = _ring_file(int(np.prod(self._slot_shape)) * 2)
+        # A plain ndarray over the mapping: np.memmap's subclass bookkeeping on every slice
+        # showed up in profiles of the node's hot path.
+        self._map = np.memmap(self._file, np.uint16, "r+", shape=self._slot_shape)
+        self._ring: U16Array = self._map.view(np.ndarray)
+        self._views = {cam: (seg.plane.intrinsics, seg.plane.pose)
+                       for cam, seg in self._segmenters.items()}
+        self._workers = [self._spawn(k) for k in range(workers)]
+        for worker in self._workers:
+            self._await_ready(worker)
+        self._free = deque(range(in_flight))
+        self._tickets: deque[Ticket] = deque()
+        self._next_job = 0
+        self._pending: dict[int, Ticket] = {}
+        self.respawns = 0
+        self.jobs = 0  # frames searched by workers
+        self._cpu_retired = 0.0  # CPU of workers that died
+        self.jobs_done_here = 0  # jobs a dead worker left behind, done in the caller
+        self._closed = False
+
+    # -- submitting and collecting ---------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return not self._free
+
+    @property
+    def pending(self) -> int:
+        return len(self._tickets)
+
+    def submit(self, frameset: FrameSet) -> Ticket:
+        """Copy the frameset's depth images into the ring and hand them to the workers."""
+        if not self._free:
+            raise RuntimeError("SegmentationWorkers: no free slot; collect() first")
+        present = [(k, frame) for k, cam in enumerate(self._cameras)
+                   if (frame := frameset.frames.get(cam)) is not None]
+        for _, frame in present:
+            self._segmenters[frame.camera_id].check(frame)
+        slot = self._free.popleft()
+        views = []
+        for k, frame in present:
+            np.copyto(self._ring[slot, k], frame.depth)
+            views.append(_View(k, frame.index, frame.timestamp_ms, frame.depth_scale_m))
+        ticket = Ticket(frameset, slot)
+        self._tickets.append(ticket)
+        if not views:
+            ticket.results = {}
+            return ticket
+        ticket.job_id = self._next_job
+        self._next_job += 1
+        self._pending[ticket.job_id] = ticket
+        self._send(_Job(ticket.job_id, slot, tuple(views)))
+        return ticket
+
+    def collect(self, timeout_s: float) -> Ticket | None:
+        """The oldest submitted frameset once all its detections are in; None on timeout."""
+        if not self._tickets:
+            return None
+        oldest = self._tickets[0]
+        end = time.monotonic() + timeout_s
+        while oldest.results is None:
+            # Each worker answers in order, and older framesets are collected: the oldest
+            # one's job is at the head of its worker's queue.
+            holder = next(w for w in self._workers
+                          if w.outstanding and w.outstanding[0].job_id == oldest.job_id)
+            left = end - time.monotonic()
+            if left <= 0 or not holder.conn.poll(left):
+                return None
+            self._receive(holder)
+        self._tickets.popleft()
+        self._free.append(oldest.slot)
+        return oldest
+
+    @staticmethod
+    def detections(ticket: Ticket) -> dict[str, list[Detection]]:
+        """Detections per camera (each with its frame) of a collected frameset."""
+        if ticket.results is None:
+            raise RuntimeError("detections() of a frameset that was not collected")
+        return ticket.results
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def cpu_s(self) -> float:
+        """CPU seconds the workers have spent on jobs, as they last reported."""
+        return self._cpu_retired + sum(w.cpu_s for w in self._workers)
+
+    def counters(self) -> dict[str, int]:
+        return {"workers": len(self._workers), "jobs": self.jobs,
+                "respawns": self.respawns, "jobs_done_here": self.jobs_done_here}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the workers (pending results are dropped; collect them first)."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            with contextlib.suppress(OSError, ValueError):
+                worker.conn.send(None)
+        end = time.monotonic() + timeout_s
+        for worker in self._workers:
+            _reap(worker, max(0.0, end - time.monotonic()))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file)
+        del self._ring, self._map
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _spawn(self, number: int) -> _Worker:
+        # A fresh interpreter, not multiprocessing: the node has threads (never fork it), and
+        # spawn would re-run whatever script built the node.
+        parent, child = socket.socketpair()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edge.item_workers", str(child.fileno())],
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        child.close()
+        conn = Connection(parent.detach())
+        conn.send((self._file, self._slot_shape, self._cameras, self._views, self._cfg))
+        return _Worker(f"cv-items-{number}", process, conn, deque())
+
+    def _await_ready(self, worker: _Worker, timeout_s: float = 60.0) -> None:
+        if not worker.conn.poll(timeout_s):
+            raise RuntimeError(f"item-finding worker {worker.name} did not start "
+                               f"within {timeout_s:.0f} s")
+        message = worker.conn.recv()
+        if isinstance(message, str):
+            raise RuntimeError(f"item-finding worker {worker.name} failed: {message}")
+        worker.cpu_s = message  # its start-up
+
+    def _send(self, job: _Job) -> None:
+        worker = min(self._workers, key=lambda w: len(w.outstanding))
+        worker.outstanding.append(job)
+        try:
+            worker.conn.send(job)
+        except (OSError, ValueError):
+            self._replace(worker)
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            job_id, cpu_s, wire = worker.conn.recv()
+        except (EOFError, OSError):
+            self._replace(worker)
+            return
+        job = worker.outstanding.popleft()
+        if job.job_id != job_id:  # cannot happen with one ordered pipe per worker
+            raise RuntimeError(f"item-finding worker answered job {job_id}, expected "
+                               f"{job.job_id}")
+        if isinstance(wire, str):
+            raise RuntimeError(f"item-finding worker {worker.name}: {wire}")
+        worker.cpu_s = cpu_s
+        self.jobs += len(job.views)
+        ticket = self._pending.pop(job_id)
+        frames = ticket.frameset.frames
+        results = {}
+        for cam_index, found in wire:
+            cam = self._cameras[cam_index]
+            results[cam] = [Detection(**dict(zip(_WIRE_FIELDS, w, strict=True)),
+                                      frame=frames[cam]) for w in found]
+        ticket.results = results
+
+    def _replace(self, worker: _Worker) -> None:
+        """A worker died: start another and do the jobs it held here, in this thread."""
+        log.error("item_worker_died", worker=worker.name,
+                  exit_code=worker.process.poll(), jobs_lost=len(worker.outstanding))
+        _reap(worker, 0.5)
+        fresh = self._spawn(self._workers.index(worker))
+        self._await_ready(fresh)
+        self._workers[self._workers.index(worker)] = fresh
+        self._cpu_retired += worker.cpu_s
+        self.respawns += 1
+        for job in worker.outstanding:
+            self._detect_here(job)
+        worker.outstanding.clear()
+
+    def _detect_here(self, job: _Job) -> None:
+        ticket = self._pending.pop(job.job_id)
+        frames = ticket.frameset.frames
+        cams = [self._cameras[v.camera] for v in job.views]
+        ticket.results = {cam: self._segmenters[cam].detect(frames[cam]) for cam in cams}
+        self.jobs_done_here += len(cams)
+
+
+def _reap(worker: _Worker, timeout_s: float) -> None:
+    try:
+        worker.process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        worker.process.kill()
+        worker.process.wait(5.0)
+    with contextlib.suppress(OSError):
+        worker.conn.close()
+
+
+def _common_shape(segmenters: Mapping[str, ItemSegmenter]) -> tuple[int, int]:
+    shapes = {(s.plane.intrinsics.height, s.plane.intrinsics.width) for s in segmenters.values()}
+    if len(shapes) != 1:
+        # One ring of equal slots; cameras of different sizes would need one ring each.
+        raise ValueError(f"item-finding workers need cameras of one resolution, got "
+                         f"{sorted(shapes)}; set items.workers: 0")
+    return shapes.pop()
+
+
+def _ring_file(nbytes: int) -> str:
+    for folder in _SHM_DIRS:
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            _remove_stale_rings(folder)
+            fd, name = tempfile.mkstemp(prefix=f"{_RING_PREFIX}{os.getpid()}-", dir=folder)
+            os.ftruncate(fd, nbytes)
+            os.close(fd)
+            return name
+    raise RuntimeError("no writable /dev/shm or temp folder for the depth ring")
+
+
+def _remove_stale_rings(folder: Path) -> None:
+    """Rings of nodes that were killed before they could remove theirs."""
+    for path in folder.glob(f"{_RING_PREFIX}*"):
+        try:
+            pid = int(path.name[len(_RING_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                log.info("stale_depth_ring_removed", path=str(path))
+
+
+def _wire(det: Detection) -> tuple[Any, ...]:
+    return tuple(getattr(det, name) for name in _WIRE_FIELDS)
+
+
+def _worker_main(fd: int) -> None:
+    """One worker: map the ring, then answer jobs until told to stop or the node is gone."""
+    # The node decides when to stop (it may still need us to finish items on SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import cv2
+
+    from edge.types import Frame
+
+    cv2.setNumThreads(1)  # one process per core is the parallelism
+    conn = Connection(fd)
+    try:
+        ring_file, shape, cameras, views, cfg = conn.recv()
+        ring = np.memmap(ring_file, np.uint16, "r", shape=shape).view(np.ndarray)
+        segmenters = {cam: ItemSegmenter(cam, views[cam][0], views[cam][1], cfg)
+                      for cam in cameras}
+    except Exception as exc:  # reported to the node, which raises it
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    conn.send(time.process_time())  # ready
+    parent = os.getppid()
+    while True:
+        if not conn.poll(1.0):
+            if os.getppid() != parent:
+                return  # orphaned: the node was killed
+            continue
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        found: list[tuple[int, list[tuple[Any, ...]]]] = []
+        result: list[tuple[int, list[tuple[Any, ...]]]] | str = found
+        try:
+            for view in job.views:
+                cam = cameras[view.camera]
+                seg = segmenters[cam]
+                frame = Frame(camera_id=cam, index=view.index, timestamp_ms=view.timestamp_ms,
+                              color=_NO_COLOR, depth=ring[job.slot, view.camera],
+                              depth_scale_m=view.depth_scale_m, intrinsics=seg.plane.intrinsics)
+                found.append((view.camera, [_wire(d) for d in seg.detect(frame)]))
+        except Exception as exc:  # reported to the node, which raises it
+            result = f"{type(exc).__name__}: {exc}"
+        try:
+            conn.send((job.job_id, time.process_time(), result))
+        except OSError:
+            return
+
+
+if __name__ == "__main__":
+    _worker_main(int(sys.argv[1]))
