@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import sys
 import tempfile
 import threading
@@ -90,6 +91,14 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def memory_mb(node: Node) -> dict[str, float]:
+    """Peak resident memory of this process and of the item-finding workers."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    workers = node.item_stage.workers.peak_rss_mb() if node.item_stage.workers else 0.0
+    return {"node_peak_rss": round(own, 1), "item_workers_peak_rss": round(workers, 1),
+            "total_peak_rss": round(own + workers, 1)}
+
+
 def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConveyor,
               recorder: DemoRecorder, cfg: Config) -> dict[str, object]:
     """The demo's summary JSON (keys documented in README.md)."""
@@ -132,6 +141,7 @@ def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConve
         "camera_frames_dropped": {cid: c.source.counters.frames_dropped
                                   for cid, c in node.captures.items()},
         "stage_ms_median": {k: round(v, 2) for k, v in stage_timings(node).items()},
+        "memory_mb": memory_mb(node),
         "node_id": cfg.node.node_id,
         "topic_prefix": Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id).root,
     }

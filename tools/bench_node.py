@@ -249,7 +249,10 @@ def pipelined(work: Path, broker: str) -> dict[str, object]:
     out["stage_ms_median"] = {k: round(v, 2) for k, v in stage_timings(node).items()}
     out["queue_drops"] = {q.name: q.dropped for q in node._queues()}
     if workers is not None:
-        out["item_workers"] = {**workers.counters(), "cpu_s": round(workers.cpu_s(), 3)}
+        out["item_workers"] = {**workers.counters(), "cpu_s": round(workers.cpu_s(), 3),
+                               "peak_rss_mb": round(workers.peak_rss_mb(), 1)}
+        out["peak_rss_mb_with_workers"] = round(
+            float(out["peak_rss_mb"]) + workers.peak_rss_mb(), 1)  # type: ignore[arg-type]
     node.stop()
     return out
 
@@ -415,7 +418,7 @@ def realtime(work: Path, broker: str) -> dict[str, object]:
     summary = run_demo(cfg, DemoOptions(seconds=seconds, items_per_second=ITEMS_PER_SECOND,
                                         seed=3, broker=broker, quiet=True), out=io.StringIO())
     keep = ("items_announced", "items_seen", "verdicts_published", "deadline_misses",
-            "latency_ms", "decisions", "camera_frames_dropped", "stage_ms_median")
+            "latency_ms", "decisions", "camera_frames_dropped", "stage_ms_median", "memory_mb")
     out = {k: summary[k] for k in keep}
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     out["seconds"] = seconds

@@ -2,7 +2,8 @@
 
     python tools/soak.py [--minutes 10] [--items-per-second 3] [--json PATH]
 
-Samples the node's RSS every 10 s (from /proc) and reports the growth from
+Samples the RSS of the node and its child processes (item-finding workers, embedded broker)
+every 10 s (from /proc) and reports the growth from
 the end of the third minute to the end. Warm-up is models and gallery, plus
 the bounded in-memory caches filling: the last 256 decided items kept for
 feedback (1.5 min at 3 items/s) and the synthetic cameras' texture cache.
@@ -33,6 +34,27 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def children(pid: int) -> list[int]:
+    """Direct children (the item-finding worker processes, the embedded broker)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def tree_rss_mb(pid: int) -> float | None:
+    """The node and its children: the device's memory, not one process's."""
+    own = rss_mb(pid)
+    if own is None:
+        return None
+    return own + sum(r for c in children(pid) if (r := rss_mb(c)) is not None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +73,7 @@ def main() -> int:
         samples: list[tuple[float, float]] = []
         t0 = time.monotonic()
         while proc.poll() is None:
-            rss = rss_mb(proc.pid)
+            rss = tree_rss_mb(proc.pid)
             if rss is not None:
                 samples.append((time.monotonic() - t0, rss))
             time.sleep(10.0)
