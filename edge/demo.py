@@ -92,11 +92,17 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def memory_mb(node: Node) -> dict[str, float]:
-    """Peak resident memory of this process and of the item-finding workers."""
+    """Peak resident memory of this process and of the item-finding workers: the plain sum of
+    peak RSS counts the shared libraries twice; the node's peak RSS plus the workers' private
+    memory is what the device spends."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    workers = node.item_stage.workers.peak_rss_mb() if node.item_stage.workers else 0.0
-    return {"node_peak_rss": round(own, 1), "item_workers_peak_rss": round(workers, 1),
-            "total_peak_rss": round(own + workers, 1)}
+    workers = node.item_stage.workers
+    peak = workers.peak_rss_mb() if workers is not None else 0.0
+    private = workers.private_mb() if workers is not None else 0.0
+    return {"node_peak_rss": round(own, 1), "item_workers_peak_rss": round(peak, 1),
+            "item_workers_private": round(private, 1),
+            "sum_of_peak_rss": round(own + peak, 1),
+            "node_peak_rss_plus_workers_private": round(own + private, 1)}
 
 
 def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConveyor,

@@ -122,6 +122,7 @@ class SegmentationWorkers:
         self.jobs = 0  # frames searched by workers
         self._cpu_retired = 0.0  # CPU of workers that died
         self._peak_at_close = 0.0
+        self._private_at_close = 0.0
         self.jobs_done_here = 0  # jobs a dead worker left behind, done in the caller
         self._closed = False
 
@@ -192,10 +193,19 @@ class SegmentationWorkers:
         return self._cpu_retired + sum(w.cpu_s for w in self._workers)
 
     def peak_rss_mb(self) -> float:
-        """Sum of the workers' peak resident memory (each one's VmHWM), MB."""
+        """Sum of the workers' peak resident memory (each one's VmHWM), MB. Conservative: the
+        shared libraries in it (~29 MB a worker) are also in the node's own RSS."""
         if self._closed:
             return self._peak_at_close
-        return sum(_vm_hwm_mb(w.process.pid) for w in self._workers)
+        return sum(_proc_mb(w.process.pid, "status", ("VmHWM",)) for w in self._workers)
+
+    def private_mb(self) -> float:
+        """Sum of the workers' private (unshared) resident memory now, MB: what they add to
+        the device's memory on top of the node process."""
+        if self._closed:
+            return self._private_at_close
+        return sum(_proc_mb(w.process.pid, "smaps_rollup", ("Private_Clean", "Private_Dirty"))
+                   for w in self._workers)
 
     def counters(self) -> dict[str, int]:
         return {"workers": len(self._workers), "jobs": self.jobs,
@@ -208,6 +218,7 @@ class SegmentationWorkers:
         if self._closed:
             return
         self._peak_at_close = self.peak_rss_mb()
+        self._private_at_close = self.private_mb()
         self._closed = True
         for worker in self._workers:
             with contextlib.suppress(OSError, ValueError):
@@ -298,14 +309,17 @@ class SegmentationWorkers:
         self.jobs_done_here += len(cams)
 
 
-def _vm_hwm_mb(pid: int) -> float:
+def _proc_mb(pid: int, table: str, keys: tuple[str, ...]) -> float:
+    """Sum of `keys` (kB lines) in /proc/PID/TABLE, in MB; 0 for a process that is gone."""
+    total = 0
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+        for line in Path(f"/proc/{pid}/{table}").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in keys:
+                total += int(value.split()[0])
     except OSError:
-        pass
-    return 0.0
+        return 0.0
+    return total / 1024.0
 
 
 def _return_free_heap() -> None:

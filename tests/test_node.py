@@ -78,6 +78,11 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
     slack = 3 * math.sqrt(max(card * (1 - card), 0.02) / n)
     assert detection["recall"] >= card - slack
     assert detection["false_positive_rate"] <= 0.05
+    # Item finding ran in the worker processes, and their memory is counted.
+    memory = written["memory_mb"]
+    assert memory["item_workers_peak_rss"] > 20.0
+    assert memory["sum_of_peak_rss"] == pytest.approx(
+        memory["node_peak_rss"] + memory["item_workers_peak_rss"], abs=0.2)
 
 
 def _node(cfg: Config, clock: WallClock, stall_after_s: float) -> Node:
