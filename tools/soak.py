@@ -2,9 +2,10 @@
 
     python tools/soak.py [--minutes 10] [--items-per-second 3] [--json PATH]
 
-Samples the RSS of the node and its child processes (item-finding workers, embedded broker)
-every 10 s (from /proc) and reports the growth from
-the end of the third minute to the end. Warm-up is models and gallery, plus
+Samples the memory of the node and its child processes (item-finding workers, embedded
+broker) every 10 s from /proc: PSS summed over them (every page once), the node's own RSS and
+the plain sum of RSS; reports the growth of the PSS from the end of the third minute to the
+end. Warm-up is models and gallery, plus
 the bounded in-memory caches filling: the last 256 decided items kept for
 feedback (1.5 min at 3 items/s) and the synthetic cameras' texture cache.
 Target (issue: the pipelined node): no growth beyond 5 % over 10 minutes.
@@ -47,12 +48,29 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def tree_rss_mb(pid: int) -> float | None:
-    """The node and its children: the device's memory, not one process's."""
-    own = rss_mb(pid)
-    if own is None:
+def pss_mb(pid: int) -> float | None:
+    """Proportional set size: shared pages divided among the processes that map them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
         return None
-    return own + sum(r for c in children(pid) if (r := rss_mb(c)) is not None)
+    return None
+
+
+def tree_mb(pid: int) -> tuple[float, float, float] | None:
+    """The node process's RSS; the RSS summed over it and its children (counts the library
+    pages they share once per process); their PSS summed (each page once: what the device
+    spends)."""
+    own = rss_mb(pid)
+    own_pss = pss_mb(pid)
+    if own is None or own_pss is None:
+        return None
+    kids = children(pid)
+    rss = own + sum(r for c in kids if (r := rss_mb(c)) is not None)
+    pss = own_pss + sum(p for c in kids if (p := pss_mb(c)) is not None)
+    return own, rss, pss
 
 
 def main() -> int:
@@ -70,27 +88,34 @@ def main() -> int:
              "--items-per-second", str(args.items_per_second), "--damage-rate", "0.01",
              "--summary-json", str(summary_path)],
             stdout=subprocess.DEVNULL)
-        samples: list[tuple[float, float]] = []
+        samples: list[tuple[float, float]] = []  # (t, PSS of the node and its children)
+        node_rss: list[float] = []
+        tree_rss: list[float] = []
         t0 = time.monotonic()
         while proc.poll() is None:
-            rss = tree_rss_mb(proc.pid)
-            if rss is not None:
-                samples.append((time.monotonic() - t0, rss))
+            mb = tree_mb(proc.pid)
+            if mb is not None:
+                node_rss.append(mb[0])
+                tree_rss.append(mb[1])
+                samples.append((time.monotonic() - t0, mb[2]))
             time.sleep(10.0)
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     warm = [r for t, r in samples if t >= WARMUP_S]
     result = {
         "minutes": args.minutes,
         "samples": len(samples),
-        "rss_mb_after_warmup": round(warm[0], 1) if warm else None,
-        "rss_mb_end": round(warm[-1], 1) if warm else None,
-        "rss_mb_peak": round(max(r for _, r in samples), 1) if samples else None,
+        "what": "PSS of the node and its children (item workers, broker), from /proc",
+        "pss_mb_after_warmup": round(warm[0], 1) if warm else None,
+        "pss_mb_end": round(warm[-1], 1) if warm else None,
+        "pss_mb_peak": round(max(r for _, r in samples), 1) if samples else None,
+        "node_rss_mb_peak": round(max(node_rss), 1) if node_rss else None,
+        "sum_of_rss_mb_peak": round(max(tree_rss), 1) if tree_rss else None,
         "growth_pct": round(100.0 * (warm[-1] - warm[0]) / warm[0], 2) if len(warm) > 1 else None,
         "items_announced": summary.get("items_announced"),
         "deadline_misses": summary.get("deadline_misses"),
         "latency_ms": summary.get("latency_ms"),
         "exit_code": proc.returncode,
-        "rss_mb_per_minute": [round(r, 1) for t, r in samples if int(t) % 60 < 10],
+        "pss_mb_per_minute": [round(r, 1) for t, r in samples if int(t) % 60 < 10],
     }
     print(json.dumps(result, indent=2))
     if args.json is not None:
