@@ -111,9 +111,6 @@ class SegmentationWorkers:
         self._ring: U16Array = self._map.view(np.ndarray)
         self._views = {cam: (seg.plane.intrinsics, seg.plane.pose)
                        for cam, seg in self._segmenters.items()}
-        self._workers = [self._spawn(k) for k in range(workers)]
-        for worker in self._workers:
-            self._await_ready(worker)
         self._free = deque(range(in_flight))
         self._tickets: deque[Ticket] = deque()
         self._next_job = 0
@@ -125,6 +122,15 @@ class SegmentationWorkers:
         self._private_at_close = 0.0
         self.jobs_done_here = 0  # jobs a dead worker left behind, done in the caller
         self._closed = False
+        self._workers: list[_Worker] = []
+        try:
+            for k in range(workers):
+                self._workers.append(self._spawn(k))
+            for worker in self._workers:
+                self._await_ready(worker)
+        except BaseException:
+            self.close()  # no process and no ring left behind by a failed start
+            raise
 
     # -- submitting and collecting ---------------------------------------------------------
 
@@ -244,14 +250,19 @@ class SegmentationWorkers:
             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
         conn = Connection(parent.detach())
-        conn.send((self._file, self._slot_shape, self._cameras, self._views, self._cfg))
+        with contextlib.suppress(OSError):  # died already: _await_ready says so
+            conn.send((self._file, self._slot_shape, self._cameras, self._views, self._cfg))
         return _Worker(f"cv-items-{number}", process, conn, deque())
 
     def _await_ready(self, worker: _Worker, timeout_s: float = 60.0) -> None:
         if not worker.conn.poll(timeout_s):
             raise RuntimeError(f"item-finding worker {worker.name} did not start "
                                f"within {timeout_s:.0f} s")
-        message = worker.conn.recv()
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError(f"item-finding worker {worker.name} exited at start (exit code "
+                               f"{worker.process.wait(5.0)}); see its output above") from None
         if isinstance(message, str):
             raise RuntimeError(f"item-finding worker {worker.name} failed: {message}")
         worker.cpu_s = message  # its start-up

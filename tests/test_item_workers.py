@@ -178,6 +178,17 @@ def test_workers_ignore_sigterm_and_leave_when_the_node_is_killed(tmp_path: Path
     assert not rings[0].exists()
 
 
+def test_a_worker_that_cannot_start_fails_the_start_and_leaves_nothing_behind(
+        segmenters: dict[str, ItemSegmenter], monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a worker dies before it is ready (here: the interpreter is /bin/false), the node's
+    start fails with a message saying so, and no worker or ring is left behind."""
+    before = set(SHM.glob("cv-depth-ring-*"))
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="exited at start"):
+        SegmentationWorkers(segmenters, CFG.items, 2)
+    assert set(SHM.glob("cv-depth-ring-*")) == before
+
+
 def test_a_frame_that_does_not_fit_the_calibration_is_refused_by_camera(
         framesets: list[FrameSet], segmenters: dict[str, ItemSegmenter]) -> None:
     fs = framesets[0]
