@@ -25,14 +25,24 @@ from pathlib import Path
 WARMUP_S = 180.0
 
 
-def rss_mb(pid: int) -> float | None:
+def proc_mb(pid: int, table: str, key: str) -> float | None:
+    """One kB line of /proc/PID/TABLE in MB; None once the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{table}").read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         return None
     return None
+
+
+def rss_mb(pid: int) -> float | None:
+    return proc_mb(pid, "status", "VmRSS")
+
+
+def pss_mb(pid: int) -> float | None:
+    """Proportional set size: shared pages divided among the processes that map them."""
+    return proc_mb(pid, "smaps_rollup", "Pss")
 
 
 def children(pid: int) -> list[int]:
@@ -46,17 +56,6 @@ def children(pid: int) -> list[int]:
         if int(text[text.rindex(")") + 2:].split()[1]) == pid:
             out.append(int(stat.parent.name))
     return out
-
-
-def pss_mb(pid: int) -> float | None:
-    """Proportional set size: shared pages divided among the processes that map them."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
 
 
 def tree_mb(pid: int) -> tuple[float, float, float] | None:
