@@ -6,7 +6,7 @@ Everything here talks to pyrealsense2 objects, passed in as `rs`.
 
 from __future__ import annotations
 
-import queue
+import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -15,13 +15,13 @@ from edge.sources import EndOfStream, SourceError
 from edge.types import Intrinsics
 
 if TYPE_CHECKING:
-    import threading
     from pathlib import Path
 
 log = structlog.get_logger(__name__)
 
 _SYNC_MODES = {"default": 0.0, "master": 1.0, "slave": 2.0}
 _COLOR_FORMATS = ("bgr8", "rgb8")
+_SYNCER_FRAMESETS = 4  # pairs the syncer holds before playback waits for the reader
 
 
 def intrinsics_of(rs_intr: Any) -> Intrinsics:
@@ -73,9 +73,9 @@ class _Composer:
 class PlaybackSession:
     """A `.db3`/`.bag` recording played through the SDK's playback device."""
 
-    def __init__(self, rs: Any, path: Path, *, realtime: bool, expect_size: tuple[int, int],
-                 stop: threading.Event) -> None:
-        self.rs, self.path, self._stop = rs, path, stop
+    def __init__(self, rs: Any, path: Path, *, realtime: bool,
+                 expect_size: tuple[int, int]) -> None:
+        self.rs, self.path = rs, path
         try:
             self.device = rs.context().load_device(str(path))
         except RuntimeError as exc:
@@ -104,7 +104,11 @@ class PlaybackSession:
             identity = True
         self.needs_align = not identity or intrinsics_of(dvp.get_intrinsics()) != (
             self.color_intrinsics)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=8)
+        # The SDK's own syncer pairs depth with colour in native code: no Python callback per
+        # frame on the SDK's threads (each one had to take the GIL from the node's threads).
+        # Not real time, playback blocks on a full syncer instead of dropping frames.
+        self._syncer = rs.syncer(_SYNCER_FRAMESETS)
+        self._frameset: Any = None  # the last pair as the syncer delivered it (for rs.align)
         self._held: dict[str, Any] = {}
         self._period_ms = 1000.0 / max(1, color_profile.fps())
         self._closed = False
@@ -119,7 +123,7 @@ class PlaybackSession:
             self._sensors.append(sensor)
         self.playback.pause()
         for sensor in self._sensors:
-            sensor.start(self._on_frame)
+            sensor.start(self._syncer)
         self.playback.resume()
 
     def _find_streams(self) -> dict[str, tuple[Any, Any]]:
@@ -139,39 +143,47 @@ class PlaybackSession:
                                   f"found {', '.join(names) or 'no streams'}")
         return found
 
-    def _on_frame(self, frame: Any) -> None:
-        # Not real time: playback waits here for the reader instead of dropping frames.
-        while not (self._closed or self._stop.is_set()):
-            try:
-                self._queue.put(frame, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     def wait(self, timeout_ms: int) -> tuple[Any, Any] | None:
-        remaining = timeout_ms / 1000.0
+        remaining = timeout_ms
         while True:
             stopped = self.playback.current_status() == self.rs.playback_status.stopped
-            try:
-                frame = self._queue.get(timeout=min(remaining, 0.05))
-            except queue.Empty:
+            step = min(remaining, 50)
+            ok, frameset = self._syncer.try_wait_for_frames(step)
+            if not ok:
                 if stopped:
-                    raise EndOfStream(f"recording {self.path} ended") from None
-                remaining -= 0.05
+                    raise EndOfStream(f"recording {self.path} ended")
+                remaining -= step
                 if remaining <= 0:
                     return None
                 continue
-            kind = "depth" if frame.get_profile().stream_type() == self.rs.stream.depth else "color"
-            self._held[kind] = frame
-            if len(self._held) == 2:
-                d, c = self._held["depth"], self._held["color"]
-                skew = float(d.get_timestamp()) - float(c.get_timestamp())
-                if abs(skew) <= self._period_ms / 2:
-                    self._held.clear()
-                    return d, c
-                del self._held["depth" if skew < 0 else "color"]  # the older one has no partner
+            depth, color = frameset.get_depth_frame(), frameset.get_color_frame()
+            if depth and color:
+                self._held.clear()
+                self._frameset = frameset
+                return depth, color
+            # The syncer hands over a frame alone until it has seen both streams (the first
+            # frame of a recording): pair those by timestamp here.
+            self._frameset = None
+            pair = self._pair_single(depth if depth else color)
+            if pair is not None:
+                return pair
+
+    def _pair_single(self, frame: Any) -> tuple[Any, Any] | None:
+        kind = "depth" if frame.get_profile().stream_type() == self.rs.stream.depth else "color"
+        self._held[kind] = frame
+        if len(self._held) < 2:
+            return None
+        d, c = self._held["depth"], self._held["color"]
+        skew = float(d.get_timestamp()) - float(c.get_timestamp())
+        if abs(skew) <= self._period_ms / 2:
+            self._held.clear()
+            return d, c
+        del self._held["depth" if skew < 0 else "color"]  # the older one has no partner
+        return None
 
     def composite(self, depth: Any, color: Any) -> Any:
+        if self._frameset is not None:
+            return self._frameset
         return self._composer(depth, color)
 
     def removed_by(self, event: Any) -> bool:
@@ -181,13 +193,22 @@ class PlaybackSession:
         if self._closed:
             return
         self._closed = True
+        # A playback blocked on a full syncer would block sensor.stop() for ever: stop from a
+        # helper thread while this one drains the syncer.
+        stopper = threading.Thread(target=self._stop_sensors, name="playback-stop", daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            self._syncer.try_wait_for_frames(10)
+        self._held.clear()
+        self._frameset = None
+
+    def _stop_sensors(self) -> None:
         for sensor in self._sensors:
             try:
                 sensor.stop()
                 sensor.close()
             except RuntimeError as exc:
                 log.debug("playback_close_failed", path=str(self.path), error=str(exc))
-        self._held.clear()
 
 
 class LiveSession:

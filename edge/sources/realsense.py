@@ -1,7 +1,7 @@
 """RealSense cameras and `.db3`/`.bag` recordings behind the `FrameSource` protocol.
 
 A live camera is opened by serial number through an `rs.pipeline`; a recording
-is loaded as a playback device whose sensors feed a bounded queue (playback
+is loaded as a playback device whose sensors feed the SDK's `rs.syncer` (playback
 that is not real time then waits for the reader instead of dropping frames,
 which the pipeline does not guarantee). Both deliver (depth, colour) pairs
 that are aligned to colour with `rs.align` (skipped when the recording is
@@ -143,7 +143,7 @@ class RealSenseSource:
     def _open(self) -> Session:
         if self.recording is not None:
             return PlaybackSession(self._rs, self.recording, realtime=self.realtime,
-                                   expect_size=self.size, stop=self._stop)
+                                   expect_size=self.size)
         assert self.serial is not None
         return LiveSession(self._rs, self._context, self.serial, self.size, self.fps,
                            self.sync_mode)

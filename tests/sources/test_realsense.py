@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -75,6 +76,35 @@ def test_playback_delivers_every_frame_as_written(small_db3: Path) -> None:
         assert g.depth_scale_m == pytest.approx(0.001)
     assert src.counters.frames_received == 30
     assert src.counters.frames_dropped == src.counters.skewed_frames == 0
+
+
+def test_a_slow_reader_loses_no_frames_and_can_stop_while_playback_waits(
+        small_db3: Path) -> None:
+    """Offline playback waits for a reader slower than the file (no frame skipped), and
+    stop() returns promptly while the playback thread is blocked on the full syncer."""
+    src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10)
+    src.start()
+    got = []
+    try:
+        while True:
+            frame = src.read(2.0)
+            if frame is not None:
+                got.append(frame.index)
+                time.sleep(0.02)  # 30 frames play in ~5 ms: a reader this slow falls behind
+    except EndOfStream:
+        pass
+    finally:
+        src.stop()
+    assert got == list(range(30))
+    assert src.counters.frames_dropped == 0
+
+    src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10)
+    src.start()
+    assert src.read(2.0) is not None
+    time.sleep(0.3)  # playback is now blocked on the syncer the reader stopped draining
+    t0 = time.monotonic()
+    src.stop()
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_decimation_halves_frames_and_scales_the_intrinsics(small_db3: Path) -> None:
