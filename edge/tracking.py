@@ -47,6 +47,7 @@ class Track:
     first_seen_ms: float
     last_seen_ms: float
     fixed: bool = False  # has had a complete detection
+    primary_seen: bool = False  # the top-down camera has seen it
     sightings: int = 0
     votes: dict[str, list[bool]] = field(default_factory=dict)  # camera -> merged? per view
     boxes: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
@@ -75,6 +76,7 @@ class ItemTracker:
         self.cpu_ms: deque[float] = deque(maxlen=10_000)
         #: oblique-view detections that matched no track of the primary camera (ignored)
         self.unmatched_views = 0
+        self._primary_seen_ms = -float("inf")  # the primary camera's latest frameset
 
     @classmethod
     def from_views(cls, views: Mapping[str, tuple[Intrinsics, Pose]],
@@ -96,7 +98,12 @@ class ItemTracker:
         speed = self.associator.speed_mm_per_ms
         # The top-down camera decides what is an item; oblique views only add views to its
         # tracks (their blobs of tall or neighbouring items are ambiguous), unless it is gone.
-        primary_here = self.primary in fs.frames
+        # Gone means silent for `lost_after_ms`, not missing from this frameset: a node behind
+        # its cameras drops frames per camera, and an oblique sliver that started a track in
+        # such a gap would become a second, unannounced item.
+        if self.primary in fs.frames:
+            self._primary_seen_ms = fs.timestamp_ms
+        primary_here = fs.timestamp_ms - self._primary_seen_ms <= self.cfg.lost_after_ms
         order = sorted(fs.frames, key=lambda c: c != self.primary)
         for camera_id in order:
             frame = fs.frames[camera_id]
@@ -165,7 +172,11 @@ class ItemTracker:
     def _update(self, track: Track, det: Detection, t: float, speed: float) -> None:
         track.sightings += 1
         track.last_seen_ms = t
-        if det.complete or not track.fixed:
+        primary = det.camera_id == self.primary
+        track.primary_seen = track.primary_seen or primary
+        if not primary and track.primary_seen:
+            pass  # an oblique view adds a view; where the item is, the top view says
+        elif det.complete or not track.fixed:
             track.x_mm, track.y_mm, track.t_ms = det.extent_x_mm, det.centre_mm[1], t
         else:
             track.x_mm, track.t_ms = track.predicted(t, speed), t
