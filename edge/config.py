@@ -119,8 +119,9 @@ class ItemsConfig:
                               doc="a track unseen this long has left the view: emit its record")
     min_observations: int = _f(2, lo=1, hi=100, doc="sightings before a track becomes an item")
     emit_past_centre_mm: float | None = _f(
-        60.0, lo=0.0, hi=5000.0, doc="emit an item's record once its centre is this far past the "
-        "cameras' centre (its best views are behind it); null: only when it leaves the view")
+        60.0, lo=0.0, hi=5000.0, doc="emit an item's record as soon as no camera can see it more "
+        "centrally, at the latest once its centre is this far past the cameras' centre; null: "
+        "only when it leaves the view")
     workers: int = _f(2, lo=0, hi=64, doc="processes that find items in the frames, in parallel "
                       "(segmentation holds the GIL); 0: in the item stage's own thread")
 

@@ -6,8 +6,10 @@ joins the track whose predicted leading or trailing edge it matches (an item
 cut off by the image border still shows one true edge). Complete detections
 (fully inside the image) update the position and vote on the box and on
 `merged`; per camera the most central complete view is kept for the crop.
-A track unseen for `lost_after_ms` has left the inspection region: it is
-tied to the controller's announcement and becomes an `ItemRecord`.
+A track becomes an `ItemRecord` (tied to the controller's announcement) as soon
+as no camera can see it more centrally, or once it is `emit_past_centre_mm`
+past the cameras' centre; at the latest when it has been unseen for
+`lost_after_ms` (it has left the inspection region).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class ItemTracker:
         #: oblique-view detections that matched no track of the primary camera (ignored)
         self.unmatched_views = 0
         self._primary_seen_ms = -float("inf")  # the primary camera's latest frameset
+        #: belt x (mm) where each camera's optical axis meets the belt: its most central view
+        self._axis_x = {c: _axis_belt_x(s.plane.pose) for c, s in self.segmenters.items()}
+        self._gaps: deque[float] = deque(maxlen=15)  # recent frameset intervals (ms)
+        self._last_fs_ms: float | None = None
 
     @classmethod
     def from_views(cls, views: Mapping[str, tuple[Intrinsics, Pose]],
@@ -96,6 +102,9 @@ class ItemTracker:
         """
         start = time.thread_time()
         speed = self.associator.speed_mm_per_ms
+        if self._last_fs_ms is not None and fs.timestamp_ms > self._last_fs_ms:
+            self._gaps.append(fs.timestamp_ms - self._last_fs_ms)
+        self._last_fs_ms = fs.timestamp_ms
         # The top-down camera decides what is an item; oblique views only add views to its
         # tracks (their blobs of tall or neighbouring items are ambiguous), unless it is gone.
         # Gone means silent for `lost_after_ms`, not missing from this frameset: a node behind
@@ -200,14 +209,35 @@ class ItemTracker:
     # -- records -------------------------------------------------------------------------
 
     def _ready_early(self, track: Track, now_ms: float) -> bool:
-        """Past the cameras' centre, fully seen: its best views will not get better."""
+        """Fully seen, and its best views will not get better: past the cameras' centre, or
+        past where any camera could see it more centrally."""
         past = self.cfg.emit_past_centre_mm
         if past is None or track.emitted or not track.fixed:
             return False
         if track.sightings < self.cfg.min_observations or len(track.best) < len(self.segmenters):
             return False
-        lo, hi = track.predicted(now_ms, self.associator.speed_mm_per_ms)
-        return 0.5 * (lo + hi) > past
+        speed = self.associator.speed_mm_per_ms
+        lo, hi = track.predicted(now_ms, speed)
+        if 0.5 * (lo + hi) > past:
+            return True
+        return self._views_final(track, now_ms, speed)
+
+    def _views_final(self, track: Track, now_ms: float, speed: float) -> bool:
+        """No camera can see the item more centrally any more: from the next frame on, it is
+        farther past each camera's axis than that camera's best (complete) view was from it.
+        Saves up to two frame intervals against `emit_past_centre_mm` alone."""
+        if not self._gaps:
+            return False
+        period = statistics.median(self._gaps)
+        lo, hi = track.predicted(now_ms + period, speed)
+        x_next = 0.5 * (lo + hi)
+        for camera_id, (_, det, _) in track.best.items():
+            axis = self._axis_x[camera_id]
+            if axis is None or not det.complete:
+                return False
+            if x_next - axis < abs(det.centre_mm[0] - axis):
+                return False
+        return True
 
     def _finish(self, cutoff_ms: float, now_ms: float | None = None) -> list[ItemRecord]:
         early = [t for t in self.tracks if now_ms is not None and self._ready_early(t, now_ms)]
@@ -258,6 +288,15 @@ class ItemTracker:
     def crop(self, det: Detection) -> ItemCrop:
         """The model crop of one view (rectified, `crop_size` square)."""
         return crop_detection(det, self.segmenters[det.camera_id].plane, self.cfg.crop_size)
+
+
+def _axis_belt_x(pose: Pose) -> float | None:
+    """Belt x (mm) where the camera's optical axis meets the belt plane (None: it does not)."""
+    direction = pose.rotation @ np.array([0.0, 0.0, 1.0])
+    if direction[2] > -1e-6:
+        return None
+    reach = -float(pose.translation_mm[2]) / float(direction[2])
+    return float(pose.translation_mm[0]) + reach * float(direction[0])
 
 
 def crop_detection(det: Detection, plane: BeltPlane, size: int) -> ItemCrop:
