@@ -83,6 +83,7 @@ class ItemTracker:
         self._axis_x = {c: _axis_belt_x(s.plane.pose) for c, s in self.segmenters.items()}
         self._gaps: deque[float] = deque(maxlen=15)  # recent frameset intervals (ms)
         self._last_fs_ms: float | None = None
+        self._period_ms: float | None = None  # their median: when the next frameset comes
 
     @classmethod
     def from_views(cls, views: Mapping[str, tuple[Intrinsics, Pose]],
@@ -104,6 +105,7 @@ class ItemTracker:
         speed = self.associator.speed_mm_per_ms
         if self._last_fs_ms is not None and fs.timestamp_ms > self._last_fs_ms:
             self._gaps.append(fs.timestamp_ms - self._last_fs_ms)
+            self._period_ms = statistics.median(self._gaps)
         self._last_fs_ms = fs.timestamp_ms
         # The top-down camera decides what is an item; oblique views only add views to its
         # tracks (their blobs of tall or neighbouring items are ambiguous), unless it is gone.
@@ -183,12 +185,13 @@ class ItemTracker:
         track.last_seen_ms = t
         primary = det.camera_id == self.primary
         track.primary_seen = track.primary_seen or primary
-        if not primary and track.primary_seen:
-            pass  # an oblique view adds a view; where the item is, the top view says
-        elif det.complete or not track.fixed:
-            track.x_mm, track.y_mm, track.t_ms = det.extent_x_mm, det.centre_mm[1], t
-        else:
-            track.x_mm, track.t_ms = track.predicted(t, speed), t
+        # Where the item is, the top view says: an oblique view of a track the top camera has
+        # seen only adds a view (its blob is displaced sideways for tall items).
+        if primary or not track.primary_seen:
+            if det.complete or not track.fixed:
+                track.x_mm, track.y_mm, track.t_ms = det.extent_x_mm, det.centre_mm[1], t
+            else:
+                track.x_mm, track.t_ms = track.predicted(t, speed), t
         if det.complete:
             track.fixed = True
             track.boxes.setdefault(det.camera_id, []).append(det.box_mm)
@@ -226,10 +229,9 @@ class ItemTracker:
         """No camera can see the item more centrally any more: from the next frame on, it is
         farther past each camera's axis than that camera's best (complete) view was from it.
         Saves up to two frame intervals against `emit_past_centre_mm` alone."""
-        if not self._gaps:
+        if self._period_ms is None:
             return False
-        period = statistics.median(self._gaps)
-        lo, hi = track.predicted(now_ms + period, speed)
+        lo, hi = track.predicted(now_ms + self._period_ms, speed)
         x_next = 0.5 * (lo + hi)
         for camera_id, (_, det, _) in track.best.items():
             axis = self._axis_x[camera_id]
