@@ -10,9 +10,10 @@
    - `pipelined`: the node's threads and bounded queues (`edge.node.Node`);
    - `sequential`: the same components called one after another in one thread;
    - `stages`: each stage alone on the same data (per-frame CPU time and standalone rate).
-   Stages, sequential and pipelined run as `--repeat` rounds, one after another; the round
-   with the median speedup is reported (its efficiency against its own stages), every round
-   is listed.
+   They run as `--repeat` rounds: stages, pipelined, stages again, sequential. A round's
+   efficiency compares its pipelined run with the stages run right before and right after
+   it; speedup, efficiency and limit are reported as medians over the rounds, and every
+   round is listed.
 3. A real-time run of the demo path (synthetic cameras paced at 15 fps, 3 items/s, announced
    over MQTT): capture-to-PUBACK latency and deadline misses.
 
@@ -39,9 +40,9 @@ sys.path.insert(0, str(HERE))
 import bench_node  # noqa: E402  (tools/ is not a package)
 
 
-def _child(mode: str, workdir: Path, broker: str) -> dict[str, Any]:
+def _child(mode: str, workdir: Path, broker: str, *extra: str) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "bench_node.py"), mode, "--workdir", str(workdir),
-           "--broker", broker]
+           "--broker", broker, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"bench child {mode} failed:\n{proc.stderr[-4000:]}")
@@ -56,6 +57,26 @@ def _limit(stages: dict[str, Any]) -> float:
     return min(slowest, (os.cpu_count() or 1) / per_frame_cpu_s)
 
 
+def _mean_stages(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Each stage's numbers from the two standalone runs that bracket a pipelined run."""
+    out: dict[str, Any] = {}
+    for name, first in before.items():
+        second = after[name]
+        # Mean time per frame, so the rate is the harmonic mean of the two rates.
+        per_frame_s = (1.0 / float(first["frames_per_s"]) + 1.0 / float(second["frames_per_s"]))
+        out[name] = {**first,
+                     "frames_per_s": round(2.0 / per_frame_s, 1),
+                     "cpu_ms_per_frame": round((float(first["cpu_ms_per_frame"])
+                                                + float(second["cpu_ms_per_frame"])) / 2.0, 3),
+                     "before_after_frames_per_s": [first["frames_per_s"],
+                                                   second["frames_per_s"]]}
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return round(float(np.median(values)), 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,9 +84,9 @@ def main() -> int:
     parser.add_argument("--realtime-seconds", type=float, default=40.0,
                         help="length of the real-time latency run (0: skip)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of stages, sequential and pipelined; the round with the "
-                        "median speedup is reported")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds of stages, pipelined, stages again and sequential; "
+                        "medians over the rounds are reported")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--replay", choices=["recording", "memory"], default="recording",
                         help="play the .db3 files through librealsense for every run, or read "
@@ -81,54 +102,53 @@ def main() -> int:
         with MosquittoBroker(work / "broker") as broker:
             results: dict[str, object] = {}
             # Alternating runs: a noisy machine slows both sides of a pair alike, and the
-            # median pair tells more than one run. The stages run alone again in every round,
-            # so that each round's efficiency compares runs made minutes apart, not a quarter
-            # of an hour (this machine's speed drifts by 20 % over that).
-            pairs: list[dict[str, Any]] = []
+            # median of several rounds tells more than one run. In every round the stages run
+            # alone right before and right after the pipelined node, and the round's limit is
+            # the mean of the two: this machine's speed drifts by 10-20 % within minutes, and
+            # a bracket cancels the drift that a single measurement would carry into the ratio.
+            rounds: list[dict[str, Any]] = []
             for k in range(args.repeat):
-                print(f"bench: round {k + 1}/{args.repeat}: stages, sequential, pipelined ...",
-                      file=sys.stderr)
-                stages_k = _child("stages", work, broker.url)
-                seq_k = _child("sequential", work, broker.url)
+                print(f"bench: round {k + 1}/{args.repeat}: stages, pipelined, stages, "
+                      "sequential ...", file=sys.stderr)
+                before = _child("stages", work, broker.url)
                 pipe_k = _child("pipelined", work, broker.url)
-                limit_k = _limit(stages_k)
-                pairs.append({"stages": stages_k, "sequential": seq_k, "pipelined": pipe_k,
-                              "limit_frames_per_s": round(limit_k, 2),
-                              "efficiency": round(float(pipe_k["frames_per_s"]) / limit_k, 3),
-                              "speedup": round(float(pipe_k["items_per_s"])
-                                               / max(1e-9, float(seq_k["items_per_s"])), 3)})
-            by_speedup = sorted(pairs, key=lambda p: float(p["speedup"]))
-            median_pair = by_speedup[len(by_speedup) // 2]
+                after = _child("stages", work, broker.url, "--brief")
+                seq_k = _child("sequential", work, broker.url)
+                limit_k = (_limit(before) + _limit(after)) / 2.0
+                rounds.append({
+                    "stages": _mean_stages(before, after), "sequential": seq_k,
+                    "pipelined": pipe_k, "limit_frames_per_s": round(limit_k, 2),
+                    "limit_before_after": [round(_limit(before), 2), round(_limit(after), 2)],
+                    "efficiency": round(float(pipe_k["frames_per_s"]) / limit_k, 3),
+                    "speedup": round(float(pipe_k["items_per_s"])
+                                     / max(1e-9, float(seq_k["items_per_s"])), 3)})
+            by_speedup = sorted(rounds, key=lambda r: float(r["speedup"]))
+            median_round = by_speedup[len(by_speedup) // 2]
             for key in ("stages", "sequential", "pipelined"):
-                results[key] = median_pair[key]
-            results["pairs"] = [{"speedup": p["speedup"], "efficiency": p["efficiency"],
-                                 "limit_frames_per_s": p["limit_frames_per_s"],
-                                 "sequential_items_per_s": p["sequential"]["items_per_s"],
-                                 "pipelined_items_per_s": p["pipelined"]["items_per_s"],
-                                 "pipelined_frames_per_s": p["pipelined"]["frames_per_s"]}
-                                for p in pairs]
+                results[key] = median_round[key]
+            results["rounds"] = [{key: r[key] for key in (
+                "speedup", "efficiency", "limit_frames_per_s", "limit_before_after")}
+                | {"sequential_items_per_s": r["sequential"]["items_per_s"],
+                   "pipelined_items_per_s": r["pipelined"]["items_per_s"],
+                   "pipelined_frames_per_s": r["pipelined"]["frames_per_s"]}
+                for r in rounds]
             if args.realtime_seconds > 0:
                 print("bench: realtime ...", file=sys.stderr)
                 os.environ["CV_BENCH_REALTIME_SECONDS"] = str(args.realtime_seconds)
                 results["realtime"] = _child("realtime", work, broker.url)
     stages = results.pop("stages")
     assert isinstance(stages, dict)
-    limit = _limit(stages)
-    efficiencies = sorted(float(p["efficiency"]) for p in pairs)
-    pipe, seq = results["pipelined"], results["sequential"]
-    assert isinstance(pipe, dict)
-    assert isinstance(seq, dict)
     out = {
         **results,
         "stages": stages,
         "cores": os.cpu_count() or 1,
-        "limit_frames_per_s": round(limit, 2),
-        "speedup": round(float(pipe["items_per_s"]) / max(1e-9, float(seq["items_per_s"])), 3),
-        "speedup_note": f"median of {args.repeat} rounds by speedup (see pairs)",
-        "efficiency": round(float(pipe["frames_per_s"]) / limit, 3),
-        "efficiency_median": efficiencies[len(efficiencies) // 2],
-        "efficiency_note": "pipelined frames/s over the limit from the stages run alone in the "
-                           "same round; `efficiency` is the median-speedup round's",
+        "limit_frames_per_s": _median([float(r["limit_frames_per_s"]) for r in rounds]),
+        "speedup": _median([float(r["speedup"]) for r in rounds]),
+        "efficiency": _median([float(r["efficiency"]) for r in rounds]),
+        "note": f"speedup, efficiency and limit are medians over {args.repeat} rounds (each "
+                "round's in `rounds`; efficiency: the round's pipelined frames/s over the mean "
+                "of the limits from the stages run alone right before and right after it); "
+                "`pipelined`, `sequential` and `stages` are the round with the median speedup",
         "replay": args.replay,
         "numpy": np.__version__,
     }
