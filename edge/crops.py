@@ -20,17 +20,24 @@ HEIGHT_PERCENTILE = 90.0
 
 
 def measure_box(plane: BeltPlane, depth: U16Array, depth_scale_m: float, height_mm: F32Array,
-                mask: BoolArray) -> tuple[tuple[float, float, float], tuple[float, float], float]:
+                mask: BoolArray, origin: tuple[int, int] = (0, 0)
+                ) -> tuple[tuple[float, float, float], tuple[float, float], float]:
     """Length, width, height (mm), belt-frame centre (x, y) and yaw (rad) of one item.
 
+    `mask` covers the part of the image whose top-left pixel is `origin` (x, y): an item's
+    bounding box rather than the whole frame, so that the cost follows the item's size.
     The footprint is the minimum-area rectangle of the item's 3D points
     projected onto the belt (side faces seen by an oblique camera project
     into the same footprint); the height is a high percentile of the heights.
     """
-    valid = mask & (depth > 0)
-    if int(valid.sum()) < 8:
-        return (0.0, 0.0, 0.0), (float("nan"), float("nan")), 0.0
+    x0, y0 = origin
+    h, w = mask.shape
+    valid = mask & (depth[y0:y0 + h, x0:x0 + w] > 0)
     rows, cols = np.nonzero(valid)
+    if rows.size < 8:
+        return (0.0, 0.0, 0.0), (float("nan"), float("nan")), 0.0
+    rows += y0
+    cols += x0
     z = depth[rows, cols].astype(np.float32) * np.float32(depth_scale_m * 1000.0)
     rays = plane.rays[rows, cols]
     t = plane.pose.translation_mm.astype(np.float32)

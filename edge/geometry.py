@@ -29,6 +29,9 @@ class BeltPlane:
         rays_belt = rays_cam @ pose.rotation.T  # direction per unit camera-z
         #: belt-frame ray direction per pixel, scaled so that camera z == 1 (H, W, 3)
         self.rays = rays_belt.astype(np.float32)
+        # The height map needs only the z component: a contiguous copy reads a third of the
+        # memory that the strided view of `rays` does, on every frame.
+        self._rays_z: F32Array = np.ascontiguousarray(self.rays[..., 2])
         self._t = pose.translation_mm.astype(np.float32)  # read by the renderer too
         with np.errstate(divide="ignore"):
             belt_z = np.where(rays_belt[..., 2] < -1e-6,
@@ -48,7 +51,7 @@ class BeltPlane:
             out = np.empty(depth.shape, dtype=np.float32)
         np.multiply(depth, scale, out=out, casting="unsafe")
         zero = depth == 0
-        out *= self.rays[..., 2]
+        out *= self._rays_z
         out += self._t[2]
         out[zero] = np.nan
         return out
