@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from edge.catalogue import load_catalogue
 from edge.config import CameraConfig, load_config
+from edge.crops import measure_box
 from edge.induct import InductAssociator
 from edge.items import Detection, ItemSegmenter
 from edge.sources.synthetic import SyntheticConveyor, default_intrinsics, default_pose
@@ -203,6 +204,26 @@ def test_measured_box_matches_the_true_box(length: float, aspect: float, height:
     assert d.box_mm[2] == pytest.approx(height, abs=2.0)
     assert d.centre_mm[0] == pytest.approx(x, abs=4.0)
     assert d.centre_mm[1] == pytest.approx(y, abs=4.0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(length=st.floats(150, 320), aspect=st.floats(0.45, 1.0), yaw=st.floats(-0.7, 0.7),
+       x=st.floats(-150, 150), y=st.floats(-100, 100))
+def test_a_box_measured_from_its_bounding_box_equals_the_whole_frame_measure(
+        length: float, aspect: float, yaw: float, x: float, y: float) -> None:
+    """The segmenter measures each item over its bounding box only (cost follows the item,
+    not the frame): the same box, centre and yaw to the last bit as from a frame-sized mask."""
+    frame = _render_boxes([(x, y, yaw, length, length * aspect, 80.0)])
+    seg = _segmenter()
+    heights = seg.height_map(frame)
+    mask = heights > CFG.items.min_height_mm
+    rows, cols = np.nonzero(mask)
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    whole = measure_box(seg.plane, frame.depth, frame.depth_scale_m, heights, mask)
+    part = measure_box(seg.plane, frame.depth, frame.depth_scale_m, heights,
+                       mask[y0:y1, x0:x1], (int(x0), int(y0)))
+    assert part == whole
+    assert whole[0][0] == pytest.approx(max(length, length * aspect), abs=6.0)
 
 
 def test_touching_items_of_different_heights_are_split() -> None:
