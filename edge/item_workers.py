@@ -19,7 +19,6 @@ an item.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from edge.heap import glibc_malloc_trim
 from edge.items import Detection, ItemSegmenter
 
 if TYPE_CHECKING:
@@ -336,8 +336,9 @@ def _proc_mb(pid: int, table: str, keys: tuple[str, ...]) -> float:
 def _return_free_heap() -> None:
     """Hand the float64 temporaries of the belt-plane set-up back to the OS (glibc keeps
     freed heap otherwise: ~18 MB per worker, for the life of the process)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim = glibc_malloc_trim()
+    if trim is not None:  # not glibc: nothing to trim
+        trim()
 
 
 def _reap(worker: _Worker, timeout_s: float) -> None:

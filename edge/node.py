@@ -27,6 +27,7 @@ from edge.clock import Clock
 from edge.config import Config
 from edge.deadlines import DeadlineScheduler
 from edge.decide import VerdictPolicy
+from edge.heap import HeapTrimmer
 from edge.induct import InductAssociator
 from edge.infer.models import ItemInspector
 from edge.item_workers import SegmentationWorkers
@@ -125,6 +126,10 @@ class Node:
         self.metrics = NodeMetrics(self.snapshot)
         if snapshots is not None:
             snapshots.register_metrics(self.metrics.registry)
+        trim_every = cfg.node.heap_trim_interval_s
+        self.heap_trimmer = HeapTrimmer(trim_every) if trim_every is not None else None
+        if self.heap_trimmer is not None:
+            self.heap_trimmer.register_metrics(self.metrics.registry)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -147,6 +152,8 @@ class Node:
             src.start()
         for t in self._threads:
             t.start()
+        if self.heap_trimmer is not None:
+            self.heap_trimmer.start()
         self.started_mono = time.monotonic()
         log.info("node_started", cameras=list(self.cameras.sources), version=__version__,
                  models=self.inspector.model_versions())
@@ -164,6 +171,8 @@ class Node:
         drained = self.scheduler.drain()
         self.scheduler.stop()
         left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
+        if self.heap_trimmer is not None:
+            self.heap_trimmer.stop()
         log.info("node_stopped", fail_safe_on_shutdown=drained, outbox_left=left)
 
     def _finish_in_flight(self, deadline_mono: float) -> None:

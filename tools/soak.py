@@ -58,18 +58,29 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def tree_mb(pid: int) -> tuple[float, float, float] | None:
+def role(pid: int) -> str:
+    """What a child of the node is, from its command line."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"child {pid}"
+    if "edge.item_workers" in cmd:
+        return f"item worker {pid}"
+    return f"broker {pid}" if "mosquitto" in cmd else f"child {pid}"
+
+
+def tree_mb(pid: int) -> tuple[float, float, float, dict[str, float]] | None:
     """The node process's RSS; the RSS summed over it and its children (counts the library
     pages they share once per process); their PSS summed (each page once: what the device
-    spends)."""
+    spends); and the PSS of each process, so that growth can be traced to one of them."""
     own = rss_mb(pid)
     own_pss = pss_mb(pid)
     if own is None or own_pss is None:
         return None
     kids = children(pid)
     rss = own + sum(r for c in kids if (r := rss_mb(c)) is not None)
-    pss = own_pss + sum(p for c in kids if (p := pss_mb(c)) is not None)
-    return own, rss, pss
+    each = {"node": own_pss} | {role(c): p for c in kids if (p := pss_mb(c)) is not None}
+    return own, rss, sum(each.values()), each
 
 
 def main() -> int:
@@ -88,6 +99,7 @@ def main() -> int:
              "--summary-json", str(summary_path)],
             stdout=subprocess.DEVNULL)
         samples: list[tuple[float, float]] = []  # (t, PSS of the node and its children)
+        per_process: list[tuple[float, dict[str, float]]] = []
         node_rss: list[float] = []
         tree_rss: list[float] = []
         t0 = time.monotonic()
@@ -97,9 +109,11 @@ def main() -> int:
                 node_rss.append(mb[0])
                 tree_rss.append(mb[1])
                 samples.append((time.monotonic() - t0, mb[2]))
+                per_process.append((samples[-1][0], mb[3]))
             time.sleep(10.0)
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     warm = [r for t, r in samples if t >= WARMUP_S]
+    warm_each = [each for t, each in per_process if t >= WARMUP_S]
     result = {
         "minutes": args.minutes,
         "samples": len(samples),
@@ -115,6 +129,11 @@ def main() -> int:
         "latency_ms": summary.get("latency_ms"),
         "exit_code": proc.returncode,
         "pss_mb_per_minute": [round(r, 1) for t, r in samples if int(t) % 60 < 10],
+        # A worker respawned mid-run shows with one number only.
+        "pss_mb_by_process_after_warmup_and_end": {
+            name: [round(warm_each[0][name], 1) if name in warm_each[0] else None,
+                   round(warm_each[-1][name], 1) if name in warm_each[-1] else None]
+            for name in {**warm_each[0], **warm_each[-1]}} if warm_each else None,
     }
     print(json.dumps(result, indent=2))
     if args.json is not None:

@@ -1,0 +1,86 @@
+"""Handing freed heap memory back to the operating system, periodically.
+
+The node allocates and frees two 0.6-0.9 MB images per camera frame in a dozen threads. glibc
+serves them from its heap arenas and keeps what is freed between live blocks; over a
+10-minute soak the node process grew 424 -> 460 MB while the memory Python tracks stayed
+flat (tracemalloc: 217 -> 217 MB). `malloc_trim(0)` returns the free pages of every arena
+(since glibc 2.8, not only the top of the heap); every 10 s it kept the same soak at
+420 -> 409 MB. Elsewhere than glibc there is nothing to trim and this does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+log = structlog.get_logger(__name__)
+
+
+def glibc_malloc_trim() -> Callable[[], int] | None:
+    """`malloc_trim(0)` of this process's C library, or None when it has none (not glibc)."""
+    with contextlib.suppress(OSError, AttributeError):
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        return lambda: int(trim(0))
+    return None
+
+
+class HeapTrimmer:
+    """A thread that calls `malloc_trim` every `interval_s` until stopped."""
+
+    def __init__(self, interval_s: float,
+                 trim: Callable[[], int] | None = None) -> None:
+        self.interval_s = interval_s
+        self._trim = trim if trim is not None else glibc_malloc_trim()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cv-heap-trim", daemon=True)
+        self.trims = 0
+        self.released = 0  # trims after which the C library reported memory handed back
+        self.seconds = 0.0
+        self._metrics: tuple[Counter, Counter] | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self._metrics = (
+            Counter("cv_heap_trims", "Periodic malloc_trim calls", registry=registry),
+            Counter("cv_heap_trim_seconds", "Time spent in malloc_trim", registry=registry))
+
+    def start(self) -> None:
+        if self._trim is None:
+            log.info("heap_trim_unavailable", why="not glibc")
+            return
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def trim_now(self) -> bool:
+        """One trim; True when memory was handed back."""
+        if self._trim is None:
+            return False
+        t0 = time.perf_counter()
+        released = self._trim() == 1
+        spent = time.perf_counter() - t0
+        self.trims += 1
+        self.released += released
+        self.seconds += spent
+        if self._metrics is not None:
+            self._metrics[0].inc()
+            self._metrics[1].inc(spent)
+        return released
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.trim_now()
