@@ -51,8 +51,8 @@ class NodeConfig:
     node_id: str = _f("edge-01", doc="unique ID of this node; part of every topic and verdict")
     line_id: str = _f("line-1", doc="conveyor line this node watches")
     heap_trim_interval_s: float | None = _f(
-        10.0, lo=0.1, doc="hand freed heap memory back to the OS this often (glibc keeps it: "
-        "the node grew ~8 % in 10 minutes without); null: never")
+        10.0, lo=0.1, doc="hand freed heap memory back to the OS this often (glibc keeps "
+        "it for the life of the process otherwise); null: never")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,12 @@
 """Handing freed heap memory back to the operating system, periodically.
 
 The node allocates and frees two 0.6-0.9 MB images per camera frame in a dozen threads. glibc
-serves them from its heap arenas and keeps what is freed between live blocks; over a
-10-minute soak the node process grew 424 -> 460 MB while the memory Python tracks stayed
-flat (tracemalloc: 217 -> 217 MB). `malloc_trim(0)` returns the free pages of every arena
-(since glibc 2.8, not only the top of the heap); every 10 s it kept the same soak at
-420 -> 409 MB. Elsewhere than glibc there is nothing to trim and this does nothing.
+serves them from its heap arenas and keeps what is freed between live blocks for the life of
+the process. `malloc_trim(0)` returns the free pages of every arena (since glibc 2.8, not
+only the top of the heap). In 10-minute soaks the node process grew 424 -> 460 MB without it
+while the memory Python tracks stayed flat (tracemalloc: 217 -> 217 MB); with it, once
+420 -> 409 MB and once 433 -> 457 MB: it bounds what glibc holds, not every kind of growth
+(BENCHMARKS.md). Elsewhere than glibc there is nothing to trim and this does nothing.
 """
 
 from __future__ import annotations
