@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -73,22 +74,45 @@ def _check(args: argparse.Namespace) -> int:
 
 
 class _Signals:
-    """Signal handlers only set flags; the main loop acts on them."""
+    """SIGTERM/SIGINT and SIGHUP as two events, set outside the signal handlers.
+
+    A Python signal handler runs in the main thread between two bytecodes, possibly while
+    that thread holds the very lock `Event.set()` needs (inside `Event.wait`, which the main
+    loop spends its life in): setting the event there deadlocks the node, so that SIGTERM
+    never stops it (seen once in CI). Instead the C-level handler writes the signal number to
+    a socket (`signal.set_wakeup_fd`) and a watcher thread sets the events.
+    """
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        """From the main thread (as `signal` requires)."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _take_no_lock)
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="cv-signals", daemon=True).start()
 
-    def _on_stop(self, _sig: int, _frame: FrameType | None) -> None:
-        self.stop.set()
+    def _watch(self) -> None:
+        while True:
+            try:
+                numbers = self._read.recv(64)
+            except OSError:
+                return
+            if not numbers:
+                return
+            for number in numbers:
+                if number in (signal.SIGTERM, signal.SIGINT):
+                    self.stop.set()
+                elif number == signal.SIGHUP:
+                    self.reload.set()
 
-    def _on_hup(self, _sig: int, _frame: FrameType | None) -> None:
-        self.reload.set()
+
+def _take_no_lock(_sig: int, _frame: FrameType | None) -> None:
+    """The Python-level handler: nothing (the watcher thread acts; see `_Signals`)."""
 
 
 def _run(args: argparse.Namespace) -> int:
