@@ -45,7 +45,6 @@ class HeapTrimmer:
         self._thread = threading.Thread(target=self._run, name="cv-heap-trim", daemon=True)
         self.trims = 0
         self.released = 0  # trims after which the C library reported memory handed back
-        self.seconds = 0.0
         self._metrics: tuple[Counter, Counter] | None = None
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -73,7 +72,6 @@ class HeapTrimmer:
         spent = time.perf_counter() - t0
         self.trims += 1
         self.released += released
-        self.seconds += spent
         if self._metrics is not None:
             self._metrics[0].inc()
             self._metrics[1].inc(spent)

@@ -126,9 +126,9 @@ class Node:
         self.metrics = NodeMetrics(self.snapshot)
         if snapshots is not None:
             snapshots.register_metrics(self.metrics.registry)
-        trim_every = cfg.node.heap_trim_interval_s
-        self.heap_trimmer = HeapTrimmer(trim_every) if trim_every is not None else None
-        if self.heap_trimmer is not None:
+        self.heap_trimmer: HeapTrimmer | None = None
+        if cfg.node.heap_trim_interval_s is not None:
+            self.heap_trimmer = HeapTrimmer(cfg.node.heap_trim_interval_s)
             self.heap_trimmer.register_metrics(self.metrics.registry)
 
     # --- lifecycle ------------------------------------------------------------------------
