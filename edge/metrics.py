@@ -26,6 +26,7 @@ class CameraSnapshot:
     timeouts: int = 0
     reconnects: int = 0
     skewed: int = 0
+    buffers_allocated: int = 0
     fps: float = 0.0
 
 
@@ -70,7 +71,9 @@ def _camera_families(s: NodeSnapshot) -> Iterator[Metric]:
              ("dropped", "cv_camera_frames_dropped", "Frames dropped (camera or queue)"),
              ("timeouts", "cv_camera_timeouts", "Frame-wait timeouts"),
              ("reconnects", "cv_camera_reconnects", "Camera re-opens after loss"),
-             ("skewed", "cv_camera_skewed_frames", "Frames with colour/depth skew over tolerance"))
+             ("skewed", "cv_camera_skewed_frames", "Frames with colour/depth skew over tolerance"),
+             ("buffers_allocated", "cv_camera_frame_buffers_allocated",
+              "Frame buffers allocated; flat once warm (they are reused)"))
     for attr, name, doc in specs:
         fam = CounterMetricFamily(name, doc, labels=["camera"])
         for cam, snap in s.cameras.items():

@@ -301,6 +301,7 @@ class Node:
             timeouts=c.source.counters.timeouts,
             reconnects=c.source.counters.reconnects,
             skewed=c.source.counters.skewed_frames,
+            buffers_allocated=c.source.counters.buffers_allocated,
             fps=_fps(c.source.counters.frames_received, self.started_mono))
             for cid, c in self.captures.items()}
         s = self.scheduler.stats()

@@ -26,6 +26,8 @@ class SourceCounters:
     timeouts: int = 0
     reconnects: int = 0
     skewed_frames: int = 0
+    #: frame buffers allocated so far; flat once the pipeline is warm (they are reused)
+    buffers_allocated: int = 0
 
 
 class FrameSource(Protocol):

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import structlog
 
+from edge.buffers import FrameBuffers
 from edge.config import DepthFilters
 from edge.sources import EndOfStream, SourceCounters, SourceError
 from edge.sources._rs_session import LiveSession, PlaybackSession, Session, intrinsics_of
@@ -77,6 +78,7 @@ class RealSenseSource:
         self.retry = retry or RetryPolicy()
         self.on_device_change = on_device_change
         self._counters = SourceCounters()
+        self._buffers = FrameBuffers()
         self._rs: Any = None
         self._session: Session | None = None
         self._blocks: list[Any] = []
@@ -287,11 +289,15 @@ class RealSenseSource:
         if self._last_index is not None and index > self._last_index + 1:
             self._counters.frames_dropped += index - self._last_index - 1
         self._last_index, self._last_ts = index, ts
-        depth_np = np.asanyarray(depth.get_data()).copy()
-        # Copy: holding SDK buffers starves its frame pool and stalls the stream.
-        color_np = np.array(np.asanyarray(color.get_data()), copy=True)
+        # Copied out (holding SDK buffers starves its frame pool and stalls the stream) into
+        # buffers of our own pool, reused once the pipeline lets go of a frame.
+        depth_np = self._buffers.copy_of(np.asanyarray(depth.get_data()))
+        color_src = np.asanyarray(color.get_data())
         if session.color_is_rgb:
-            color_np = np.ascontiguousarray(color_np[..., ::-1])
+            color_np = self._buffers.take(color_src.shape, np.uint8)
+            cv2.cvtColor(color_src, cv2.COLOR_RGB2BGR, dst=color_np)
+        else:
+            color_np = self._buffers.copy_of(color_src)
         intr = session.color_intrinsics
         if depth_np.shape != color_np.shape[:2]:
             factor = depth_np.shape[1] / color_np.shape[1]
@@ -300,6 +306,7 @@ class RealSenseSource:
             color_np = cv2.resize(color_np, (depth_np.shape[1], depth_np.shape[0]),
                                   interpolation=cv2.INTER_AREA)
         self._counters.frames_received += 1
+        self._counters.buffers_allocated = self._buffers.allocated
         return Frame(camera_id=self.camera_id, index=index, timestamp_ms=ts,
                      color=np.ascontiguousarray(color_np), depth=depth_np,
                      depth_scale_m=session.depth_scale_m, intrinsics=intr)

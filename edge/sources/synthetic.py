@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import structlog
 
+from edge.buffers import FrameBuffers
 from edge.catalogue import Catalogue
 from edge.clock import Clock
 from edge.config import BeltConfig, CameraConfig, SyntheticConfig
@@ -69,6 +70,7 @@ class SyntheticConveyor:
             for i, c in enumerate(cameras)
         }
         self._renderers = {c.id: SceneRenderer() for c in cameras}
+        self._buffers = {c.id: FrameBuffers() for c in cameras}
         self._induct_x = -belt.induct_to_camera_m * 1000.0
         #: items inducted at or after this world time (ms) never appear (a run's end)
         self.induct_cutoff_ms = float("inf")
@@ -118,7 +120,7 @@ class SyntheticConveyor:
         placed = self.items_at(camera_id, t)
         view = self._renderers[camera_id].render(rig, placed)
         rng = np.random.default_rng([self.cfg.seed, self._index[camera_id], index])
-        color, depth = add_sensor_noise(view, rig, rng, index)
+        color, depth = add_sensor_noise(view, rig, rng, index, self._buffers[camera_id])
         truth = FrameTruth(
             labels=view.labels,
             damage_mask=view.damage,
@@ -146,6 +148,10 @@ class SyntheticConveyor:
         """What a controller has announced by `wall_ms` on the wall clock (the controller
         simulator polls this)."""
         return self.announcements_until(wall_ms - self.start_ms, skip)
+
+    def buffers_allocated(self, camera_id: str) -> int:
+        """Frame buffers allocated for a camera so far (they are reused once let go)."""
+        return self._buffers[camera_id].allocated
 
     def arrival_delay_ms(self) -> float:
         """Time from the induct point to the camera centre."""
@@ -203,4 +209,5 @@ class SyntheticSource:
         frame = self._world.render(self._camera_id, index)
         self._next = index + 1
         self._counters.frames_received += 1
+        self._counters.buffers_allocated = self._world.buffers_allocated(self._camera_id)
         return frame

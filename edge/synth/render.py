@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edge.buffers import FrameBuffers
 from edge.geometry import BeltPlane
 from edge.synth.artwork import TopSurface, contents_colour, damaged_top, spill_colour
 from edge.synth.world import SceneItem
@@ -263,8 +264,10 @@ class SceneRenderer:
 
 
 def add_sensor_noise(view: RenderedView, rig: CameraRig, rng: np.random.Generator,
-                     frame_index: int) -> tuple[U8Array, np.ndarray]:
-    """Colour noise, stereo depth noise and dropouts; returns (BGR, uint16 depth in mm)."""
+                     frame_index: int, buffers: FrameBuffers | None = None
+                     ) -> tuple[U8Array, np.ndarray]:
+    """Colour noise, stereo depth noise and dropouts; returns (BGR, uint16 depth in mm),
+    in buffers taken from `buffers` if given."""
     z = view.depth_mm
     noise = rng.standard_normal(z.shape, dtype=np.float32)
     noise *= np.float32(DEPTH_NOISE_K) * z * z
@@ -279,7 +282,12 @@ def add_sensor_noise(view: RenderedView, rig: CameraRig, rng: np.random.Generato
         idx = np.flatnonzero(cand)
         if idx.size:
             noisy.reshape(-1)[idx[rng.random(idx.size) < p]] = 0.0
-    depth = np.clip(noisy + 0.5, 0, 65535).astype(np.uint16)
+    noisy += np.float32(0.5)
+    np.clip(noisy, 0, 65535, out=noisy)
+    depth = buffers.take(z.shape, np.uint16) if buffers else np.empty(z.shape, np.uint16)
+    np.copyto(depth, noisy, casting="unsafe")  # truncates, as astype does
     colour_noise = rig.colour_noise[frame_index % len(rig.colour_noise)]
-    color = np.asarray(cv2.add(view.color, colour_noise, dtype=cv2.CV_8U), dtype=np.uint8)
+    color = (buffers.take(view.color.shape, np.uint8) if buffers
+             else np.empty(view.color.shape, np.uint8))
+    cv2.add(view.color, colour_noise, dst=color, dtype=cv2.CV_8U)
     return color, depth

@@ -107,6 +107,34 @@ def test_a_slow_reader_loses_no_frames_and_can_stop_while_playback_waits(
     assert time.monotonic() - t0 < 2.0
 
 
+def test_frames_let_go_are_reused_and_frames_held_are_never_overwritten(
+        small_db3: Path) -> None:
+    """A reader that lets each frame go gets the same few buffers back (the counter the
+    metrics export stays flat); a frame it holds keeps its pixels while later frames are
+    read into the pool."""
+    src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10)
+    want = small_frames(30)
+    src.start()
+    held: Frame | None = None
+    try:
+        while True:
+            frame = src.read(2.0)
+            if frame is None:
+                continue
+            if frame.index == 3:
+                held = frame
+            del frame
+    except EndOfStream:
+        pass
+    finally:
+        src.stop()
+    assert src.counters.frames_received == 30
+    assert src.counters.buffers_allocated <= 6  # colour and depth, plus the held frame's
+    assert held is not None
+    assert np.array_equal(held.color, want[3].color)
+    assert np.array_equal(held.depth, want[3].depth)
+
+
 def test_decimation_halves_frames_and_scales_the_intrinsics(small_db3: Path) -> None:
     """Decimation 2: depth and colour are 32x24 and the intrinsics are INTR.scaled(0.5)."""
     src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10,

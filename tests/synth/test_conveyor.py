@@ -58,6 +58,23 @@ def test_same_seed_same_bytes_in_any_order(cfg: Config) -> None:
     assert other.depth.tobytes() != fa.depth.tobytes()
 
 
+def test_a_frame_held_keeps_its_bytes_while_later_frames_reuse_buffers(cfg: Config) -> None:
+    """Rendered frames come from reused buffers: one kept by a consumer is not overwritten
+    by the frames rendered after it, and frames let go cost no new buffers."""
+    world, fresh = _world(cfg, damage_rate=0.5), _world(cfg, damage_rate=0.5)
+    k = _busy_index(world, "top")
+    kept = world.render("top", k)
+    crop = world.render("angled", k).depth[100:200, 100:300]
+    for j in range(k + 1, k + 20):
+        world.render("top", j)
+        world.render("angled", j)
+    assert kept.color.tobytes() == fresh.render("top", k).color.tobytes()
+    assert kept.depth.tobytes() == fresh.render("top", k).depth.tobytes()
+    assert crop.tobytes() == fresh.render("angled", k).depth[100:200, 100:300].tobytes()
+    # kept (2), crop (1), and the one pair in use at a time per camera
+    assert world.buffers_allocated("top") + world.buffers_allocated("angled") <= 7
+
+
 def test_belt_depth_matches_pose_and_intrinsics(cfg: Config) -> None:
     """Before noise, every belt pixel back-projects onto the plane z = 0 within 1 mm."""
     world = _world(cfg, items_per_second=0.0)
