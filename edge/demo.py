@@ -148,6 +148,8 @@ def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConve
                                   for cid, c in node.captures.items()},
         "camera_frame_buffers": {cid: c.source.counters.buffers_allocated
                                  for cid, c in node.captures.items()},
+        "item_workers": (node.item_stage.workers.counters()
+                         if node.item_stage.workers is not None else {}),
         "stage_ms_median": {k: round(v, 2) for k, v in stage_timings(node).items()},
         "memory_mb": memory_mb(node),
         "node_id": cfg.node.node_id,

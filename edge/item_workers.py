@@ -3,11 +3,12 @@
 Segmentation is thousands of small numpy/OpenCV calls per frame that hold
 the GIL between them, so more threads only add switching (measured: a
 thread per camera made the node slower). Worker processes run it in
-parallel for real. The depth images travel through one shared-memory ring
-(a file in /dev/shm mapped by every process, one slot per frameset in
-flight, removed on close, or by the next node if this one was killed);
-only the small job tuples and the
-detections (boxes and item masks) are pickled.
+parallel for real. The depth images are in one shared-memory file (in
+/dev/shm, mapped by every process, removed on close, or by the next node if
+this one was killed): the cameras capture depth straight into its frame
+slots (`depth_pool`), and a frame from anywhere else is copied into one of
+its ring slots (one per frameset in flight). Only the small job tuples and
+the detections (boxes and item masks) are pickled.
 
 A job is one frameset (all its cameras: one message each way) and goes to
 the least busy worker; results are consumed strictly in submission order, so
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from edge.buffers import FrameBufferPool
 from edge.heap import glibc_malloc_trim
 from edge.items import Detection, ItemSegmenter
 
@@ -58,6 +60,7 @@ class _View:
     index: int
     timestamp_ms: float
     depth_scale_m: float
+    row: int  # where its depth is in the shared file: a ring slot or a frame slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,6 @@ class _Job:
     """All views of one frameset: one message each way per frameset."""
 
     job_id: int
-    slot: int
     views: tuple[_View, ...]
 
 
@@ -94,7 +96,7 @@ class SegmentationWorkers:
     """A pool of processes that find items in depth images, results in submission order."""
 
     def __init__(self, segmenters: Mapping[str, ItemSegmenter], cfg: ItemsConfig,
-                 workers: int, *, in_flight: int = 4) -> None:
+                 workers: int, *, in_flight: int = 4, frame_slots: int = 48) -> None:
         if workers < 1:
             raise ValueError("SegmentationWorkers needs at least one worker")
         self._segmenters = dict(segmenters)
@@ -103,12 +105,19 @@ class SegmentationWorkers:
         self._shape = _common_shape(self._segmenters)
         self.in_flight = in_flight
         h, w = self._shape
-        self._slot_shape = (in_flight, len(self._cameras), h, w)
+        # Rows 0..in_flight-1: the ring; the rest: frame slots the cameras capture into
+        # (pages are only resident once used).
+        self._slot_shape = (in_flight + frame_slots, len(self._cameras), h, w)
         self._file = _ring_file(int(np.prod(self._slot_shape)) * 2)
         # A plain ndarray over the mapping: np.memmap's subclass bookkeeping on every slice
         # showed up in profiles of the node's hot path.
         self._map = np.memmap(self._file, np.uint16, "r+", shape=self._slot_shape)
         self._ring: U16Array = self._map.view(np.ndarray)
+        self._depth_pools = {
+            cam: FrameBufferPool((h, w), np.uint16, slots=self._ring[in_flight:, k])
+            for k, cam in enumerate(self._cameras)} if frame_slots else {}
+        self.frames_shared = 0  # depth images the workers read where capture put them
+        self.frames_copied = 0  # depth images copied into the ring first
         self._views = {cam: (seg.plane.intrinsics, seg.plane.pose)
                        for cam, seg in self._segmenters.items()}
         self._free = deque(range(in_flight))
@@ -153,8 +162,15 @@ class SegmentationWorkers:
         slot = self._free.popleft()
         views = []
         for k, frame in present:
-            np.copyto(self._ring[slot, k], frame.depth)
-            views.append(_View(k, frame.index, frame.timestamp_ms, frame.depth_scale_m))
+            pool = self._depth_pools.get(frame.camera_id)
+            shared = pool.slot_of(frame.depth) if pool is not None else None
+            if shared is None:
+                np.copyto(self._ring[slot, k], frame.depth)
+                self.frames_copied += 1
+            else:  # the ticket keeps the frame, and so the slot, until collected
+                self.frames_shared += 1
+            row = slot if shared is None else self.in_flight + shared
+            views.append(_View(k, frame.index, frame.timestamp_ms, frame.depth_scale_m, row))
         ticket = Ticket(frameset, slot)
         self._tickets.append(ticket)
         if not views:
@@ -163,8 +179,13 @@ class SegmentationWorkers:
         ticket.job_id = self._next_job
         self._next_job += 1
         self._pending[ticket.job_id] = ticket
-        self._send(_Job(ticket.job_id, slot, tuple(views)))
+        self._send(_Job(ticket.job_id, tuple(views)))
         return ticket
+
+    def depth_pool(self, camera_id: str) -> FrameBufferPool | None:
+        """Frame slots in the shared file for a camera's depth images: a source that takes
+        its depth buffers from here hands them to the workers without a copy."""
+        return self._depth_pools.get(camera_id)
 
     def collect(self, timeout_s: float) -> Ticket | None:
         """The oldest submitted frameset once all its detections are in; None on timeout."""
@@ -215,7 +236,8 @@ class SegmentationWorkers:
 
     def counters(self) -> dict[str, int]:
         return {"workers": len(self._workers), "jobs": self.jobs,
-                "respawns": self.respawns, "jobs_done_here": self.jobs_done_here}
+                "respawns": self.respawns, "jobs_done_here": self.jobs_done_here,
+                "frames_shared": self.frames_shared, "frames_copied": self.frames_copied}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -428,7 +450,7 @@ def _worker_main(fd: int) -> None:
                 cam = cameras[view.camera]
                 seg = segmenters[cam]
                 frame = Frame(camera_id=cam, index=view.index, timestamp_ms=view.timestamp_ms,
-                              color=_NO_COLOR, depth=ring[job.slot, view.camera],
+                              color=_NO_COLOR, depth=ring[view.row, view.camera],
                               depth_scale_m=view.depth_scale_m, intrinsics=seg.plane.intrinsics)
                 found.append((view.camera, [_wire(d) for d in seg.detect(frame)]))
         except Exception as exc:  # reported to the node, which raises it

@@ -113,7 +113,11 @@ def _stage_families(s: NodeSnapshot) -> Iterator[Metric]:
                 ("cv_item_worker_jobs_done_here", "Frames a dead worker left, searched in the "
                  "item thread", w["jobs_done_here"], "counter"),
                 ("cv_item_worker_cpu_seconds", "CPU time of the workers", w["cpu_s"],
-                 "counter")):
+                 "counter"),
+                ("cv_item_worker_depth_shared", "Depth images the workers read where the "
+                 "camera wrote them (shared memory)", w["frames_shared"], "counter"),
+                ("cv_item_worker_depth_copied", "Depth images copied to the workers (no free "
+                 "frame slot, or a source without them)", w["frames_copied"], "counter")):
             fam: Metric = (GaugeMetricFamily(name, doc, value=value) if kind == "gauge"
                            else CounterMetricFamily(name, doc, value=value))
             yield fam

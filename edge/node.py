@@ -21,6 +21,7 @@ import cv2
 import structlog
 
 from edge import __version__
+from edge.buffers import HasFrameBuffers
 from edge.cameras import Cameras
 from edge.catalogue import Catalogue
 from edge.clock import Clock
@@ -138,6 +139,8 @@ class Node:
         if self.cfg.items.workers > 0 and self.item_stage.workers is None:
             self.item_stage.workers = SegmentationWorkers(
                 self.tracker.segmenters, self.cfg.items, self.cfg.items.workers)
+        if self.item_stage.workers is not None:
+            self._capture_depth_into(self.item_stage.workers)
         self.publisher.start()
         self.scheduler.start()
         observe = self.metrics.observe_stage
@@ -157,6 +160,14 @@ class Node:
         self.started_mono = time.monotonic()
         log.info("node_started", cameras=list(self.cameras.sources), version=__version__,
                  models=self.inspector.model_versions())
+
+    def _capture_depth_into(self, workers: SegmentationWorkers) -> None:
+        """Cameras write depth straight into the workers' shared memory (no copy per frame
+        on the way to item finding); a source that cannot copies as before."""
+        for cid, src in self.cameras.sources.items():
+            pool = workers.depth_pool(cid)
+            if pool is not None and isinstance(src, HasFrameBuffers):
+                src.frame_buffers.provide(pool)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop capture, finish or fail-safe every item in flight, flush, go offline."""

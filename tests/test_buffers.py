@@ -19,13 +19,15 @@ _steps = st.lists(st.tuples(st.sampled_from(["take", "slice", "transpose", "flat
 
 
 @settings(max_examples=200, deadline=None)
-@given(_steps)
+@given(_steps, st.sampled_from([0, 3]))
 def test_no_live_array_shares_memory_with_a_buffer_handed_out_later(
-        steps: list[tuple[str, int]]) -> None:
+        steps: list[tuple[str, int]], slots: int) -> None:
     """Whatever views of frames a consumer keeps (crops, transposes, flattened copies of the
     view), a new frame never lands in memory one of them still shows: every array keeps the
-    value written into its frame."""
-    pool = FrameBufferPool(SHAPE, np.uint16, keep=4)
+    value written into its frame. The same with preallocated slots (and more frames held
+    than there are slots)."""
+    pool = FrameBufferPool(SHAPE, np.uint16, keep=4,
+                           slots=np.empty((slots, *SHAPE), np.uint16) if slots else None)
     held: list[tuple[int, np.ndarray]] = []  # (value written into its frame, array)
     value = 0
     for op, k in steps:
@@ -102,3 +104,27 @@ def test_threads_taking_and_dropping_never_share_a_buffer() -> None:
         t.join()
     assert errors == []
     assert pool.allocated <= 4 * 5  # the working set, not one per frame
+
+
+def test_slots_are_handed_out_first_and_recognised_only_whole() -> None:
+    """With slots (rows of a shared-memory file, say), the pool hands those out first and
+    `slot_of` names the slot of a whole handed-out array, not of a slice or another array;
+    when every slot is in use it falls back to ordinary buffers and counts that."""
+    rows = np.zeros((3, 2, *SHAPE), np.uint16)  # slots interleaved with another camera's
+    pool = FrameBufferPool(SHAPE, np.uint16, slots=rows[:, 1])
+    frames = [pool.take() for _ in range(3)]
+    assert sorted(pool.slot_of(f) for f in frames) == [0, 1, 2]  # type: ignore[type-var]
+    for f in frames:
+        f.fill(7)
+    del f
+    assert (rows[:, 1] == 7).all()
+    assert (rows[:, 0] == 0).all()
+    assert pool.slot_of(frames[0][1:]) is None
+    assert pool.slot_of(np.zeros(SHAPE, np.uint16)) is None
+    assert pool.slot_of(rows[0, 0]) is None  # the other camera's row
+    extra = pool.take()
+    assert pool.slot_of(extra) is None
+    assert pool.slots_exhausted == 1
+    freed = pool.slot_of(frames.pop())
+    again = pool.take()
+    assert pool.slot_of(again) == freed

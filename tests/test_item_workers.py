@@ -95,6 +95,39 @@ def test_workers_find_exactly_what_one_thread_finds_in_order(
             assert all(d.frame is fs.frames[cam] for d in have[cam])
 
 
+def test_depth_captured_into_the_shared_slots_reaches_the_workers_without_a_copy(
+        framesets: list[FrameSet], segmenters: dict[str, ItemSegmenter]) -> None:
+    """Frames whose depth a camera wrote into `depth_pool` are searched where they lie (no
+    ring copy), others are copied; detections are the in-thread ones either way, and a slot
+    comes back for new frames only once its frame is let go."""
+    expected = [{c: [_key(d) for d in segmenters[c].detect(f)] for c, f in fs.frames.items()}
+                for fs in framesets]
+    pool = SegmentationWorkers(segmenters, CFG.items, 2, frame_slots=8)
+    try:
+        shared = []
+        for i, fs in enumerate(framesets):
+            if i % 3 == 2:  # every third frameset stays in ordinary memory
+                shared.append(fs)
+                continue
+            frames = {}
+            for cam, f in fs.frames.items():
+                depth_pool = pool.depth_pool(cam)
+                assert depth_pool is not None
+                depth = depth_pool.take()
+                np.copyto(depth, f.depth)
+                frames[cam] = dataclasses.replace(f, depth=depth)
+            shared.append(dataclasses.replace(fs, frames=frames))
+        # 8 slots per camera, 18 framesets in slots: the rest did not fit
+        assert pool.depth_pool("top").slots_exhausted > 0  # type: ignore[union-attr]
+        got = _run_all(pool, shared)
+        counters = pool.counters()
+    finally:
+        pool.close()
+    assert [{c: [_key(d) for d in v] for c, v in g.items()} for g in got] == expected
+    assert counters["frames_shared"] == 2 * 8
+    assert counters["frames_copied"] == sum(len(fs.frames) for fs in framesets) - 16
+
+
 def test_a_killed_worker_is_replaced_and_no_frame_is_lost(
         framesets: list[FrameSet], segmenters: dict[str, ItemSegmenter]) -> None:
     """SIGKILL one worker mid-run: the jobs it held are done in the caller, a new worker takes

@@ -78,7 +78,12 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
     slack = 3 * math.sqrt(max(card * (1 - card), 0.02) / n)
     assert detection["recall"] >= card - slack
     assert detection["false_positive_rate"] <= 0.05
-    # Item finding ran in the worker processes, and their memory is counted.
+    # Item finding ran in the worker processes, on depth images the cameras wrote into their
+    # shared memory (no copy), capture reused its buffers, and the workers' memory is counted.
+    workers = written["item_workers"]
+    assert workers["frames_shared"] > 0.95 * workers["jobs"]
+    assert workers["frames_shared"] + workers["frames_copied"] == workers["jobs"]
+    assert all(n < 64 for n in written["camera_frame_buffers"].values())
     memory = written["memory_mb"]
     assert memory["item_workers_peak_rss"] > 20.0
     assert memory["sum_of_peak_rss"] == pytest.approx(

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from calibration.files import CameraCalibration, InspectionRegion
+from edge.buffers import FrameBuffers
 from edge.cameras import open_cameras
 from edge.catalogue import load_catalogue
 from edge.clock import WallClock
@@ -141,6 +142,12 @@ class TimedSource:
     @property
     def counters(self) -> SourceCounters:
         return self._inner.counters
+
+    @property
+    def frame_buffers(self) -> FrameBuffers:
+        """The inner source's (AttributeError if it has none, as `HasFrameBuffers` expects)."""
+        buffers: FrameBuffers = self._inner.frame_buffers  # type: ignore[attr-defined]
+        return buffers
 
     def start(self) -> None:
         self._inner.start()

@@ -334,6 +334,11 @@ class RealSenseSource:
         return intr
 
     @property
+    def frame_buffers(self) -> FrameBuffers:
+        """Where captured colour and depth images are copied to (see `edge.buffers`)."""
+        return self._buffers
+
+    @property
     def resets(self) -> int:
         """hardware_reset escalations so far."""
         return self._resets

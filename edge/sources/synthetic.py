@@ -153,6 +153,10 @@ class SyntheticConveyor:
         """Frame buffers allocated for a camera so far (they are reused once let go)."""
         return self._buffers[camera_id].allocated
 
+    def frame_buffers(self, camera_id: str) -> FrameBuffers:
+        """Where a camera's frames are rendered to (see `edge.buffers`)."""
+        return self._buffers[camera_id]
+
     def arrival_delay_ms(self) -> float:
         """Time from the induct point to the camera centre."""
         return self.belt.induct_to_camera_m / self.belt.speed_mps * 1000.0
@@ -179,6 +183,10 @@ class SyntheticSource:
     @property
     def counters(self) -> SourceCounters:
         return self._counters
+
+    @property
+    def frame_buffers(self) -> FrameBuffers:
+        return self._world.frame_buffers(self._camera_id)
 
     def start(self) -> None:
         self._stop.clear()

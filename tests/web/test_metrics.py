@@ -76,6 +76,10 @@ def test_metrics_cover_what_operators_watch(live_node: LiveNode) -> None:
     assert m["cv_item_worker_jobs_total"][0][1] > 0
     assert m["cv_item_worker_respawns_total"][0][1] == 0
     assert m["cv_item_worker_cpu_seconds_total"][0][1] > 0
+    # The cameras write depth into the workers' shared memory, and capture reuses buffers.
+    assert m["cv_item_worker_depth_shared_total"][0][1] > 0
+    assert {labels["camera"] for labels, _ in m["cv_camera_frame_buffers_allocated_total"]} == (
+        cams)
 
 
 def test_grafana_dashboard_only_uses_metrics_the_node_exposes(live_node: LiveNode) -> None:
