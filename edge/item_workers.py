@@ -96,7 +96,7 @@ class SegmentationWorkers:
     """A pool of processes that find items in depth images, results in submission order."""
 
     def __init__(self, segmenters: Mapping[str, ItemSegmenter], cfg: ItemsConfig,
-                 workers: int, *, in_flight: int = 4, frame_slots: int = 48) -> None:
+                 workers: int, *, in_flight: int = 4, frame_slots: int = 32) -> None:
         if workers < 1:
             raise ValueError("SegmentationWorkers needs at least one worker")
         self._segmenters = dict(segmenters)
@@ -105,8 +105,10 @@ class SegmentationWorkers:
         self._shape = _common_shape(self._segmenters)
         self.in_flight = in_flight
         h, w = self._shape
-        # Rows 0..in_flight-1: the ring; the rest: frame slots the cameras capture into
-        # (pages are only resident once used).
+        # Rows 0..in_flight-1: the ring; the rest: frame slots the cameras capture into.
+        # A page is resident once used and stays so (tmpfs): at most frame_slots frames per
+        # camera, 20 MB each at 640x480 and 32 slots. Live cameras use about 8; a backlog
+        # that needs more gets ordinary buffers, copied into the ring as before.
         self._slot_shape = (in_flight + frame_slots, len(self._cameras), h, w)
         self._file = _ring_file(int(np.prod(self._slot_shape)) * 2)
         # A plain ndarray over the mapping: np.memmap's subclass bookkeeping on every slice
