@@ -96,7 +96,7 @@ class SegmentationWorkers:
     """A pool of processes that find items in depth images, results in submission order."""
 
     def __init__(self, segmenters: Mapping[str, ItemSegmenter], cfg: ItemsConfig,
-                 workers: int, *, in_flight: int = 4, frame_slots: int = 32) -> None:
+                 workers: int, *, in_flight: int = 4, frame_slots: int = 48) -> None:
         if workers < 1:
             raise ValueError("SegmentationWorkers needs at least one worker")
         self._segmenters = dict(segmenters)
@@ -107,8 +107,10 @@ class SegmentationWorkers:
         h, w = self._shape
         # Rows 0..in_flight-1: the ring; the rest: frame slots the cameras capture into.
         # A page is resident once used and stays so (tmpfs): at most frame_slots frames per
-        # camera, 20 MB each at 640x480 and 32 slots. Live cameras use about 8; a backlog
-        # that needs more gets ordinary buffers, copied into the ring as before.
+        # camera, 29 MB at 640x480 and 48 slots. Live cameras use about 8; a recording read
+        # as fast as possible up to 44 (the sync holds one camera's frames until the other's
+        # catch up; 32 slots left 28 % of the frames copied there, 48 slots 5 %). Beyond
+        # that, frames get ordinary buffers and are copied into the ring as before.
         self._slot_shape = (in_flight + frame_slots, len(self._cameras), h, w)
         self._file = _ring_file(int(np.prod(self._slot_shape)) * 2)
         # A plain ndarray over the mapping: np.memmap's subclass bookkeeping on every slice
