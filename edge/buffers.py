@@ -48,6 +48,7 @@ class FrameBufferPool:
         self._slots = slots
         self._free_slots: deque[int] = deque(range(len(slots)) if slots is not None else ())
         self.slots_exhausted = 0  # takes that found every slot in use (an ordinary buffer)
+        self.slots_peak = 0  # most slots in use at once: the slots whose pages are resident
 
     def take(self) -> np.ndarray:
         """An uninitialised, writable, C-contiguous array of the pool's shape and dtype."""
@@ -55,6 +56,8 @@ class FrameBufferPool:
             # Last in, first out: the working set stays on the same few slots (resident and
             # warm in cache) instead of cycling through every page of the shared file.
             slot = self._free_slots.pop() if self._free_slots else None
+            if slot is not None and self._slots is not None:
+                self.slots_peak = max(self.slots_peak, len(self._slots) - len(self._free_slots))
             buf = None
             if slot is None:
                 if self._slots is not None:

@@ -241,7 +241,9 @@ class SegmentationWorkers:
     def counters(self) -> dict[str, int]:
         return {"workers": len(self._workers), "jobs": self.jobs,
                 "respawns": self.respawns, "jobs_done_here": self.jobs_done_here,
-                "frames_shared": self.frames_shared, "frames_copied": self.frames_copied}
+                "frames_shared": self.frames_shared, "frames_copied": self.frames_copied,
+                "frame_slots_peak": max((p.slots_peak for p in self._depth_pools.values()),
+                                        default=0)}
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -73,15 +73,12 @@ class _MaskBuffers:
     solid: BoolArray
     invalid: BoolArray
     grown: U8Array
-    mask: U8Array
-    opened: U8Array
     labels: U16Array
 
     @staticmethod
     def of(shape: tuple[int, int]) -> _MaskBuffers:
         return _MaskBuffers(solid=np.empty(shape, bool), invalid=np.empty(shape, bool),
-                            grown=np.empty(shape, np.uint8), mask=np.empty(shape, np.uint8),
-                            opened=np.empty(shape, np.uint8), labels=np.empty(shape, np.uint16))
+                            grown=np.empty(shape, np.uint8), labels=np.empty(shape, np.uint16))
 
 
 class ItemSegmenter:
@@ -114,12 +111,13 @@ class ItemSegmenter:
         with np.errstate(invalid="ignore"):
             np.greater(heights, self.cfg.min_height_mm, out=b.solid)
         np.isnan(heights, out=b.invalid)
-        solid = b.solid.view(np.uint8)
-        cv2.dilate(solid, _KERNEL5, dst=b.grown)
-        np.bitwise_and(b.invalid.view(np.uint8), b.grown, out=b.mask)
-        np.bitwise_or(b.mask, solid, out=b.mask)
-        cv2.morphologyEx(b.mask, cv2.MORPH_OPEN, _KERNEL3, dst=b.opened)
-        return b.opened
+        solid, invalid = b.solid.view(np.uint8), b.invalid.view(np.uint8)
+        mask = cv2.dilate(solid, _KERNEL5, dst=b.grown)  # grown items ...
+        np.bitwise_and(invalid, mask, out=mask)  # ... their dropouts ...
+        np.bitwise_or(mask, solid, out=mask)  # ... and the items themselves
+        # `invalid` is spent: the opened mask goes there (one full-frame buffer less).
+        return np.asarray(cv2.morphologyEx(mask, cv2.MORPH_OPEN, _KERNEL3, dst=invalid),
+                          dtype=np.uint8)
 
     def detect(self, frame: Frame) -> list[Detection]:
         """All items in a frame (height map, components, boxes, splits)."""

@@ -125,6 +125,7 @@ def test_slots_are_handed_out_first_and_recognised_only_whole() -> None:
     extra = pool.take()
     assert pool.slot_of(extra) is None
     assert pool.slots_exhausted == 1
+    assert pool.slots_peak == 3
     freed = pool.slot_of(frames.pop())
     again = pool.take()
     assert pool.slot_of(again) == freed
