@@ -308,7 +308,7 @@ class RealSenseSource:
         self._counters.frames_received += 1
         self._counters.buffers_allocated = self._buffers.allocated
         return Frame(camera_id=self.camera_id, index=index, timestamp_ms=ts,
-                     color=np.ascontiguousarray(color_np), depth=depth_np,
+                     color=color_np, depth=depth_np,
                      depth_scale_m=session.depth_scale_m, intrinsics=intr)
 
     def _log_domain(self, color: Any) -> None:

@@ -149,10 +149,6 @@ class SyntheticConveyor:
         simulator polls this)."""
         return self.announcements_until(wall_ms - self.start_ms, skip)
 
-    def buffers_allocated(self, camera_id: str) -> int:
-        """Frame buffers allocated for a camera so far (they are reused once let go)."""
-        return self._buffers[camera_id].allocated
-
     def frame_buffers(self, camera_id: str) -> FrameBuffers:
         """Where a camera's frames are rendered to (see `edge.buffers`)."""
         return self._buffers[camera_id]
@@ -217,5 +213,5 @@ class SyntheticSource:
         frame = self._world.render(self._camera_id, index)
         self._next = index + 1
         self._counters.frames_received += 1
-        self._counters.buffers_allocated = self._world.buffers_allocated(self._camera_id)
+        self._counters.buffers_allocated = self.frame_buffers.allocated
         return frame

@@ -72,7 +72,8 @@ def test_a_frame_held_keeps_its_bytes_while_later_frames_reuse_buffers(cfg: Conf
     assert kept.depth.tobytes() == fresh.render("top", k).depth.tobytes()
     assert crop.tobytes() == fresh.render("angled", k).depth[100:200, 100:300].tobytes()
     # kept (2), crop (1), and the one pair in use at a time per camera
-    assert world.buffers_allocated("top") + world.buffers_allocated("angled") <= 7
+    assert (world.frame_buffers("top").allocated
+            + world.frame_buffers("angled").allocated) <= 7
 
 
 def test_belt_depth_matches_pose_and_intrinsics(cfg: Config) -> None:
