@@ -9,6 +9,7 @@ like a camera: one recording per camera.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from edge.types import Frame, Intrinsics
 
 ColorFormat = Literal["bgr8", "rgb8"]
+#: SQLite's largest page size; what `write_recording` repacks to by default
+LARGE_PAGES = 65536
 
 
 def import_realsense() -> Any:
@@ -122,14 +125,21 @@ class _Writer:
 
 def write_recording(path: Path, frames: Iterable[Frame], fps: int, *,
                     color_format: ColorFormat = "bgr8", serial: str | None = None,
-                    with_depth: bool = True, compress: bool = True) -> int:
+                    with_depth: bool = True, compress: bool = True,
+                    page_size: int | None = LARGE_PAGES) -> int:
     """Write `frames` (one camera) to a RealSense `.db3` file; returns the frame count.
 
     `serial` is stored as the device serial (default: the camera ID);
     `with_depth=False` writes a colour-only file (to test rejection of such files);
     `compress=False` stores raw frames: twice the size, but playback then costs what a live
-    camera costs instead of LZ4 decoding (6 ms of CPU per 640x480 frame here).
+    camera costs instead of LZ4 decoding (6 ms of CPU per 640x480 frame here);
+    `page_size` rewrites the file with SQLite pages of that many bytes once it is written
+    (`None` keeps the recorder's 4 kB). A 640x480 frame is 1.5 MB: with 4 kB pages the SDK
+    reads it back in ~375 chained page reads, with 64 kB pages in ~24, which cut its
+    playback CPU by a quarter to a third here. The file stays a plain rosbag2 `.db3`.
     """
+    if page_size is not None:
+        _check_page_size(page_size)
     rs = import_realsense()
     writer: _Writer | None = None
     count = 0
@@ -148,4 +158,29 @@ def write_recording(path: Path, frames: Iterable[Frame], fps: int, *,
             writer.close()
     if writer is None:
         raise SourceError(f"cannot write recording {path}: no frames given")
+    if page_size is not None:
+        repack_recording(path, page_size)
     return count
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size < 512 or page_size > LARGE_PAGES or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two from 512 to {LARGE_PAGES}, "
+                         f"not {page_size}")
+
+
+def repack_recording(path: Path, page_size: int) -> None:
+    """Rewrite the recording's SQLite file with `page_size`-byte pages (VACUUM in place)."""
+    _check_page_size(page_size)
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute(f"PRAGMA page_size = {page_size}")
+        con.execute("VACUUM")
+        got = con.execute("PRAGMA page_size").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise SourceError(f"cannot repack recording {path}: {exc}") from exc
+    finally:
+        con.close()
+    # SQLite ignores the pragma in WAL mode; rosbag2 files use a rollback journal.
+    if got != page_size:
+        raise SourceError(f"cannot repack recording {path}: SQLite kept {got}-byte pages")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,6 +95,38 @@ def test_uncompressed_recordings_are_raw_and_round_trip(tmp_path: Path) -> None:
         _, streams = read_raw(path)
         assert [d for _, d in streams["depth"]][5].tobytes() == src[5].depth.tobytes()
         assert np.array_equal(streams["color"][19][1], src[19].color)
+
+
+def _page_size(path: Path) -> int:
+    con = sqlite3.connect(path)
+    try:
+        return int(con.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_recordings_use_64k_pages_and_play_back_like_the_recorders_own(tmp_path: Path) -> None:
+    """By default the file is repacked to 64 kB SQLite pages (cheaper playback); the SDK
+    plays it back frame for frame like the recorder's own 4 kB-page file."""
+    src = frames(12)
+    big, small = tmp_path / "big.db3", tmp_path / "small.db3"
+    write_recording(big, src, fps=30, compress=False)
+    write_recording(small, src, fps=30, compress=False, page_size=None)
+    assert (_page_size(big), _page_size(small)) == (65536, 4096)
+    a, b = read_raw(big)[1], read_raw(small)[1]
+    assert set(a) == set(b) == {"color", "depth"}
+    for kind in a:
+        assert [t for t, _ in a[kind]] == [t for t, _ in b[kind]]
+        assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a[kind], b[kind], strict=True))
+
+
+def test_a_page_size_sqlite_cannot_use_is_refused_before_writing(tmp_path: Path) -> None:
+    """SQLite pages are powers of two from 512 to 65536 bytes; anything else is a ValueError
+    raised before a file is made."""
+    for bad in (1000, 256, 131072):
+        with pytest.raises(ValueError, match="power of two"):
+            write_recording(tmp_path / "x.db3", frames(2), fps=30, page_size=bad)
+    assert not (tmp_path / "x.db3").exists()
 
 
 def test_rgb8_recordings_store_rgb_order(tmp_path: Path) -> None:
