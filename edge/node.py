@@ -37,7 +37,14 @@ from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot
 from edge.publish.mqtt import AckedVerdict, VerdictPublisher
 from edge.snapshots import SnapshotStore
 from edge.stage import BoundedQueue, StageThread
-from edge.stages import CaptureStage, Decided, InferenceStage, ItemStage, SyncStage
+from edge.stages import (
+    CaptureStage,
+    Decided,
+    InferenceStage,
+    ItemStage,
+    ReplayLockstep,
+    SyncStage,
+)
 from edge.sync import FrameSynchronizer
 from edge.tracking import ItemTracker
 from edge.types import Announcement, Feedback, Frame, FrameSet, ItemRecord, Verdict
@@ -97,8 +104,13 @@ class Node:
         self.framesets_q: BoundedQueue[FrameSet] = BoundedQueue("framesets", 4)
         self.items_q: BoundedQueue[ItemRecord] = BoundedQueue("items", 4 * cfg.models.max_batch)
         offline = {c.id for c in cfg.cameras if not c.realtime}
+        self.replay_lockstep = ReplayLockstep(
+            {c.id: float(c.fps) for c in cfg.cameras
+             if c.id in offline and c.id in cameras.sources}) if len(offline) > 1 else None
         self.captures = {cid: CaptureStage(src, self.frames_q, self.stop_event,
-                                           offline=cid in offline)
+                                           offline=cid in offline,
+                                           lockstep=self.replay_lockstep if cid in offline
+                                           else None)
                          for cid, src in cameras.sources.items()}
         all_offline = offline == set(cameras.sources)
         self.synchronizer = FrameSynchronizer(

@@ -5,7 +5,8 @@ it did something) and its own counters; `edge.node` wires them with bounded
 queues and runs each in a `StageThread`.
 
 Backpressure policy: capture never blocks (a full frame queue drops the
-frame and counts it, as a camera would); sync drops framesets when the item
+frame and counts it, as a camera would; recordings played offline wait for
+room instead, and for each other); sync drops framesets when the item
 stage is behind (counted); items are never dropped: the item stage blocks
 on the inference queue, and an item that cannot be inspected in time gets
 its fail-safe verdict from the deadline scheduler.
@@ -33,17 +34,70 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+class ReplayLockstep:
+    """Keeps recordings played offline abreast of each other.
+
+    A camera may hand on its next frame only while it has played (frames handed on / fps)
+    at most `lead_frames` frame periods more than the slowest camera still playing; the
+    slowest always may, so they never wait on each other for good. Without this, the
+    capture threads of a replay drift apart at random (a full shared queue takes whichever
+    is woken first): the sync then holds dozens of the leader's frames waiting for their
+    partners (44 in 1,800-frame replays), out of cache and out of the item workers' frame
+    slots. Live cameras are not paced: they deliver in real time by themselves.
+    """
+
+    def __init__(self, fps: Mapping[str, float], lead_frames: float = 2.0) -> None:
+        self._fps = dict(fps)
+        self._lead_s = lead_frames / min(self._fps.values()) if self._fps else 0.0
+        self._played: dict[str, int] = dict.fromkeys(self._fps, 0)
+        self._cond = threading.Condition()
+        self.waits = 0  # hand-ons that had to wait for another camera
+
+    def _ahead(self, camera_id: str) -> bool:
+        others = [n / self._fps[c] for c, n in self._played.items() if c != camera_id]
+        return bool(others) and self._played[camera_id] / self._fps[camera_id] > (
+            min(others) + self._lead_s)
+
+    def wait_turn(self, camera_id: str, stop: threading.Event) -> bool:
+        """Block while `camera_id` is too far ahead; False if the node stopped meanwhile."""
+        with self._cond:
+            if camera_id not in self._played or not self._ahead(camera_id):
+                return True
+            self.waits += 1
+            while not stop.is_set():
+                if not self._ahead(camera_id):
+                    return True
+                self._cond.wait(0.05)
+            return False
+
+    def played(self, camera_id: str) -> None:
+        """`camera_id` handed on one more frame."""
+        with self._cond:
+            if camera_id in self._played:
+                self._played[camera_id] += 1
+                self._cond.notify_all()
+
+    def retire(self, camera_id: str) -> None:
+        """`camera_id` has ended: nobody waits for it any more."""
+        with self._cond:
+            self._played.pop(camera_id, None)
+            self._cond.notify_all()
+
+
 class CaptureStage:
     """Reads one camera; a live camera never blocks on the rest of the pipeline.
 
     `offline` sources (recordings played as fast as they can be read) wait for
-    room instead of dropping: nothing is lost by waiting on a file.
+    room instead of dropping: nothing is lost by waiting on a file; with a
+    `lockstep`, they also wait for the other recordings to keep up.
     """
 
     def __init__(self, source: FrameSource, out: BoundedQueue[Frame], stop: threading.Event,
-                 read_timeout_s: float = 0.2, *, offline: bool = False) -> None:
+                 read_timeout_s: float = 0.2, *, offline: bool = False,
+                 lockstep: ReplayLockstep | None = None) -> None:
         self.source = source
         self._offline = offline
+        self._lockstep = lockstep
         self._out = out
         self._stop = stop
         self._timeout = read_timeout_s
@@ -59,20 +113,30 @@ class CaptureStage:
             frame = self.source.read(self._timeout)
         except EndOfStream as exc:
             log.info("camera_end_of_stream", camera=self.source.camera_id, detail=str(exc))
-            self.finished.set()
+            self._finish()
             return False
         except SourceError as exc:
             # The source retries by itself; one that gives up is reported and left alone,
             # the other cameras go on (sync proceeds without this view).
             self.failed = str(exc)
             log.error("camera_failed", camera=self.source.camera_id, error=str(exc))
-            self.finished.set()
+            self._finish()
             return False
         if frame is None:
             return False
         self.last_frame_ms = frame.timestamp_ms
+        if self._lockstep is not None and not self._lockstep.wait_turn(
+                self.source.camera_id, self._stop):
+            return False
         self._out.hand_on(frame, self._stop, lossless=self._offline)
+        if self._lockstep is not None:
+            self._lockstep.played(self.source.camera_id)
         return True
+
+    def _finish(self) -> None:
+        if self._lockstep is not None:
+            self._lockstep.retire(self.source.camera_id)
+        self.finished.set()
 
 
 class SyncStage:

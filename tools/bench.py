@@ -9,16 +9,18 @@
    written uncompressed, as a live camera hands over raw frames):
    - `pipelined`: the node's threads and bounded queues (`edge.node.Node`);
    - `sequential`: the same components called one after another in one thread;
-   - `stages`: each stage alone on the same data (per-frame CPU time and standalone rate).
-   They run as `--repeat` rounds: stages, pipelined, stages again, sequential. A round's
-   efficiency compares its pipelined run with the stages run right before and right after
-   it; speedup, efficiency and limit are reported as medians over the rounds, and every
-   round is listed.
+   - `stages`: each stage alone on the same data (per-frame CPU time and standalone rate);
+   - one sequential loop per core, all at once (each its own process and state, the same
+     recordings): the speedup any split of the loop over the cores could reach here.
+   They run as `--repeat` rounds: stages, pipelined, stages again, sequential, loops at
+   once. A round's efficiency compares its pipelined run with the stages run right before
+   and right after it; speedup, efficiency, limit and parallel ceiling are reported as
+   medians over the rounds, and every round is listed.
 3. A real-time run of the demo path (synthetic cameras paced at 15 fps, 3 items/s, announced
    over MQTT): capture-to-PUBACK latency and deadline misses.
 
 Writes the JSON the issue defines (`pipelined`, `sequential`, `stages`,
-`limit_frames_per_s`, `speedup`, `efficiency`, `realtime`).
+`limit_frames_per_s`, `speedup`, `efficiency`, `realtime`), plus `parallel_ceiling`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,14 +43,51 @@ sys.path.insert(0, str(HERE))
 import bench_node  # noqa: E402  (tools/ is not a package)
 
 
-def _child(mode: str, workdir: Path, broker: str, *extra: str) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "bench_node.py"), mode, "--workdir", str(workdir),
-           "--broker", broker, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench child {mode} failed:\n{proc.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+def _command(mode: str, workdir: Path, broker: str, *extra: str) -> list[str]:
+    return [sys.executable, str(HERE / "bench_node.py"), mode, "--workdir", str(workdir),
+            "--broker", broker, *extra]
+
+
+def _result(mode: str, returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    if returncode != 0:
+        raise RuntimeError(f"bench child {mode} failed:\n{stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
+
+
+def _child(mode: str, workdir: Path, broker: str, *extra: str) -> dict[str, Any]:
+    proc = subprocess.run(_command(mode, workdir, broker, *extra), capture_output=True,
+                          text=True, check=False, timeout=1800)
+    return _result(mode, proc.returncode, proc.stdout, proc.stderr)
+
+
+def _loops_at_once(workdirs: list[Path], broker: str, barrier: Path) -> dict[str, Any]:
+    """One sequential loop per workdir, all in their own processes at once on the same
+    recordings, started together: a split of the loop's work over the cores with no
+    hand-over at all, which no pipeline of the same work can beat."""
+    procs = [subprocess.Popen(_command("sequential", w, broker, "--together", str(barrier),
+                                       "--count", str(len(workdirs))),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in workdirs]
+    outputs = [p.communicate(timeout=1800) for p in procs]
+    runs = [_result("sequential", p.returncode, *out) for p, out in zip(procs, outputs,
+                                                                        strict=True)]
+    wall = max(float(r["wall_s"]) for r in runs)  # until the last loop's last PUBACK
+    return {"loops": len(runs),
+            "items_per_s": round(sum(int(r["items"]) for r in runs) / wall, 3),
+            "frames_per_s": round(sum(int(r["frames"]) for r in runs) / wall, 2),
+            "each_frames_per_s": [r["frames_per_s"] for r in runs]}
+
+
+def _own_state(work: Path, name: str) -> Path:
+    """A workdir whose node config reads `work`'s recordings but keeps its own state."""
+    other = work / name
+    mapping = yaml.safe_load((work / "node.yaml").read_text())
+    mapping["storage"]["state_dir"] = str(other / "state")
+    mapping["models"]["gallery_dir"] = str(other / "state" / "gallery")
+    other.mkdir()
+    (other / "node.yaml").write_text(yaml.safe_dump(mapping))
+    return other
 
 
 def _limit(stages: dict[str, Any]) -> float:
@@ -99,6 +139,8 @@ def main() -> int:
         work = Path(tmp)
         frames = bench_node.prepare(work, args.seconds, args.seed)
         print(f"bench: recorded {frames} frames per camera", file=sys.stderr)
+        cores = os.cpu_count() or 1
+        loop_dirs = [work] + [_own_state(work, f"loop-{i + 1}") for i in range(1, cores)]
         with MosquittoBroker(work / "broker") as broker:
             results: dict[str, object] = {}
             # Alternating runs: a noisy machine slows both sides of a pair alike, and the
@@ -109,11 +151,12 @@ def main() -> int:
             rounds: list[dict[str, Any]] = []
             for k in range(args.repeat):
                 print(f"bench: round {k + 1}/{args.repeat}: stages, pipelined, stages, "
-                      "sequential ...", file=sys.stderr)
+                      f"sequential, {cores} sequential at once ...", file=sys.stderr)
                 before = _child("stages", work, broker.url)
                 pipe_k = _child("pipelined", work, broker.url)
                 after = _child("stages", work, broker.url, "--brief")
                 seq_k = _child("sequential", work, broker.url)
+                at_once = _loops_at_once(loop_dirs, broker.url, work / f"barrier-{k}")
                 limit_k = (_limit(before) + _limit(after)) / 2.0
                 rounds.append({
                     "stages": _mean_stages(before, after), "sequential": seq_k,
@@ -121,13 +164,17 @@ def main() -> int:
                     "limit_before_after": [round(_limit(before), 2), round(_limit(after), 2)],
                     "efficiency": round(float(pipe_k["frames_per_s"]) / limit_k, 3),
                     "speedup": round(float(pipe_k["items_per_s"])
-                                     / max(1e-9, float(seq_k["items_per_s"])), 3)})
+                                     / max(1e-9, float(seq_k["items_per_s"])), 3),
+                    "sequential_at_once": at_once,
+                    "parallel_ceiling": round(float(at_once["items_per_s"])
+                                              / max(1e-9, float(seq_k["items_per_s"])), 3)})
             by_speedup = sorted(rounds, key=lambda r: float(r["speedup"]))
             median_round = by_speedup[len(by_speedup) // 2]
             for key in ("stages", "sequential", "pipelined"):
                 results[key] = median_round[key]
             results["rounds"] = [{key: r[key] for key in (
-                "speedup", "efficiency", "limit_frames_per_s", "limit_before_after")}
+                "speedup", "efficiency", "limit_frames_per_s", "limit_before_after",
+                "parallel_ceiling", "sequential_at_once")}
                 | {"sequential_items_per_s": r["sequential"]["items_per_s"],
                    "pipelined_items_per_s": r["pipelined"]["items_per_s"],
                    "pipelined_frames_per_s": r["pipelined"]["frames_per_s"]}
@@ -141,13 +188,16 @@ def main() -> int:
     out = {
         **results,
         "stages": stages,
-        "cores": os.cpu_count() or 1,
+        "cores": cores,
         "limit_frames_per_s": _median([float(r["limit_frames_per_s"]) for r in rounds]),
         "speedup": _median([float(r["speedup"]) for r in rounds]),
         "efficiency": _median([float(r["efficiency"]) for r in rounds]),
-        "note": f"speedup, efficiency and limit are medians over {args.repeat} rounds (each "
-                "round's in `rounds`; efficiency: the round's pipelined frames/s over the mean "
-                "of the limits from the stages run alone right before and right after it); "
+        "parallel_ceiling": _median([float(r["parallel_ceiling"]) for r in rounds]),
+        "note": f"speedup, efficiency, limit and parallel_ceiling are medians over "
+                f"{args.repeat} rounds (each round's in `rounds`; efficiency: the round's "
+                "pipelined frames/s over the mean of the limits from the stages run alone right "
+                "before and right after it; parallel_ceiling: one sequential loop per core, all "
+                "at once on the same recordings, items/s over the round's single loop); "
                 "`pipelined`, `sequential` and `stages` are the round with the median speedup",
         "replay": args.replay,
         "numpy": np.__version__,

@@ -287,7 +287,22 @@ def _infer_and_complete(node: Node, records: list[ItemRecord]) -> None:
             node._complete(Decided(rec, node._decide(rec, res, now)))
 
 
-def sequential(work: Path, broker: str) -> dict[str, object]:
+def _await_together(barrier: Path, count: int, timeout_s: float = 300.0) -> None:
+    """Start with `count` processes that share `barrier` (each set up, none timed yet)."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / str(os.getpid())).touch()
+    end = time.monotonic() + timeout_s
+    while len(list(barrier.iterdir())) < count:
+        if time.monotonic() > end:
+            raise RuntimeError(f"only {len(list(barrier.iterdir()))} of {count} bench "
+                               f"processes reached {barrier}")
+        time.sleep(0.002)
+
+
+def sequential(work: Path, broker: str, together: tuple[Path, int] | None = None
+               ) -> dict[str, object]:
+    """The plain loop; with `together` (barrier, count), timed from when `count` such
+    loops are all ready, so that they run at once."""
     run = Run()
     node = _build(work, broker, run)
     node.publisher.start()
@@ -296,6 +311,8 @@ def sequential(work: Path, broker: str) -> dict[str, object]:
     sources = list(node.cameras.sources.values())
     for s in sources:
         s.start()
+    if together is not None:
+        _await_together(*together)
     cpu0, t0 = time.process_time(), time.time()
     run.gate.set()
     live = list(sources)
@@ -484,6 +501,10 @@ def main() -> int:
     parser.add_argument("--broker", required=True)
     parser.add_argument("--brief", action="store_true",
                         help="stages: leave out the one-thread reference run of the item stage")
+    parser.add_argument("--together", type=Path, default=None, metavar="DIR",
+                        help="sequential: start the timed loop only when --count processes "
+                        "have reached the barrier folder DIR")
+    parser.add_argument("--count", type=int, default=2)
     args = parser.parse_args()
     from edge.logs import configure_logging
 
@@ -491,6 +512,8 @@ def main() -> int:
     result: object
     if args.mode == "stages":
         result = stages(args.workdir, args.broker, reference=not args.brief)
+    elif args.mode == "sequential" and args.together is not None:
+        result = sequential(args.workdir, args.broker, (args.together, args.count))
     else:
         mode = {"sequential": sequential, "pipelined": pipelined, "realtime": realtime}
         result = mode[args.mode](args.workdir, args.broker)

@@ -1,0 +1,131 @@
+"""Capture of recordings played offline: cameras kept abreast by `ReplayLockstep`."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from edge.sources import EndOfStream, SourceCounters
+from edge.stage import BoundedQueue
+from edge.stages import CaptureStage, ReplayLockstep
+from edge.types import Frame, Intrinsics
+
+INTR = Intrinsics(8, 6, 10.0, 10.0, 4.0, 3.0)
+
+
+class ListSource:
+    """A finite camera that takes `delay_s` per frame, like a slow reader."""
+
+    def __init__(self, camera_id: str, count: int, fps: float, delay_s: float = 0.0) -> None:
+        self._id = camera_id
+        self._frames = [Frame(camera_id, i, 1e12 + i * 1000.0 / fps,
+                              np.zeros((6, 8, 3), np.uint8), np.zeros((6, 8), np.uint16),
+                              0.001, INTR) for i in range(count)]
+        self._delay = delay_s
+        self._counters = SourceCounters()
+
+    @property
+    def camera_id(self) -> str:
+        return self._id
+
+    @property
+    def counters(self) -> SourceCounters:
+        return self._counters
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if not self._frames:
+            raise EndOfStream(f"{self._id}: end of recording")
+        time.sleep(self._delay)
+        return self._frames.pop(0)
+
+
+def _run(stage: CaptureStage) -> None:
+    while not stage.finished.is_set():
+        stage.step()
+
+
+def replay(sources: list[ListSource], fps: dict[str, float], *, lockstep: bool = True
+           ) -> tuple[list[str], ReplayLockstep]:
+    """Play `sources` through offline capture stages into one small queue (as the node does);
+    returns the order in which the frames were handed on."""
+    pace = ReplayLockstep(fps)
+    out: BoundedQueue[Frame] = BoundedQueue("frames", 2 * len(sources))
+    stop = threading.Event()
+    stages = [CaptureStage(s, out, stop, offline=True, lockstep=pace if lockstep else None)
+              for s in sources]
+    threads = [threading.Thread(target=_run, args=(st,)) for st in stages]
+    for t in threads:
+        t.start()
+    order: list[str] = []
+    while any(t.is_alive() for t in threads) or out.depth():
+        frame = out.get(0.01)
+        if frame is not None:
+            order.append(frame.camera_id)
+    stop.set()
+    return order, pace
+
+
+def _max_lead(order: list[str], fps: dict[str, float]) -> float:
+    """The most seconds of recording one camera was ever ahead of the other."""
+    played = dict.fromkeys(fps, 0)
+    worst = 0.0
+    for cam in order:
+        played[cam] += 1
+        t = [played[c] / fps[c] for c in fps]
+        worst = max(worst, max(t) - min(t))
+    return worst
+
+
+def test_a_fast_recording_waits_for_a_slow_one_and_nothing_is_lost() -> None:
+    """A recording read instantly stays within a few frames of one that takes 3 ms a frame;
+    without the lockstep it runs far ahead (what made the sync hold dozens of frames)."""
+    fps = {"fast": 15.0, "slow": 15.0}
+    order, pace = replay([ListSource("fast", 60, 15.0), ListSource("slow", 60, 15.0, 0.003)],
+                         fps)
+    assert sorted(order) == ["fast"] * 60 + ["slow"] * 60
+    assert _max_lead(order, fps) <= 3 / 15.0 + 1e-9  # the 2-frame lead plus the frame in hand
+    assert pace.waits > 0
+    free, _ = replay([ListSource("fast", 60, 15.0), ListSource("slow", 60, 15.0, 0.003)], fps,
+                     lockstep=False)
+    assert _max_lead(free, fps) > 10 / 15.0
+
+
+def test_cameras_at_different_rates_stay_abreast_in_recording_time() -> None:
+    """Pacing is by seconds of recording played: a 30 fps camera hands on two frames for each
+    of a 15 fps camera's."""
+    fps = {"a": 30.0, "b": 15.0}
+    order, _ = replay([ListSource("a", 60, 30.0), ListSource("b", 30, 15.0, 0.003)], fps)
+    assert (order.count("a"), order.count("b")) == (60, 30)
+    assert _max_lead(order, fps) <= 3 / 15.0 + 1e-9
+
+
+def test_the_others_go_on_when_a_recording_ends() -> None:
+    """A camera whose recording ends is retired: nobody waits for it."""
+    fps = {"short": 15.0, "long": 15.0}
+    order, _ = replay([ListSource("short", 3, 15.0), ListSource("long", 40, 15.0)], fps)
+    assert (order.count("short"), order.count("long")) == (3, 40)
+
+
+def test_a_camera_waiting_for_its_turn_is_released_by_stop() -> None:
+    """A stopping node never hangs on a camera that is ahead: `wait_turn` returns False."""
+    pace = ReplayLockstep({"a": 15.0, "b": 15.0})
+    for _ in range(5):
+        pace.played("a")
+    stop = threading.Event()
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(pace.wait_turn("a", stop)))
+    waiter.start()
+    time.sleep(0.1)
+    assert waiter.is_alive()  # "a" is 5 frames ahead of "b"
+    stop.set()
+    waiter.join(1.0)
+    assert got == [False]
+    assert pace.wait_turn("b", stop)  # the one behind never waits
