@@ -78,7 +78,8 @@ class CameraConfig:
     sync_mode: Literal["default", "master", "slave"] = _f(
         "default", doc="RealSense inter_cam_sync_mode for hardware-synced rigs")
     filters: DepthFilters = _f(factory=DepthFilters, doc="depth post-processing")
-    realtime: bool = _f(True, doc="recordings/synthetic: pace frames in real time")
+    realtime: bool = _f(True, doc="recordings/synthetic: pace frames in real time; false: as "
+                        "fast as the node takes them, recordings kept abreast of each other")
 
 
 def _default_cameras() -> tuple[CameraConfig, ...]:
