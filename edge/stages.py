@@ -42,8 +42,9 @@ class ReplayLockstep:
     slowest always may, so they never wait on each other for good. Without this, the
     capture threads of a replay drift apart at random (a full shared queue takes whichever
     is woken first): the sync then holds dozens of the leader's frames waiting for their
-    partners (44 in 1,800-frame replays), out of cache and out of the item workers' frame
-    slots. Live cameras are not paced: they deliver in real time by themselves.
+    partners (up to 44 in 1,800-frame replays), each holding one of the item workers' frame
+    slots and adding to the latency. Live cameras are not paced: they deliver in real time
+    by themselves.
     """
 
     def __init__(self, fps: Mapping[str, float], lead_frames: float = 2.0) -> None:
