@@ -20,7 +20,8 @@
    over MQTT): capture-to-PUBACK latency and deadline misses.
 
 Writes the JSON the issue defines (`pipelined`, `sequential`, `stages`,
-`limit_frames_per_s`, `speedup`, `efficiency`, `realtime`), plus `parallel_ceiling`.
+`limit_frames_per_s`, `speedup`, `efficiency`, `realtime`), plus `parallel_ceiling` and
+`of_ceiling` (speedup over ceiling).
 """
 
 from __future__ import annotations
@@ -167,14 +168,16 @@ def main() -> int:
                                      / max(1e-9, float(seq_k["items_per_s"])), 3),
                     "sequential_at_once": at_once,
                     "parallel_ceiling": round(float(at_once["items_per_s"])
-                                              / max(1e-9, float(seq_k["items_per_s"])), 3)})
+                                              / max(1e-9, float(seq_k["items_per_s"])), 3),
+                    "of_ceiling": round(float(pipe_k["items_per_s"])
+                                        / max(1e-9, float(at_once["items_per_s"])), 3)})
             by_speedup = sorted(rounds, key=lambda r: float(r["speedup"]))
             median_round = by_speedup[len(by_speedup) // 2]
             for key in ("stages", "sequential", "pipelined"):
                 results[key] = median_round[key]
             results["rounds"] = [{key: r[key] for key in (
                 "speedup", "efficiency", "limit_frames_per_s", "limit_before_after",
-                "parallel_ceiling", "sequential_at_once")}
+                "parallel_ceiling", "of_ceiling", "sequential_at_once")}
                 | {"sequential_items_per_s": r["sequential"]["items_per_s"],
                    "pipelined_items_per_s": r["pipelined"]["items_per_s"],
                    "pipelined_frames_per_s": r["pipelined"]["frames_per_s"]}
@@ -193,11 +196,13 @@ def main() -> int:
         "speedup": _median([float(r["speedup"]) for r in rounds]),
         "efficiency": _median([float(r["efficiency"]) for r in rounds]),
         "parallel_ceiling": _median([float(r["parallel_ceiling"]) for r in rounds]),
+        "of_ceiling": _median([float(r["of_ceiling"]) for r in rounds]),
         "note": f"speedup, efficiency, limit and parallel_ceiling are medians over "
                 f"{args.repeat} rounds (each round's in `rounds`; efficiency: the round's "
                 "pipelined frames/s over the mean of the limits from the stages run alone right "
                 "before and right after it; parallel_ceiling: one sequential loop per core, all "
-                "at once on the same recordings, items/s over the round's single loop); "
+                "at once on the same recordings, items/s over the round's single loop; of_ceiling: "
+                "the pipelined items/s over those loops' together, i.e. speedup / ceiling); "
                 "`pipelined`, `sequential` and `stages` are the round with the median speedup",
         "replay": args.replay,
         "numpy": np.__version__,
