@@ -104,9 +104,9 @@ class Node:
         self.framesets_q: BoundedQueue[FrameSet] = BoundedQueue("framesets", 4)
         self.items_q: BoundedQueue[ItemRecord] = BoundedQueue("items", 4 * cfg.models.max_batch)
         offline = {c.id for c in cfg.cameras if not c.realtime}
-        self.replay_lockstep = ReplayLockstep(
-            {c.id: float(c.fps) for c in cfg.cameras
-             if c.id in offline and c.id in cameras.sources}) if len(offline) > 1 else None
+        replayed = {c.id: float(c.fps) for c in cfg.cameras
+                    if c.id in offline and c.id in cameras.sources}
+        self.replay_lockstep = ReplayLockstep(replayed) if len(replayed) > 1 else None
         self.captures = {cid: CaptureStage(src, self.frames_q, self.stop_event,
                                            offline=cid in offline,
                                            lockstep=self.replay_lockstep if cid in offline

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -78,17 +77,6 @@ def _loops_at_once(workdirs: list[Path], broker: str, barrier: Path) -> dict[str
             "items_per_s": round(sum(int(r["items"]) for r in runs) / wall, 3),
             "frames_per_s": round(sum(int(r["frames"]) for r in runs) / wall, 2),
             "each_frames_per_s": [r["frames_per_s"] for r in runs]}
-
-
-def _own_state(work: Path, name: str) -> Path:
-    """A workdir whose node config reads `work`'s recordings but keeps its own state."""
-    other = work / name
-    mapping = yaml.safe_load((work / "node.yaml").read_text())
-    mapping["storage"]["state_dir"] = str(other / "state")
-    mapping["models"]["gallery_dir"] = str(other / "state" / "gallery")
-    other.mkdir()
-    (other / "node.yaml").write_text(yaml.safe_dump(mapping))
-    return other
 
 
 def _limit(stages: dict[str, Any]) -> float:
@@ -141,7 +129,8 @@ def main() -> int:
         frames = bench_node.prepare(work, args.seconds, args.seed)
         print(f"bench: recorded {frames} frames per camera", file=sys.stderr)
         cores = os.cpu_count() or 1
-        loop_dirs = [work] + [_own_state(work, f"loop-{i + 1}") for i in range(1, cores)]
+        loop_dirs = [work] + [bench_node.with_own_state(work, f"loop-{i + 1}")
+                              for i in range(1, cores)]
         with MosquittoBroker(work / "broker") as broker:
             results: dict[str, object] = {}
             # Alternating runs: a noisy machine slows both sides of a pair alike, and the

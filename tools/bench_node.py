@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -77,10 +78,24 @@ def prepare(work: Path, seconds: float, seed: int) -> int:
                      "realtime": False})
     mapping = config_to_mapping(cfg)
     mapping["cameras"] = cams
-    mapping["storage"]["state_dir"] = str(work / "state")
-    mapping["models"]["gallery_dir"] = str(work / "state" / "gallery")
-    (work / "node.yaml").write_text(yaml.safe_dump(mapping))
+    _write_config(mapping, work)
     return count
+
+
+def _write_config(mapping: dict[str, Any], workdir: Path) -> None:
+    """`workdir/node.yaml`: the node config `mapping` with its state kept under `workdir`."""
+    mapping["storage"]["state_dir"] = str(workdir / "state")
+    mapping["models"]["gallery_dir"] = str(workdir / "state" / "gallery")
+    (workdir / "node.yaml").write_text(yaml.safe_dump(mapping))
+
+
+def with_own_state(work: Path, name: str) -> Path:
+    """A workdir whose node reads `work`'s recordings but keeps its own state (outbox,
+    gallery), for runs of the node at the same time."""
+    other = work / name
+    other.mkdir()
+    _write_config(yaml.safe_load((work / "node.yaml").read_text()), other)
+    return other
 
 
 class MemorySource:
