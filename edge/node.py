@@ -47,16 +47,59 @@ from edge.stages import (
 )
 from edge.sync import FrameSynchronizer
 from edge.tracking import ItemTracker
-from edge.types import Announcement, Feedback, Frame, FrameSet, ItemRecord, Verdict
+from edge.types import (
+    Announcement,
+    Feedback,
+    Frame,
+    FrameSet,
+    ItemRecord,
+    U8Array,
+    Verdict,
+)
 
 log = structlog.get_logger(__name__)
 
 #: A stage that makes no progress for this long is stalled (watchdog, health).
 STALL_AFTER_S = 10.0
 #: Items kept after their verdict, for feedback (packaging changed -> learn their views).
-#: About 260 KB each (two crops with depth): 256 items are ~65 MB, 1.5 minutes at 3 items/s;
-#: older sidelined items keep their crops in the snapshot store on disk.
+#: Only their colour crops (what the gallery learns from): about 100 KB an item with two
+#: cameras, 25 MB for 256 items, 1.5 minutes at 3 items/s. Older sidelined items keep their
+#: crops in the snapshot store on disk.
 RECENT_ITEMS = 256
+
+
+class RecentViews:
+    """The colour crops of the last decided items, for `packaging_changed` feedback.
+
+    Keeps only what the gallery learns from: the depth, mask and ground truth of a crop are
+    two thirds of its memory and no feedback needs them. Oldest items are forgotten first.
+    """
+
+    def __init__(self, capacity: int = RECENT_ITEMS) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[str | None, dict[str, U8Array]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, record: ItemRecord) -> None:
+        views = {cam: crop.color for cam, crop in record.crops.items()}
+        with self._lock:
+            self._items[record.item_id] = (record.product_id, views)
+            self._items.move_to_end(record.item_id)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, item_id: str) -> tuple[str | None, dict[str, U8Array]] | None:
+        """(product ID as decided, colour crop per camera), or None if it was forgotten."""
+        with self._lock:
+            return self._items.get(item_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(c.nbytes for _, views in self._items.values() for c in views.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +130,7 @@ class Node:
         self.stall_after_s = stall_after_s
         self.stop_event = threading.Event()
         self.policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
-        self._recent: OrderedDict[str, ItemRecord] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self.recent = RecentViews()
         self.snapshots = snapshots  # audit snapshots (started and closed by the owner)
         self.publisher = VerdictPublisher(
             cfg.mqtt, cfg.node, outbox_path, clock, self._on_announcement, self._on_feedback,
@@ -249,14 +291,14 @@ class Node:
                                  received_ms=feedback.received_ms, note=feedback.note)
         if feedback.kind != "packaging_changed":
             return
-        with self._recent_lock:
-            record = self._recent.get(feedback.item_id)
-        product = feedback.product_id or (record.product_id if record else None)
-        if record is None or product is None:
+        recent = self.recent.get(feedback.item_id)
+        product = feedback.product_id or (recent[0] if recent else None)
+        if recent is None or product is None:
             self.publisher.publish_event("feedback_ignored", {
                 "item_id": feedback.item_id, "why": "item not among recent items"})
             return
-        self.inspector.learn_reference(product, record.crops)
+        for camera_id, color in recent[1].items():
+            self.inspector.learn_views(product, camera_id, [color])
         log.info("gallery_learned", product_id=product, item_id=feedback.item_id)
 
     def _on_acked(self, acked: AckedVerdict) -> None:
@@ -274,10 +316,7 @@ class Node:
         if verdict.captured_ms is not None:
             self.metrics.capture_to_decision.observe(
                 max(0.0, verdict.decided_ms - verdict.captured_ms) / 1000.0)
-        with self._recent_lock:
-            self._recent[decided.record.item_id] = decided.record
-            while len(self._recent) > RECENT_ITEMS:
-                self._recent.popitem(last=False)
+        self.recent.remember(decided.record)
         if self.snapshots is not None:  # assigns the ID; files are written off this thread
             verdict = self.snapshots.offer(decided.record, verdict)
             decided = Decided(decided.record, verdict)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,11 +26,12 @@ from edge.clock import WallClock
 from edge.config import Config, config_to_mapping, load_config
 from edge.controller import ControllerSimulator
 from edge.demo import DemoOptions, build_synthetic_node, run_demo
-from edge.node import Node
+from edge.node import Node, RecentViews
 from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
 from edge.sources.synthetic import SyntheticConveyor
-from edge.types import Reason
+from edge.types import ItemCrop, ItemRecord, Reason
+from tests.publish.helpers import Collector, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,6 +146,92 @@ def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(
         release.set()
         node.stop()
         controller.stop()
+        node.inspector.close()
+
+
+def _record(item_id: str, product: str | None, size: int = 96) -> ItemRecord:
+    crop = ItemCrop("cam0", np.full((size, size, 3), 7, np.uint8),
+                    np.ones((size, size), np.float32), np.ones((size, size), bool),
+                    truth_damage=np.zeros((size, size), bool))
+    return ItemRecord(track_id=1, item_id=item_id, product_id=product, first_seen_ms=0.0,
+                      captured_ms=0.0, deadline_ms=1.0, box_mm=(1.0, 1.0, 1.0),
+                      centre_mm=(0.0, 0.0), crops={"cam0": crop, "cam1": crop})
+
+
+def test_recent_views_keep_only_colour_and_forget_the_oldest_items() -> None:
+    recent = RecentViews(capacity=3)
+    for i in range(5):
+        recent.remember(_record(f"I-{i}", "box-small"))
+    assert len(recent) == 3
+    assert recent.get("I-0") is None
+    assert recent.get("I-1") is None
+    product, views = recent.get("I-4") or (None, {})
+    assert product == "box-small"
+    assert sorted(views) == ["cam0", "cam1"]
+    assert all(v.dtype == np.uint8 and v.shape == (96, 96, 3) for v in views.values())
+    # Colour only: the crops' depth (4 bytes a pixel), masks and ground truth are let go.
+    assert recent.nbytes() == 3 * 2 * 96 * 96 * 3
+    recent.remember(_record("I-2", "box-large"))  # decided again: the newest, and replaced
+    recent.remember(_record("I-5", None))
+    assert recent.get("I-3") is None
+    assert (recent.get("I-2") or ("",))[0] == "box-large"
+
+
+def test_packaging_changed_feedback_teaches_the_gallery_the_items_views(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """Feedback on a decided item adds its colour views to the product's references, on disk;
+    feedback on an item the node never heard of is rejected with an event, not learned."""
+    cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
+    clock = WallClock()
+    node = _node(cfg, clock, stall_after_s=30.0)
+    world = node.cameras.world
+    assert world is not None
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
+    events = Collector(mosquitto, topics.events, client_id="test-events")
+    node.start()
+    try:
+        assert node.publisher.wait_connected(5.0)
+        controller.start()
+        assert wait_until(lambda: any(v.get("product_id") and not v.get("fail_safe")
+                                      for v in controller.actuations().values()), 30.0)
+        item_id, verdict = next((i, v) for i, v in controller.actuations().items()
+                                if v.get("product_id") and not v.get("fail_safe"))
+        product = str(verdict["product_id"])
+        remembered = node.recent.get(item_id)
+        assert remembered is not None
+        cameras = sorted(remembered[1])
+        assert cameras == sorted(c.id for c in cfg.cameras)
+        before = {cam: node.inspector.gallery.views(product, cam) for cam in cameras}
+        gallery_files = {p: p.stat().st_mtime_ns
+                         for p in Path(cfg.models.gallery_dir).rglob("*") if p.is_file()}
+
+        def send(body: dict[str, object]) -> None:
+            info = events.client.publish(topics.feedback, json.dumps(body), qos=1)
+            info.wait_for_publish(5.0)
+
+        send({"schema_version": 1, "item_id": item_id, "kind": "packaging_changed",
+              "product_id": product, "note": "new print"})
+        assert wait_until(lambda: all(node.inspector.gallery.views(product, cam)
+                                      == before[cam] + 1 for cam in cameras), 10.0)
+        changed = [p for p in Path(cfg.models.gallery_dir).rglob("*") if p.is_file()
+                   and gallery_files.get(p) != p.stat().st_mtime_ns]
+        assert changed, "the learned views were not persisted"
+
+        send({"schema_version": 1, "item_id": "NEVER-SEEN", "kind": "packaging_changed",
+              "product_id": product})
+        assert events.wait_for(lambda msgs: any(
+            json.loads(m.payload)["detail"].get("reason") == "unknown_item" for m in msgs), 10.0)
+        rejected = [json.loads(m.payload) for m in events.on("/events")]
+        assert [(e["kind"], e["detail"]["field"]) for e in rejected] == [
+            ("rejected_input", "item_id")]
+        assert "NEVER-SEEN" in rejected[0]["detail"]["error"]
+        assert all(node.inspector.gallery.views(product, cam) == before[cam] + 1
+                   for cam in cameras)
+    finally:
+        node.stop()
+        controller.stop()
+        events.close()
         node.inspector.close()
 
 
