@@ -93,6 +93,13 @@ class DeadlineScheduler:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    def set_versions(self, threshold_version: str, model_versions: Mapping[str, str]) -> None:
+        """After a reload: fail-safe verdicts name the thresholds and models now in use."""
+        with self._lock:
+            self._threshold_version = threshold_version
+            self._model_versions = dict(model_versions)
+
+
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)

@@ -30,7 +30,9 @@ from edge.deadlines import DeadlineScheduler
 from edge.decide import VerdictPolicy
 from edge.heap import HeapTrimmer
 from edge.induct import InductAssociator
-from edge.infer.models import ItemInspector
+from edge.infer.backend import BackendError
+from edge.infer.manifest import ManifestError
+from edge.infer.models import ItemInspector, ModelRejectedError
 from edge.item_workers import SegmentationWorkers
 from edge.items import ItemSegmenter
 from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot
@@ -259,14 +261,30 @@ class Node:
             for record, result in zip(batch, self.inspector.infer(batch), strict=True):
                 self._complete(Decided(record, self._decide(record, result, now)))
 
-    def reload(self) -> None:
-        """SIGHUP: new thresholds and gallery without dropping items."""
+    def reload(self) -> bool:
+        """SIGHUP: the gallery from disk, then new models and thresholds, without dropping
+        items. Models that fail to load or miss their golden scores are refused and the
+        running ones stay (said in the log and on `…/events`): a bad update must not stop
+        the line. Returns whether the models and thresholds were switched."""
         self.inference.gate.clear()  # finish the current batch, hold the next
         try:
-            report = self.inspector.reload()
+            gallery = self.inspector.gallery.reload()
+            try:
+                report = self.inspector.reload()
+            except (ModelRejectedError, ManifestError, BackendError, OSError) as exc:
+                log.error("reload_refused", error=str(exc), gallery=gallery,
+                          threshold_version=self.policy.thresholds.version)
+                self.publisher.publish_event("reload_refused", {
+                    "error": str(exc)[:300], "kept_models": self.inspector.model_versions(),
+                    "kept_thresholds": self.policy.thresholds.version, "gallery": gallery})
+                return False
             self.policy = VerdictPolicy.from_manifest(self.inspector.manifest, self.cfg.decision)
+            versions = self.inspector.model_versions()
+            self.scheduler.set_versions(self.policy.thresholds.version, versions)
+            self.publisher.set_versions(versions)
             log.info("node_reloaded", threshold_version=self.policy.thresholds.version,
-                     golden=report.passed if report is not None else None)
+                     golden=report.passed, gallery=gallery)
+            return True
         finally:
             self.inference.gate.set()
 

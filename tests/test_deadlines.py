@@ -243,3 +243,21 @@ def test_concurrent_stages_keep_the_accounting_balanced() -> None:
     items = {v.item_id for v in sink.verdicts if not v.late}
     assert items == {f"c{i}" for i in range(n)}
     assert len([v for v in sink.verdicts if not v.late]) == len(items)
+
+
+def test_fail_safe_verdicts_name_the_thresholds_and_models_in_use_after_a_reload() -> None:
+    """An audit of a fail-safe verdict must find the versions that were live when it was
+    made: a reload between two items shows in the second one's verdict only."""
+    clock = ManualClock(T0)
+    sched, sink = _scheduler(clock)
+    sched.announce(_ann("before"), T0 + 1000)
+    sched.announce(_ann("after"), T0 + 3000)
+    clock.set(T0 + 700)
+    assert sched.check() == 1
+    sched.set_versions("thr-2", {"damage": "2.0.0", "embedding": "2.0.0"})
+    clock.set(T0 + 2700)
+    assert sched.check() == 1
+    before, after = sink.verdicts
+    assert (before.threshold_version, before.model_versions) == ("thr-1", {})
+    assert (after.threshold_version, after.model_versions) == (
+        "thr-2", {"damage": "2.0.0", "embedding": "2.0.0"})

@@ -235,6 +235,92 @@ def test_packaging_changed_feedback_teaches_the_gallery_the_items_views(
         node.inspector.close()
 
 
+def _own_manifest(tmp_path: Path) -> Path:
+    """The shipped manifest in a folder of its own (the model files linked), to edit."""
+    engines = REPO / "engines"
+    own = tmp_path / "engines"
+    own.mkdir()
+    for entry in engines.iterdir():
+        if entry.name != "manifest.yaml":
+            (own / entry.name).symlink_to(entry)
+    (own / "manifest.yaml").write_text((engines / "manifest.yaml").read_text())
+    return own / "manifest.yaml"
+
+
+def _edit_manifest(path: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_reload_switches_thresholds_and_gallery_and_refuses_a_bad_update_without_dropping_items(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """SIGHUP's work, in the node: verdicts name the new thresholds from the reload on, the
+    gallery is what is on disk, a manifest whose model does not match its checksum is refused
+    (event, old models kept, the node runs on), and every announced item gets one verdict."""
+    manifest = _own_manifest(tmp_path)
+    cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
+    cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, manifest=manifest))
+    clock = WallClock()
+    node = _node(cfg, clock, stall_after_s=30.0)
+    world = node.cameras.world
+    assert world is not None
+    shipped = node.policy.thresholds.version
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
+    events = Collector(mosquitto, topics.events, client_id="test-reload-events")
+
+    def decided_with(version: str, after: int) -> bool:
+        return any(v["threshold_version"] == version and not v.get("fail_safe")
+                   for v in list(controller.received.by_key.values())[after:])
+
+    node.start()
+    try:
+        assert node.publisher.wait_connected(5.0)
+        controller.start()
+        assert wait_until(lambda: decided_with(shipped, 0), 30.0)
+        # The gallery: one product's references removed on disk by an operator.
+        gallery_dir = Path(cfg.models.gallery_dir)
+        product, camera = sorted((p.parent.name, p.stem) for p in gallery_dir.glob("*/*.npz"))[0]
+        assert node.inspector.gallery.has(product, camera)
+        (gallery_dir / product / f"{camera}.npz").unlink()
+        _edit_manifest(manifest, lambda m: m["thresholds"].update(  # type: ignore[attr-defined]
+            version="thr-reloaded"))
+        assert node.reload()
+        assert not node.inspector.gallery.has(product, camera)
+        n = len(controller.received.by_key)
+        assert wait_until(lambda: decided_with("thr-reloaded", n), 20.0)
+        assert not decided_with(shipped, n + 1)
+
+        # A bad update: the damage model no longer matches its checksum.
+        _edit_manifest(manifest, lambda m: m["models"]["damage"].update(  # type: ignore[index]
+            sha256="0" * 64))
+        assert not node.reload()
+        assert events.wait_for(lambda msgs: any(
+            json.loads(m.payload)["kind"] == "reload_refused" for m in msgs), 10.0)
+        refused = next(json.loads(m.payload) for m in events.on("/events")
+                       if json.loads(m.payload)["kind"] == "reload_refused")
+        assert refused["detail"]["kept_thresholds"] == "thr-reloaded"
+        assert "sha256" in refused["detail"]["error"] or "checksum" in refused["detail"]["error"]
+        n = len(controller.received.by_key)
+        assert wait_until(lambda: decided_with("thr-reloaded", n), 20.0)
+        assert node.stalled_stages() == []
+
+        world.induct_cutoff_ms = clock.now_ms() - world.start_ms
+        time.sleep(0.5)  # announcements already sent reach the node
+    finally:
+        node.stop()
+        events.close()
+        node.inspector.close()
+    try:
+        announced = set(controller.announced)
+        assert len(announced) >= 5
+        assert wait_until(lambda: announced <= set(controller.actuations()), 10.0)
+        assert controller.received.duplicates == 0
+    finally:
+        controller.stop()
+
+
 def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = str(tmp_path / "notify.sock")

@@ -76,15 +76,17 @@ class ReferenceGallery:
         self.top_k = top_k
         self._rng = np.random.default_rng(seed)
         self._banks: dict[tuple[str, str], _Bank] = {}
+        self._unsaved: set[tuple[str, str]] = set()  # learned, but the write failed
         self._lock = threading.Lock()
         self._load()
 
     def _file(self, root: Path, product_id: str, camera_id: str) -> Path:
         return root / _safe(product_id) / f"{_safe(camera_id)}.npz"
 
-    def _load(self) -> None:
+    def _read(self) -> dict[tuple[str, str], _Bank]:
+        banks: dict[tuple[str, str], _Bank] = {}
         if self.root is None or not self.root.is_dir():
-            return
+            return banks
         for path in sorted(self.root.glob("*/*.npz")):
             try:
                 with np.load(path, allow_pickle=False) as data:
@@ -94,8 +96,36 @@ class ReferenceGallery:
             except (OSError, KeyError, ValueError) as exc:
                 log.warning("gallery_file_unreadable", path=str(path), error=str(exc))
                 continue
-            self._banks[key] = _Bank(rows, np.einsum("ij,ij->i", rows, rows), views)
+            banks[key] = _Bank(rows, np.einsum("ij,ij->i", rows, rows), views)
+        return banks
+
+    def _load(self) -> None:
+        self._banks = self._read()
         log.info("gallery_loaded", root=str(self.root), banks=len(self._banks))
+
+    def reload(self) -> dict[str, int]:
+        """Re-read the banks from disk (SIGHUP: references copied in or removed by hand).
+
+        The files are the truth, except for banks whose last write failed: those stay as
+        learned. Returns how many banks were added, changed, removed and kept unsaved.
+        """
+        if self.root is None:
+            return {"added": 0, "changed": 0, "removed": 0, "unsaved": 0}
+        fresh = self._read()  # outside the lock: scoring goes on meanwhile
+        with self._lock:
+            old = self._banks
+            unsaved = {k: old[k] for k in self._unsaved if k in old}
+            counts = {
+                "added": sum(1 for k in fresh if k not in old),
+                "changed": sum(1 for k in fresh if k in old and k not in unsaved
+                               and (old[k].views != fresh[k].views
+                                    or old[k].rows.shape != fresh[k].rows.shape)),
+                "removed": sum(1 for k in old if k not in fresh and k not in unsaved),
+                "unsaved": len(unsaved),
+            }
+            self._banks = {**fresh, **unsaved}
+        log.info("gallery_reloaded", root=str(self.root), banks=len(self._banks), **counts)
+        return counts
 
     def products(self) -> tuple[str, ...]:
         with self._lock:
@@ -135,7 +165,11 @@ class ReferenceGallery:
         if persist and self.root is not None:
             try:
                 self._save(self.root, product_id, camera_id, rows, total)
+                with self._lock:
+                    self._unsaved.discard((product_id, camera_id))
             except OSError as exc:  # keep learning in memory; the next add retries the write
+                with self._lock:
+                    self._unsaved.add((product_id, camera_id))
                 log.error("gallery_write_failed", product_id=product_id, camera=camera_id,
                           root=str(self.root), error=str(exc))
         log.info("gallery_learned", product_id=product_id, camera=camera_id, views=total,

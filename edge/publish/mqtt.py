@@ -196,6 +196,10 @@ class VerdictPublisher:
                 "max_rows": self._outbox.max_rows})
         return row.seq
 
+    def set_versions(self, versions: Mapping[str, str]) -> None:
+        """After a reload: the status names the models now in use (from the next status on)."""
+        self._versions = {"node": __version__, **versions}
+
     def publish_status(self, health: Mapping[str, object]) -> None:
         """Publish (retained) `online` with this health; it is re-published on every connect."""
         self._health = dict(health)

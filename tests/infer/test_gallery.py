@@ -98,3 +98,36 @@ def test_unwritable_gallery_keeps_learning_in_memory(tmp_path: Path) -> None:
     g = ReferenceGallery(blocker)
     g.add("P", "top", _patches(np.random.default_rng(5)))
     assert g.has("P", "top")
+
+
+def test_reload_takes_in_what_changed_on_disk(tmp_path: Path) -> None:
+    """A reload (SIGHUP) sees banks copied in, grown or removed by another process, and
+    keeps what the running gallery learned but could not write."""
+    rng = np.random.default_rng(6)
+    running = ReferenceGallery(tmp_path / "g")
+    running.add("A", "top", _patches(rng))
+    running.add("B", "top", _patches(rng))
+    other = ReferenceGallery(tmp_path / "g")  # e.g. references from another node, copied in
+    other.add("A", "top", _patches(rng))
+    other.add("C", "angled", _patches(rng))
+    (tmp_path / "g" / "B" / "top.npz").unlink()  # an operator resets B's references
+    assert running.views("A", "top") == 1
+    assert running.has("B", "top")
+    assert not running.has("C")
+    counts = running.reload()
+    assert counts == {"added": 1, "changed": 1, "removed": 1, "unsaved": 0}
+    assert running.views("A", "top") == 2
+    assert not running.has("B")
+    assert running.views("C", "angled") == 1
+    res = running.score("C", "angled", _patches(rng))
+    assert res is not None
+    assert np.isfinite(res.score)
+
+
+def test_reload_keeps_banks_whose_write_failed(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("file in the way")
+    g = ReferenceGallery(blocker)
+    g.add("P", "top", _patches(np.random.default_rng(7)))
+    assert g.reload() == {"added": 0, "changed": 0, "removed": 0, "unsaved": 1}
+    assert g.views("P", "top") == 1
