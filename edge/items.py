@@ -16,6 +16,7 @@ item.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -251,8 +252,10 @@ class ItemSegmenter:
         length, width, _ = box
         if length * width < self.cfg.min_area_mm2 or not np.isfinite(centre[0]):
             return None
-        half = 0.5 * (abs(np.cos(yaw)) * length + abs(np.sin(yaw)) * width)
-        half_y = 0.5 * (abs(np.sin(yaw)) * length + abs(np.cos(yaw)) * width)
+        # Python floats, not numpy scalars: detections cross a process boundary, and a
+        # pickled numpy scalar costs ten times a float.
+        half = 0.5 * (abs(math.cos(yaw)) * length + abs(math.sin(yaw)) * width)
+        half_y = 0.5 * (abs(math.sin(yaw)) * length + abs(math.cos(yaw)) * width)
         cols = np.flatnonzero(comp.any(axis=0))  # cheaper than np.nonzero of every pixel
         rows = np.flatnonzero(comp.any(axis=1))
         tight = (x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1,

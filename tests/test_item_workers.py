@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from edge.catalogue import load_catalogue
 from edge.config import CameraConfig, load_config
-from edge.item_workers import SegmentationWorkers
+from edge.item_workers import SegmentationWorkers, _unwire, _wire
 from edge.items import Detection, ItemSegmenter
 from edge.sources.synthetic import SyntheticConveyor, default_intrinsics, default_pose
 from edge.sync import FrameSynchronizer
@@ -244,3 +247,22 @@ def _zombie(pid: int) -> bool:
 
 def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and not _zombie(pid)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 37), st.integers(1, 41))),
+       st.floats(-1e3, 1e3, allow_nan=False))
+def test_a_detection_crosses_the_process_boundary_unchanged(mask: np.ndarray,
+                                                            x: float) -> None:
+    """Masks travel packed 8 pixels a byte, whatever their shape (padding of the last byte
+    included); the numbers travel as they are."""
+    frame = object()
+    det = Detection(camera_id="top", timestamp_ms=1.5, centre_mm=(x, -x),
+                    box_mm=(3.0, 2.0, 1.0), yaw_rad=0.25, extent_x_mm=(x - 1, x + 1),
+                    extent_y_mm=(-x - 1, -x + 1), roi=(4, 5, 4 + mask.shape[1], 5 + mask.shape[0]),
+                    mask=mask, complete=True, merged=False, frame=frame)  # type: ignore[arg-type]
+    back = _unwire(_wire(det), frame)  # type: ignore[arg-type]
+    assert back.mask.dtype == np.bool_
+    assert back.mask.shape == mask.shape
+    assert np.array_equal(back.mask, mask)
+    assert dataclasses.replace(back, mask=mask) == dataclasses.replace(det, mask=mask)
