@@ -107,10 +107,14 @@ class ReferenceGallery:
         """Re-read the banks from disk (SIGHUP: references copied in or removed by hand).
 
         The files are the truth, except for banks whose last write failed: those stay as
-        learned. Returns how many banks were added, changed, removed and kept unsaved.
+        learned. A root that is not a directory (any more) changes nothing. Returns how many
+        banks were added, changed, removed and kept unsaved.
         """
         if self.root is None:
             return {"added": 0, "changed": 0, "removed": 0, "unsaved": 0}
+        if not self.root.is_dir():  # unmounted or mistyped: forgetting every product is worse
+            log.warning("gallery_reload_skipped", root=str(self.root), why="not a directory")
+            return {"added": 0, "changed": 0, "removed": 0, "unsaved": len(self._unsaved)}
         fresh = self._read()  # outside the lock: scoring goes on meanwhile
         with self._lock:
             old = self._banks

@@ -131,3 +131,12 @@ def test_reload_keeps_banks_whose_write_failed(tmp_path: Path) -> None:
     g.add("P", "top", _patches(np.random.default_rng(7)))
     assert g.reload() == {"added": 0, "changed": 0, "removed": 0, "unsaved": 1}
     assert g.views("P", "top") == 1
+
+
+def test_reload_of_a_vanished_folder_forgets_nothing(tmp_path: Path) -> None:
+    """A gallery folder that is gone (unmounted, renamed) must not wipe every product."""
+    g = ReferenceGallery(tmp_path / "g")
+    g.add("A", "top", _patches(np.random.default_rng(8)))
+    (tmp_path / "g").rename(tmp_path / "elsewhere")
+    assert g.reload() == {"added": 0, "changed": 0, "removed": 0, "unsaved": 0}
+    assert g.views("A", "top") == 1
