@@ -96,14 +96,18 @@ class SegmentationWorkers:
     """A pool of processes that find items in depth images, results in submission order."""
 
     def __init__(self, segmenters: Mapping[str, ItemSegmenter], cfg: ItemsConfig,
-                 workers: int, *, in_flight: int = 4, frame_slots: int = 48) -> None:
+                 workers: int, *, in_flight: int | None = None,
+                 frame_slots: int = 48) -> None:
         if workers < 1:
             raise ValueError("SegmentationWorkers needs at least one worker")
         self._segmenters = dict(segmenters)
         self._cameras = list(self._segmenters)
         self._cfg = cfg
         self._shape = _common_shape(self._segmenters)
-        self.in_flight = in_flight
+        # Four framesets queued per worker: results are collected in order, so with two
+        # per worker one that finished early sat idle while another held the oldest job
+        # (seven alternating pairs: +6 % frames/s in the median, cores busy 1.82 -> 1.86).
+        self.in_flight = in_flight if in_flight is not None else 4 * workers
         h, w = self._shape
         # Rows 0..in_flight-1: the ring; the rest: frame slots the cameras capture into.
         # A page is resident once used and stays so (tmpfs): at most frame_slots frames per
@@ -111,20 +115,20 @@ class SegmentationWorkers:
         # as fast as possible up to 44 (the sync holds one camera's frames until the other's
         # catch up; 32 slots left 28 % of the frames copied there, 48 slots 5 %). Beyond
         # that, frames get ordinary buffers and are copied into the ring as before.
-        self._slot_shape = (in_flight + frame_slots, len(self._cameras), h, w)
+        self._slot_shape = (self.in_flight + frame_slots, len(self._cameras), h, w)
         self._file = _ring_file(int(np.prod(self._slot_shape)) * 2)
         # A plain ndarray over the mapping: np.memmap's subclass bookkeeping on every slice
         # showed up in profiles of the node's hot path.
         self._map = np.memmap(self._file, np.uint16, "r+", shape=self._slot_shape)
         self._ring: U16Array = self._map.view(np.ndarray)
         self._depth_pools = {
-            cam: FrameBufferPool((h, w), np.uint16, slots=self._ring[in_flight:, k])
+            cam: FrameBufferPool((h, w), np.uint16, slots=self._ring[self.in_flight:, k])
             for k, cam in enumerate(self._cameras)} if frame_slots else {}
         self.frames_shared = 0  # depth images the workers read where capture put them
         self.frames_copied = 0  # depth images copied into the ring first
         self._views = {cam: (seg.plane.intrinsics, seg.plane.pose)
                        for cam, seg in self._segmenters.items()}
-        self._free = deque(range(in_flight))
+        self._free = deque(range(self.in_flight))
         self._tickets: deque[Ticket] = deque()
         self._next_job = 0
         self._pending: dict[int, Ticket] = {}
