@@ -99,7 +99,6 @@ class DeadlineScheduler:
             self._threshold_version = threshold_version
             self._model_versions = dict(model_versions)
 
-
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)

@@ -315,8 +315,7 @@ class Node:
             self.publisher.publish_event("feedback_ignored", {
                 "item_id": feedback.item_id, "why": "item not among recent items"})
             return
-        for camera_id, color in recent[1].items():
-            self.inspector.learn_views(product, camera_id, [color])
+        self.inspector.learn_reference(product, recent[1])
         log.info("gallery_learned", product_id=product, item_id=feedback.item_id)
 
     def _on_acked(self, acked: AckedVerdict) -> None:

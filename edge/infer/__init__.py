@@ -1,7 +1,7 @@
 """Inference: the models' backends, the reference gallery, the item inspector.
 
 The node uses `ItemInspector.load(models_cfg, catalogue)`, `inspector.infer(records)`,
-`inspector.learn_reference(product_id, crops)`, `inspector.reload()` and
+`inspector.learn_reference(product_id, colors)`, `inspector.reload()` and
 `golden_self_test(inspector)`; `edge.decide.VerdictPolicy` turns the results into verdicts.
 ONNX Runtime and TensorRT are imported only when a backend of that kind is opened.
 """

@@ -188,10 +188,11 @@ class ItemInspector:
             patches, _ = self.embed(variants)
         self.gallery.add(product_id, camera_id, patches, views=len(colors))
 
-    def learn_reference(self, product_id: str, crops: Mapping[str, ItemCrop]) -> None:
-        """Add an item's views as pristine references of `product_id` (persisted)."""
-        for camera_id, crop in crops.items():
-            self.learn_views(product_id, camera_id, [crop.color])
+    def learn_reference(self, product_id: str, colors: Mapping[str, np.ndarray]) -> None:
+        """Add an item's views (its BGR crop per camera) as pristine references of
+        `product_id` (persisted)."""
+        for camera_id, color in colors.items():
+            self.learn_views(product_id, camera_id, [color])
 
     def infer(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
         """Scores for each record, batching up to `max_batch` items per model call."""

@@ -93,7 +93,7 @@ def test_learn_reference_adds_views_that_persist(models_cfg: ModelsConfig,
     insp = ItemInspector.load(models_cfg, load_catalogue())
     rec = dataclasses.replace(_by_label(golden, "none")[0], product_id="P-REPACKED")
     assert insp.infer([rec])[0].anomaly is None
-    insp.learn_reference("P-REPACKED", rec.crops)
+    insp.learn_reference("P-REPACKED", {cam: c.color for cam, c in rec.crops.items()})
     after = insp.infer([rec])[0]
     assert after.anomaly is not None
     assert after.anomaly_raw is not None
