@@ -201,7 +201,10 @@ class SyntheticSource:
             now = self._clock.now_ms()
             newest = int((now - self._world.start_ms) // period)
             if newest > index:  # the camera's one-frame buffer overflowed while nobody read
-                self._counters.frames_dropped += newest - index
+                # Frames before the first read are not drops: a camera's stream starts when
+                # it is first read, and the RealSense source counts gaps the same way.
+                if self._counters.frames_received:
+                    self._counters.frames_dropped += newest - index
                 index = newest
             due = self._world.frame_time_ms(self._camera_id, index)
             if due - now > timeout_s * 1000.0:

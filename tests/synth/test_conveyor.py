@@ -191,6 +191,12 @@ def test_source_paces_in_real_time_and_counts_drops(cfg: Config) -> None:
     assert frame is not None
     assert frame.index == 30
     assert src.counters.frames_dropped == 29
+    late = SyntheticSource(world, "top", clock, realtime=True)  # first read 1 s in
+    late.start()
+    first = late.read(timeout_s=0.1)
+    assert first is not None
+    assert first.index == 30
+    assert late.counters.frames_dropped == 0  # the stream starts at its first read
     bounded = SyntheticSource(world, "top", clock, realtime=False, max_frames=2)
     bounded.read(0.1)
     bounded.read(0.1)
