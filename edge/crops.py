@@ -19,8 +19,8 @@ CROP_MARGIN = 0.12
 HEIGHT_PERCENTILE = 90.0
 
 
-def measure_box(plane: BeltPlane, depth: U16Array, depth_scale_m: float, height_mm: F32Array,
-                mask: BoolArray, origin: tuple[int, int] = (0, 0)
+def measure_box(plane: BeltPlane, depth: U16Array, depth_scale_m: float, mask: BoolArray,
+                origin: tuple[int, int] = (0, 0)
                 ) -> tuple[tuple[float, float, float], tuple[float, float], float]:
     """Length, width, height (mm), belt-frame centre (x, y) and yaw (rad) of one item.
 

@@ -43,18 +43,64 @@ class BeltPlane:
     def camera_position_mm(self) -> FloatArray:
         return self.pose.translation_mm
 
-    def height_map(self, depth: U16Array, depth_scale_m: float, out: F32Array | None = None
-                   ) -> F32Array:
-        """Height above the belt (mm) per pixel; NaN where depth is invalid (0)."""
+    def height_map(self, depth: U16Array, depth_scale_m: float, out: F32Array | None = None,
+                   roi: tuple[int, int, int, int] | None = None) -> F32Array:
+        """Height above the belt (mm) per pixel; NaN where depth is invalid (0). With `roi`
+        (x0, y0, x1, y1), of that part of the image only (`depth` is the whole image)."""
+        rays_z = self._rays_z
+        if roi is not None:
+            x0, y0, x1, y1 = roi
+            depth, rays_z = depth[y0:y1, x0:x1], rays_z[y0:y1, x0:x1]
         scale = np.float32(depth_scale_m * 1000.0)
         if out is None:
             out = np.empty(depth.shape, dtype=np.float32)
         np.multiply(depth, scale, out=out, casting="unsafe")
         zero = depth == 0
-        out *= self._rays_z
+        out *= rays_z
         out += self._t[2]
         out[zero] = np.nan
         return out
+
+    def item_depth_window(self, depth_scale_m: float, min_height_mm: float
+                          ) -> tuple[U16Array, U16Array]:
+        """Per pixel, the raw depth values `lo..hi` (inclusive) whose `height_map` is above
+        `min_height_mm`, to the last bit of its float32 arithmetic.
+
+        The item finder then compares each frame's depth with these as integers: no float
+        image is computed, read and written per frame (2.4 MB of memory traffic at 640x480,
+        on a device whose cores share one memory bus). Height is monotonic in depth along a
+        ray, so the values form one interval (empty: `lo` 1, `hi` 0). Computed once per camera
+        (about 20 bisection steps over the image).
+        """
+        s = np.float32(depth_scale_m * 1000.0)
+        m = np.float32(min_height_mm)
+        rz, tz = self._rays_z, self._t[2]
+
+        def above(d: np.ndarray) -> np.ndarray:
+            # The operations of height_map, in its order and precision.
+            h = d.astype(np.float32) * s
+            h *= rz
+            h += tz
+            return np.asarray(h > m)
+
+        # Rounding is monotonic, so the float32 height is too: bisect 0..65536 per pixel.
+        falling = rz < 0  # the window is 1..hi; else (level or rising rays) lo..65535
+        a = np.zeros(rz.shape, np.int64)
+        b = np.full(rz.shape, 1 << 16, np.int64)
+        while True:
+            open_ = b - a > 1
+            if not open_.any():
+                break
+            mid = (a + b) // 2
+            up = above(mid)
+            ok, no = up & open_, ~up & open_
+            a = np.where((falling & ok) | (~falling & no), mid, a)
+            b = np.where((falling & no) | (~falling & ok), mid, b)
+        lo = np.where(falling, 1, np.minimum(b, 1 << 16))
+        hi = np.where(falling, a, (1 << 16) - 1)
+        empty = lo > hi
+        lo, hi = np.where(empty, 1, lo), np.where(empty, 0, hi)
+        return lo.astype(np.uint16), hi.astype(np.uint16)
 
     def belt_xy(self, depth: U16Array, depth_scale_m: float) -> tuple[F32Array, F32Array]:
         """Belt-frame x and y (mm) of every pixel's 3D point (NaN where invalid)."""

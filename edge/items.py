@@ -71,14 +71,14 @@ class _MaskBuffers:
     """Full-frame scratch of one camera's item finding, reused for every frame (a frame
     is searched by one thread at a time: the item stage's, or one worker process)."""
 
-    solid: BoolArray
-    invalid: BoolArray
+    solid: U8Array
+    invalid: U8Array
     grown: U8Array
     labels: U16Array
 
     @staticmethod
     def of(shape: tuple[int, int]) -> _MaskBuffers:
-        return _MaskBuffers(solid=np.empty(shape, bool), invalid=np.empty(shape, bool),
+        return _MaskBuffers(solid=np.empty(shape, np.uint8), invalid=np.empty(shape, np.uint8),
                             grown=np.empty(shape, np.uint8), labels=np.empty(shape, np.uint16))
 
 
@@ -90,29 +90,33 @@ class ItemSegmenter:
         self.camera_id = camera_id
         self.plane = BeltPlane(intrinsics, pose)
         self.cfg = cfg
-        self._heights: F32Array = np.empty((intrinsics.height, intrinsics.width), np.float32)
-        self._scratch = _MaskBuffers.of((intrinsics.height, intrinsics.width))
+        self._shape = (intrinsics.height, intrinsics.width)
+        self._scratch = _MaskBuffers.of(self._shape)
+        self._window: tuple[float, U16Array, U16Array] | None = None  # depth scale, lo, hi
 
     def check(self, frame: Frame) -> None:
         """ValueError when the frame does not fit this camera's calibration."""
-        if frame.depth.shape != self._heights.shape:
+        if frame.depth.shape != self._shape:
             raise ValueError(
                 f"camera {self.camera_id}: frame is {frame.depth.shape[1]}x{frame.depth.shape[0]}"
-                f", calibration is for {self._heights.shape[1]}x{self._heights.shape[0]}")
+                f", calibration is for {self._shape[1]}x{self._shape[0]}")
 
     def height_map(self, frame: Frame) -> F32Array:
-        """Height above the belt (mm), NaN where depth is invalid; reuses one buffer."""
+        """Height above the belt (mm), NaN where depth is invalid (a new array)."""
         self.check(frame)
-        return self.plane.height_map(frame.depth, frame.depth_scale_m, out=self._heights)
+        return self.plane.height_map(frame.depth, frame.depth_scale_m)
 
-    def item_mask(self, heights: F32Array) -> U8Array:
-        """Pixels that belong to items (1, else 0), with dropouts inside items bridged.
+    def item_mask(self, frame: Frame) -> U8Array:
+        """Pixels that belong to items (non-zero), with dropouts inside items bridged.
         Reuses one set of full-frame buffers: valid until the next call."""
+        self.check(frame)
         b = self._scratch
-        with np.errstate(invalid="ignore"):
-            np.greater(heights, self.cfg.min_height_mm, out=b.solid)
-        np.isnan(heights, out=b.invalid)
-        solid, invalid = b.solid.view(np.uint8), b.invalid.view(np.uint8)
+        # Standing more than min_height_mm above the belt is a depth window per pixel,
+        # compared as integers (the same pixels as thresholding `height_map`, bit for bit).
+        lo, hi = self._depth_window(frame.depth_scale_m)
+        solid = cv2.inRange(frame.depth, lo, hi, dst=b.solid)
+        np.equal(frame.depth, 0, out=b.invalid.view(np.bool_))
+        invalid = b.invalid
         mask = cv2.dilate(solid, _KERNEL5, dst=b.grown)  # grown items ...
         np.bitwise_and(invalid, mask, out=mask)  # ... their dropouts ...
         np.bitwise_or(mask, solid, out=mask)  # ... and the items themselves
@@ -120,10 +124,15 @@ class ItemSegmenter:
         return np.asarray(cv2.morphologyEx(mask, cv2.MORPH_OPEN, _KERNEL3, dst=invalid),
                           dtype=np.uint8)
 
+    def _depth_window(self, depth_scale_m: float) -> tuple[U16Array, U16Array]:
+        if self._window is None or self._window[0] != depth_scale_m:
+            lo, hi = self.plane.item_depth_window(depth_scale_m, self.cfg.min_height_mm)
+            self._window = (depth_scale_m, lo, hi)
+        return self._window[1], self._window[2]
+
     def detect(self, frame: Frame) -> list[Detection]:
-        """All items in a frame (height map, components, boxes, splits)."""
-        heights = self.height_map(frame)
-        mask = self.item_mask(heights)
+        """All items in a frame (item mask, components, boxes, splits)."""
+        mask = self.item_mask(frame)
         # 16-bit labels: half the memory of the default 32-bit ones, and OpenCV then takes its
         # Grana (BBDT) labeller, 2x faster here on 640x480 masks. After the opening no
         # component is smaller than 3x3 pixels, so a frame cannot hold 65,535 of them.
@@ -137,15 +146,15 @@ class ItemSegmenter:
                 continue
             roi = (x, y, x + w, y + h)
             comp = labels[y:y + h, x:x + w] == k
-            out.extend(self._measure(frame, heights, comp, roi))
+            out.extend(self._measure(frame, comp, roi))
         return out
 
     def _min_pixels(self) -> int:
         px = self.plane.pixel_size_mm(0.0)
         return max(20, int(0.3 * self.cfg.min_area_mm2 / (px * px)))
 
-    def _measure(self, frame: Frame, heights: F32Array, comp: BoolArray,
-                 roi: tuple[int, int, int, int]) -> list[Detection]:
+    def _measure(self, frame: Frame, comp: BoolArray, roi: tuple[int, int, int, int]
+                 ) -> list[Detection]:
         det = self._detection(frame, comp, roi, merged=False)
         if det is None:
             return []
@@ -156,7 +165,7 @@ class ItemSegmenter:
         # Items a few cm apart fuse in the image where a tall item's side face covers the
         # gap; on the belt their footprints stay apart. Then cut along height steps.
         parts = self._split_on_belt(frame, comp, roi) or (
-            self._split(frame, heights, comp, roi) if det.complete else [])
+            self._split(frame, comp, roi) if det.complete else [])
         if parts:
             return parts
         return [self._with_merged(det)] if det.complete else [det]
@@ -204,11 +213,10 @@ class ItemSegmenter:
         rect_area = max(1.0, float(rect[1][0] * rect[1][1]))
         return float(comp.sum()) / rect_area < MIN_FILL and width > 0
 
-    def _split(self, frame: Frame, heights: F32Array, comp: BoolArray,
-               roi: tuple[int, int, int, int]) -> list[Detection]:
+    def _split(self, frame: Frame, comp: BoolArray, roi: tuple[int, int, int, int]
+               ) -> list[Detection]:
         """Cut a blob along height steps; [] when that does not give plausible items."""
-        x0, y0, x1, y1 = roi
-        raw = heights[y0:y1, x0:x1]
+        raw = self.plane.height_map(frame.depth, frame.depth_scale_m, roi=roi)
         holes = np.isnan(raw)
         h = np.where(comp, np.nan_to_num(raw, nan=0.0), 0.0).astype(np.float32)
         h = np.where(holes, cv2.dilate(h, _KERNEL5), h)  # seams and dropouts: not steps
@@ -246,7 +254,7 @@ class ItemSegmenter:
                     and y1 <= ih - BORDER_PX)
         if complete:
             box, centre, yaw = measure_box(self.plane, frame.depth, frame.depth_scale_m,
-                                           self._heights, self._thinned(comp), (x0, y0))
+                                           self._thinned(comp), (x0, y0))
         else:  # cut off by the image border: only its extent matters (for tracking)
             box, centre, yaw = self._rough_box(frame, comp, roi)
         length, width, _ = box

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from edge.config import ItemsConfig
     from edge.induct import InductAssociator
     from edge.items import Detection, ItemSegmenter
-    from edge.types import F32Array, FrameSet, Intrinsics, Pose
+    from edge.types import FrameSet, Intrinsics, Pose
 
 #: Edge-position gate (mm) for a detection to join a track.
 GATE_X_MM = 70.0
@@ -312,7 +312,7 @@ def crop_detection(det: Detection, plane: BeltPlane, size: int) -> ItemCrop:
     px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
     mask = np.zeros((py1 - py0, px1 - px0), bool)
     mask[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = det.mask
-    heights = _roi_heights(det, plane, (px0, py0, px1, py1))
+    heights = plane.height_map(frame.depth, frame.depth_scale_m, roi=(px0, py0, px1, py1))
     damage = None
     if frame.truth is not None:
         labels = frame.truth.labels[py0:py1, px0:px1]
@@ -320,15 +320,6 @@ def crop_detection(det: Detection, plane: BeltPlane, size: int) -> ItemCrop:
         damage = frame.truth.damage_mask[py0:py1, px0:px1] & ((labels == 0) | (labels == label))
     return rectify_item(det.camera_id, frame.color[py0:py1, px0:px1], heights, mask, size,
                         truth_damage=damage)
-
-
-def _roi_heights(det: Detection, plane: BeltPlane, roi: tuple[int, int, int, int]) -> F32Array:
-    x0, y0, x1, y1 = roi
-    depth = det.frame.depth[y0:y1, x0:x1]
-    z = depth.astype(np.float32) * np.float32(det.frame.depth_scale_m * 1000.0)
-    out = z * plane.rays[y0:y1, x0:x1, 2] + np.float32(plane.pose.translation_mm[2])
-    out[depth == 0] = np.nan
-    return out.astype(np.float32)
 
 
 def _majority_label(labels: np.ndarray, mask: np.ndarray) -> int:

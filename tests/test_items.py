@@ -219,9 +219,9 @@ def test_a_box_measured_from_its_bounding_box_equals_the_whole_frame_measure(
     mask = heights > CFG.items.min_height_mm
     rows, cols = np.nonzero(mask)
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    whole = measure_box(seg.plane, frame.depth, frame.depth_scale_m, heights, mask)
-    part = measure_box(seg.plane, frame.depth, frame.depth_scale_m, heights,
-                       mask[y0:y1, x0:x1], (int(x0), int(y0)))
+    whole = measure_box(seg.plane, frame.depth, frame.depth_scale_m, mask)
+    part = measure_box(seg.plane, frame.depth, frame.depth_scale_m, mask[y0:y1, x0:x1],
+                       (int(x0), int(y0)))
     assert part == whole
     assert whole[0][0] == pytest.approx(max(length, length * aspect), abs=6.0)
 
