@@ -74,33 +74,15 @@ class BeltPlane:
         """
         s = np.float32(depth_scale_m * 1000.0)
         m = np.float32(min_height_mm)
-        rz, tz = self._rays_z, self._t[2]
-
-        def above(d: np.ndarray) -> np.ndarray:
-            # The operations of height_map, in its order and precision.
-            h = d.astype(np.float32) * s
-            h *= rz
-            h += tz
-            return np.asarray(h > m)
-
-        # Rounding is monotonic, so the float32 height is too: bisect 0..65536 per pixel.
-        falling = rz < 0  # the window is 1..hi; else (level or rising rays) lo..65535
-        a = np.zeros(rz.shape, np.int64)
-        b = np.full(rz.shape, 1 << 16, np.int64)
-        while True:
-            open_ = b - a > 1
-            if not open_.any():
-                break
-            mid = (a + b) // 2
-            up = above(mid)
-            ok, no = up & open_, ~up & open_
-            a = np.where((falling & ok) | (~falling & no), mid, a)
-            b = np.where((falling & no) | (~falling & ok), mid, b)
-        lo = np.where(falling, 1, np.minimum(b, 1 << 16))
-        hi = np.where(falling, a, (1 << 16) - 1)
-        empty = lo > hi
-        lo, hi = np.where(empty, 1, lo), np.where(empty, 0, hi)
-        return lo.astype(np.uint16), hi.astype(np.uint16)
+        tz = self._t[2]
+        lo = np.empty(self._rays_z.shape, np.uint16)
+        hi = np.empty(self._rays_z.shape, np.uint16)
+        # A band of rows at a time: the bisection's temporaries stay small (a process keeps
+        # heap it once used; the item workers would hold ~15 MB more for the whole image).
+        for top in range(0, self._rays_z.shape[0], 32):
+            rz = self._rays_z[top:top + 32]
+            lo[top:top + 32], hi[top:top + 32] = _depth_window(rz, tz, s, m)
+        return lo, hi
 
     def belt_xy(self, depth: U16Array, depth_scale_m: float) -> tuple[F32Array, F32Array]:
         """Belt-frame x and y (mm) of every pixel's 3D point (NaN where invalid)."""
@@ -132,3 +114,34 @@ class BeltPlane:
         ray = self.rays[self.intrinsics.height // 2, self.intrinsics.width // 2]
         dist = cz / max(1e-6, -float(ray[2]))
         return float(dist / self.intrinsics.fx)
+
+
+def _depth_window(rz: F32Array, tz: np.float32, s: np.float32, m: np.float32
+                  ) -> tuple[U16Array, U16Array]:
+    """`BeltPlane.item_depth_window` for rays with z components `rz`."""
+
+    def above(d: np.ndarray) -> np.ndarray:
+        # The operations of BeltPlane.height_map, in its order and precision.
+        h = d.astype(np.float32) * s
+        h *= rz
+        h += tz
+        return np.asarray(h > m)
+
+    # Rounding is monotonic, so the float32 height is too: bisect 0..65536 per pixel.
+    falling = rz < 0  # the window is 1..hi; else (level or rising rays) lo..65535
+    a = np.zeros(rz.shape, np.int32)
+    b = np.full(rz.shape, 1 << 16, np.int32)
+    while True:
+        open_ = b - a > 1
+        if not open_.any():
+            break
+        mid = (a + b) // 2
+        up = above(mid)
+        ok, no = up & open_, ~up & open_
+        a = np.where((falling & ok) | (~falling & no), mid, a)
+        b = np.where((falling & no) | (~falling & ok), mid, b)
+    lo = np.where(falling, 1, np.minimum(b, 1 << 16))
+    hi = np.where(falling, a, (1 << 16) - 1)
+    empty = lo > hi
+    lo, hi = np.where(empty, 1, lo), np.where(empty, 0, hi)
+    return lo.astype(np.uint16), hi.astype(np.uint16)
