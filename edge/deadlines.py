@@ -90,6 +90,7 @@ class DeadlineScheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False  # drained for shutdown: nothing new is inspected
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -100,6 +101,8 @@ class DeadlineScheduler:
             self._model_versions = dict(model_versions)
 
     def start(self) -> None:
+        with self._lock:
+            self._closed = False
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
         self._thread.start()
@@ -129,16 +132,20 @@ class DeadlineScheduler:
     # --- inputs from the stages ---------------------------------------------------------
 
     def announce(self, announcement: Announcement, deadline_ms: float) -> bool:
-        """An induct arrived; False for an item already known (nothing changes)."""
+        """An induct arrived; False for an item already known (nothing changes), and for one
+        that arrives after the shutdown drain: it gets its fail-safe verdict at once."""
         with self._lock:
             item_id = announcement.item_id
             if item_id in self._items or item_id in self._done:
                 self._counts["duplicates"] += 1
                 log.warning("deadlines.duplicate_announcement", item_id=item_id)
                 return False
-            self._items[item_id] = _Item(announcement, deadline_ms)
-            heapq.heappush(self._heap, (deadline_ms - self._margin, item_id))
+            self._items[item_id] = item = _Item(announcement, deadline_ms)
             self._counts["admitted"] += 1
+            if self._closed:
+                self._publish_fail_safe(item_id, item, self._clock.now_ms(), (Reason.SHUTDOWN,))
+                return False
+            heapq.heappush(self._heap, (deadline_ms - self._margin, item_id))
         self._wake.set()
         return True
 
@@ -202,8 +209,11 @@ class DeadlineScheduler:
         return fired
 
     def drain(self, reason: Reason = Reason.SHUTDOWN) -> int:
-        """Fail-safe verdicts now for every item still in flight (shutdown)."""
+        """Fail-safe verdicts now for every item still in flight (shutdown); items announced
+        from now on get theirs as they arrive (the MQTT client still delivers while the
+        outbox is flushed)."""
         with self._lock:
+            self._closed = True
             pending = sorted(self._items.items(), key=lambda kv: kv[1].deadline_ms)
             for item_id, item in pending:
                 self._publish_fail_safe(item_id, item, self._clock.now_ms(), (reason,))

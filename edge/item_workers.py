@@ -14,7 +14,10 @@ A job is one frameset (all its cameras: one message each way) and goes to
 the least busy worker; results are consumed strictly in submission order, so
 tracking sees framesets in time order. A worker that dies is replaced, and
 the jobs it held are done in the calling thread: a crash costs time, never
-an item.
+an item. A worker that cannot be replaced leaves the pool (with none left,
+every frameset is searched in the calling thread). A frameset whose search
+raised comes back with the error, which `detections` raises: it costs that
+frameset, as in one thread, and the frames after it flow on.
 """
 
 from __future__ import annotations
@@ -83,13 +86,14 @@ class _Worker:
 class Ticket:
     """One submitted frameset and, once they are in, its detections by camera."""
 
-    __slots__ = ("frameset", "job_id", "results", "slot")
+    __slots__ = ("error", "frameset", "job_id", "results", "slot")
 
     def __init__(self, frameset: FrameSet, slot: int) -> None:
         self.frameset = frameset
         self.slot = slot
         self.job_id = -1
         self.results: dict[str, list[Detection]] | None = None
+        self.error: str | None = None  # the search raised: what it said
 
 
 class SegmentationWorkers:
@@ -204,8 +208,11 @@ class SegmentationWorkers:
         while oldest.results is None:
             # Each worker answers in order, and older framesets are collected: the oldest
             # one's job is at the head of its worker's queue.
-            holder = next(w for w in self._workers
-                          if w.outstanding and w.outstanding[0].job_id == oldest.job_id)
+            holder = next((w for w in self._workers
+                           if w.outstanding and w.outstanding[0].job_id == oldest.job_id), None)
+            if holder is None:  # would wait for ever: say so instead
+                raise RuntimeError(f"item-finding job {oldest.job_id} is neither done nor held "
+                                   "by a worker")
             left = end - time.monotonic()
             if left <= 0 or not holder.conn.poll(left):
                 return None
@@ -216,7 +223,10 @@ class SegmentationWorkers:
 
     @staticmethod
     def detections(ticket: Ticket) -> dict[str, list[Detection]]:
-        """Detections per camera (each with its frame) of a collected frameset."""
+        """Detections per camera (each with its frame) of a collected frameset; raises
+        `ItemSearchError` when searching it raised."""
+        if ticket.error is not None:
+            raise ItemSearchError(ticket.error)
         if ticket.results is None:
             raise RuntimeError("detections() of a frameset that was not collected")
         return ticket.results
@@ -300,6 +310,9 @@ class SegmentationWorkers:
         worker.cpu_s = message  # its start-up
 
     def _send(self, job: _Job) -> None:
+        if not self._workers:  # every worker died and none could be started again
+            self._detect_here(job)
+            return
         worker = min(self._workers, key=lambda w: len(w.outstanding))
         worker.outstanding.append(job)
         try:
@@ -317,11 +330,12 @@ class SegmentationWorkers:
         if job.job_id != job_id:  # cannot happen with one ordered pipe per worker
             raise RuntimeError(f"item-finding worker answered job {job_id}, expected "
                                f"{job.job_id}")
-        if isinstance(wire, str):
-            raise RuntimeError(f"item-finding worker {worker.name}: {wire}")
         worker.cpu_s = cpu_s
         self.jobs += len(job.views)
         ticket = self._pending.pop(job_id)
+        if isinstance(wire, str):
+            self._failed(ticket, f"item-finding worker {worker.name}: {wire}")
+            return
         frames = ticket.frameset.frames
         results = {}
         for cam_index, found in wire:
@@ -330,15 +344,26 @@ class SegmentationWorkers:
         ticket.results = results
 
     def _replace(self, worker: _Worker) -> None:
-        """A worker died: start another and do the jobs it held here, in this thread."""
+        """A worker died: start another and do the jobs it held here, in this thread. If no
+        other starts, the pool goes on with one worker less."""
         log.error("item_worker_died", worker=worker.name,
                   exit_code=worker.process.poll(), jobs_lost=len(worker.outstanding))
         _reap(worker, 0.5)
-        fresh = self._spawn(self._workers.index(worker))
-        self._await_ready(fresh)
-        self._workers[self._workers.index(worker)] = fresh
         self._cpu_retired += worker.cpu_s
-        self.respawns += 1
+        index = self._workers.index(worker)
+        fresh: _Worker | None = None
+        try:
+            fresh = self._spawn(index)
+            self._await_ready(fresh)
+        except (RuntimeError, OSError) as exc:
+            if fresh is not None:
+                _reap(fresh, 0.5)
+            del self._workers[index]
+            log.error("item_worker_not_replaced", worker=worker.name, error=str(exc),
+                      workers_left=len(self._workers))
+        else:
+            self._workers[index] = fresh
+            self.respawns += 1
         for job in worker.outstanding:
             self._detect_here(job)
         worker.outstanding.clear()
@@ -347,8 +372,20 @@ class SegmentationWorkers:
         ticket = self._pending.pop(job.job_id)
         frames = ticket.frameset.frames
         cams = [self._cameras[v.camera] for v in job.views]
-        ticket.results = {cam: self._segmenters[cam].detect(frames[cam]) for cam in cams}
+        try:
+            ticket.results = {cam: self._segmenters[cam].detect(frames[cam]) for cam in cams}
+        except Exception as exc:  # as from a worker: this frameset, not the pool
+            self._failed(ticket, f"item finding in the node: {type(exc).__name__}: {exc}")
         self.jobs_done_here += len(cams)
+
+    def _failed(self, ticket: Ticket, error: str) -> None:
+        log.error("item_search_failed", frameset_ms=ticket.frameset.timestamp_ms, error=error)
+        ticket.error = error
+        ticket.results = {}
+
+
+class ItemSearchError(RuntimeError):
+    """Finding items in one frameset raised (in a worker or in the node)."""
 
 
 def _proc_mb(pid: int, table: str, keys: tuple[str, ...]) -> float:

@@ -234,7 +234,11 @@ class Node:
         for t in self._threads:
             if not t.join(timeout_s / 4):
                 log.warning("stage_did_not_stop", stage=t.name)
-        self._finish_in_flight(deadline_mono=time.monotonic() + timeout_s / 2)
+        try:
+            self._finish_in_flight(deadline_mono=time.monotonic() + timeout_s / 2)
+        except Exception:  # the drain below still gives every item in flight its verdict
+            log.exception("finish_in_flight_failed")
+            self.item_stage.close()
         drained = self.scheduler.drain()
         self.scheduler.stop()
         left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
@@ -266,27 +270,29 @@ class Node:
         items. Models that fail to load or miss their golden scores are refused and the
         running ones stay (said in the log and on `…/events`): a bad update must not stop
         the line. Returns whether the models and thresholds were switched."""
-        self.inference.gate.clear()  # finish the current batch, hold the next
+        # Between batches: no batch is inferred with one model set and decided with another's
+        # thresholds. The next batch waits meanwhile; items keep their deadlines.
+        with self.inference.batch_lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
+        gallery = self.inspector.gallery.reload()
         try:
-            gallery = self.inspector.gallery.reload()
-            try:
-                report = self.inspector.reload()
-            except (ModelRejectedError, ManifestError, BackendError, OSError) as exc:
-                log.error("reload_refused", error=str(exc), gallery=gallery,
-                          threshold_version=self.policy.thresholds.version)
-                self.publisher.publish_event("reload_refused", {
-                    "error": str(exc)[:300], "kept_models": self.inspector.model_versions(),
-                    "kept_thresholds": self.policy.thresholds.version, "gallery": gallery})
-                return False
-            self.policy = VerdictPolicy.from_manifest(self.inspector.manifest, self.cfg.decision)
-            versions = self.inspector.model_versions()
-            self.scheduler.set_versions(self.policy.thresholds.version, versions)
-            self.publisher.set_versions(versions)
-            log.info("node_reloaded", threshold_version=self.policy.thresholds.version,
-                     golden=report.passed, gallery=gallery)
-            return True
-        finally:
-            self.inference.gate.set()
+            report = self.inspector.reload()
+        except (ModelRejectedError, ManifestError, BackendError, OSError) as exc:
+            log.error("reload_refused", error=str(exc), gallery=gallery,
+                      threshold_version=self.policy.thresholds.version)
+            self.publisher.publish_event("reload_refused", {
+                "error": str(exc)[:300], "kept_models": self.inspector.model_versions(),
+                "kept_thresholds": self.policy.thresholds.version, "gallery": gallery})
+            return False
+        self.policy = VerdictPolicy.from_manifest(self.inspector.manifest, self.cfg.decision)
+        versions = self.inspector.model_versions()
+        self.scheduler.set_versions(self.policy.thresholds.version, versions)
+        self.publisher.set_versions(versions)
+        log.info("node_reloaded", threshold_version=self.policy.thresholds.version,
+                 golden=report.passed, gallery=gallery)
+        return True
 
     # --- callbacks --------------------------------------------------------------------------
 

@@ -44,7 +44,8 @@ class BoundedQueue(Generic[T]):
         return True
 
     def put(self, value: T, stop: threading.Event, poll_s: float = 0.05) -> bool:
-        """Blocks while full (backpressure), giving up only when the node stops."""
+        """Blocks while full (backpressure), giving up only when the node stops; then a value
+        that still fits goes in (the shutdown empties the queues), and False means full."""
         while not stop.is_set():
             try:
                 self._q.put(value, timeout=poll_s)
@@ -52,7 +53,11 @@ class BoundedQueue(Generic[T]):
                 continue
             self.peak = max(self.peak, self._q.qsize())
             return True
-        return False
+        try:
+            self._q.put_nowait(value)
+        except queue.Full:
+            return False
+        return True
 
     def hand_on(self, value: T, stop: threading.Event, *, lossless: bool) -> bool:
         """The pipeline's policy in one place: wait for room when nothing may be lost

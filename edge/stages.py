@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from edge.clock import Clock
+from edge.item_workers import ItemSearchError
 from edge.sources import EndOfStream, FrameSource, SourceError
 from edge.stage import BoundedQueue
 from edge.types import Frame, FrameSet, ItemRecord, Verdict
@@ -173,7 +174,11 @@ class SyncStage:
         return time.perf_counter() - t0 if frame is not None else False
 
     def flush(self) -> list[FrameSet]:
-        return self._sync.flush()
+        """Shutdown: framesets of every frame still here, the queued ones included."""
+        ready: list[FrameSet] = []
+        while (frame := self._in.get_nowait()) is not None:
+            ready += self._sync.push(frame)
+        return ready + self._sync.flush()
 
 
 class ItemStage:
@@ -195,6 +200,9 @@ class ItemStage:
         self._stop = stop
         self.workers = workers
         self.records = 0
+        # Records the outbox refused because the node was stopping: finish() hands them on
+        # (the tracker has emitted them and will not again).
+        self._unsent: list[ItemRecord] = []
 
     def step(self) -> float | bool:
         workers = self.workers
@@ -230,13 +238,14 @@ class ItemStage:
             self._on_frameset(frameset)
         for record in self._tracker.process(frameset, found):
             self.records += 1
-            self._out.put(record, self._stop)  # items are never dropped: backpressure
+            if not self._out.put(record, self._stop):  # items are never dropped: backpressure
+                self._unsent.append(record)
 
     def finish(self, queued: Sequence[FrameSet] = (), timeout_s: float = 2.0
                ) -> list[ItemRecord]:
         """Shutdown: records of every item in flight, in `queued` framesets (not yet taken
         from the inbox) or still being tracked, in time order."""
-        records: list[ItemRecord] = []
+        records, self._unsent = self._unsent, []
         workers = self.workers
         if workers is not None:
             end = time.monotonic() + timeout_s
@@ -244,8 +253,11 @@ class ItemStage:
                 ticket = workers.collect(max(0.0, end - time.monotonic()))
                 if ticket is None:
                     break  # workers gone: what is still out is fail-safed by the deadlines
-                records.extend(self._tracker.process(ticket.frameset,
-                                                     workers.detections(ticket)))
+                try:
+                    found = workers.detections(ticket)
+                except ItemSearchError:
+                    continue  # logged by the pool; this frameset's items are in others
+                records.extend(self._tracker.process(ticket.frameset, found))
         for frameset in queued:
             records.extend(self._tracker.process(frameset))
         return records + self._tracker.flush()
@@ -276,8 +288,11 @@ class InferenceStage:
         self._max_batch = max_batch
         self.items = 0
         self.batches = 0
-        self.gate = threading.Event()  # cleared: inference is paused (tests, reload)
+        self.gate = threading.Event()  # cleared: inference is paused (tests)
         self.gate.set()
+        # Held for a whole batch (infer, decide, complete): a reload that takes it switches
+        # models and thresholds between batches, never inside one.
+        self.batch_lock = threading.Lock()
 
     def step(self) -> float | bool:
         if not self.gate.wait(0.05):
@@ -285,17 +300,18 @@ class InferenceStage:
         first = self._in.get(0.05)
         if first is None:
             return False
-        t0 = time.perf_counter()
-        batch = [first]
-        while len(batch) < self._max_batch:
-            more = self._in.get_nowait()
-            if more is None:
-                break
-            batch.append(more)
-        results = self._infer(batch)
-        now = self._clock.now_ms()
-        for record, result in zip(batch, results, strict=True):
-            self._complete(Decided(record, self._decide(record, result, now)))
+        with self.batch_lock:
+            t0 = time.perf_counter()
+            batch = [first]
+            while len(batch) < self._max_batch:
+                more = self._in.get_nowait()
+                if more is None:
+                    break
+                batch.append(more)
+            results = self._infer(batch)
+            now = self._clock.now_ms()
+            for record, result in zip(batch, results, strict=True):
+                self._complete(Decided(record, self._decide(record, result, now)))
         self.items += len(batch)
         self.batches += 1
         return time.perf_counter() - t0

@@ -261,3 +261,18 @@ def test_fail_safe_verdicts_name_the_thresholds_and_models_in_use_after_a_reload
     assert (before.threshold_version, before.model_versions) == ("thr-1", {})
     assert (after.threshold_version, after.model_versions) == (
         "thr-2", {"damage": "2.0.0", "embedding": "2.0.0"})
+
+
+def test_an_item_announced_after_the_shutdown_drain_gets_its_fail_safe_at_once() -> None:
+    """The MQTT client still delivers inducts while the outbox is flushed on shutdown: such an
+    item is admitted and fail-safed there and then, never left without a verdict."""
+    clock = ManualClock(T0)
+    sched, sink = _scheduler(clock)
+    assert sched.drain() == 0
+    assert not sched.announce(_ann("late-induct"), T0 + 9000)
+    assert [(v.item_id, v.reasons, v.fail_safe) for v in sink.verdicts] == [
+        ("late-induct", (Reason.SHUTDOWN, Reason.NOT_SEEN), True)]
+    assert sched.stats().in_flight == 0
+    assert _balanced(sched)
+    assert not sched.announce(_ann("late-induct"), T0 + 9000)  # a repeat changes nothing
+    assert len(sink.verdicts) == 1

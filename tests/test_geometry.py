@@ -51,15 +51,19 @@ def test_rays_above_the_horizon_have_open_ended_windows_and_unreachable_heights_
     reach 5 m, and an empty window is lo=1, hi=0, which no raw depth falls in."""
     plane = _plane(1000.0, np.pi / 2)
     rising = plane._rays_z >= 0
-    assert rising.any() and not rising.all()
+    assert rising.any()
+    assert not rising.all()
     lo, hi = plane.item_depth_window(0.001, 20.0)
-    assert (hi[rising] == 65535).all() and (lo[rising] == 1).all()
+    assert (hi[rising] == 65535).all()
+    assert (lo[rising] == 1).all()
     lo, hi = plane.item_depth_window(0.001, 5000.0)
     assert ((lo[~rising] == 1) & (hi[~rising] == 0)).all()
     empty = (lo == 1) & (hi == 0)
     reached = rising & ~empty  # rays steep enough to climb 4 m within 65.535 m
-    assert reached.any() and empty[rising].any()
-    assert (hi[reached] == 65535).all() and (lo[reached] > 1).all()
+    assert reached.any()
+    assert empty[rising].any()
+    assert (hi[reached] == 65535).all()
+    assert (lo[reached] > 1).all()
 
 
 def test_height_map_of_a_region_is_that_region_of_the_whole_map() -> None:

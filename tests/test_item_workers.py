@@ -20,7 +20,7 @@ from hypothesis.extra.numpy import arrays
 
 from edge.catalogue import load_catalogue
 from edge.config import CameraConfig, load_config
-from edge.item_workers import SegmentationWorkers, _unwire, _wire
+from edge.item_workers import ItemSearchError, SegmentationWorkers, _unwire, _wire
 from edge.items import Detection, ItemSegmenter
 from edge.sources.synthetic import SyntheticConveyor, default_intrinsics, default_pose
 from edge.sync import FrameSynchronizer
@@ -154,6 +154,90 @@ def test_a_killed_worker_is_replaced_and_no_frame_is_lost(
     assert counters["respawns"] == 1
     assert victim not in pids
     assert len(pids) == 2
+
+
+def test_a_worker_that_cannot_be_replaced_leaves_the_pool_and_no_frame_is_lost(
+        framesets: list[FrameSet], segmenters: dict[str, ItemSegmenter],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both workers die and no new one starts (the interpreter is now /bin/false): each leaves
+    the pool, their jobs and every later frameset are searched in the caller, and every
+    frameset still comes back with the right detections, in order."""
+    expected = [{c: [_key(d) for d in segmenters[c].detect(f)] for c, f in fs.frames.items()}
+                for fs in framesets]
+    pool = SegmentationWorkers(segmenters, CFG.items, 2)
+    first, second = pool.worker_pids()
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+
+    def kill_both(i: int) -> None:
+        if i in (5, 12):
+            os.kill(first if i == 5 else second, signal.SIGKILL)
+
+    try:
+        got = _run_all(pool, framesets, kill_both)
+        counters = pool.counters()
+    finally:
+        pool.close()
+    assert [{c: [_key(d) for d in v] for c, v in g.items()} for g in got] == expected
+    assert counters["workers"] == 0
+    assert counters["respawns"] == 0
+    assert counters["jobs_done_here"] >= sum(len(fs.frames) for fs in framesets[13:])
+
+
+_FAULT = """
+from edge import items
+
+_detect = items.ItemSegmenter.detect
+
+
+def detect(self, frame):
+    if frame.timestamp_ms == {timestamp!r}:
+        raise ValueError("injected: unreadable frame")
+    return _detect(self, frame)
+
+
+items.ItemSegmenter.detect = detect
+"""
+
+
+def test_a_frameset_whose_search_raises_in_a_worker_costs_only_that_frameset(
+        framesets: list[FrameSet], segmenters: dict[str, ItemSegmenter], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's `detect` raises on one frame (injected through sitecustomize in the workers
+    only): that frameset comes back with the error, the ones after it with their detections,
+    and the pool keeps both workers (it used to wait for the failed job for ever)."""
+    expected = [{c: [_key(d) for d in segmenters[c].detect(f)] for c, f in fs.frames.items()}
+                for fs in framesets]
+    bad = 6
+    (tmp_path / "sitecustomize.py").write_text(
+        _FAULT.format(timestamp=framesets[bad].frames["top"].timestamp_ms))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    pool = SegmentationWorkers(segmenters, CFG.items, 2)
+    got: list[object] = []
+
+    def take() -> None:
+        ticket = pool.collect(10.0)
+        assert ticket is not None
+        try:
+            got.append({c: [_key(d) for d in v] for c, v in pool.detections(ticket).items()})
+        except ItemSearchError as exc:
+            got.append(str(exc))
+
+    try:
+        for fs in framesets:
+            while pool.full:
+                take()
+            pool.submit(fs)
+        while pool.pending:
+            take()
+        counters = pool.counters()
+    finally:
+        pool.close()
+    assert isinstance(got[bad], str)
+    assert "ValueError: injected: unreadable frame" in got[bad]
+    assert got[:bad] + got[bad + 1:] == expected[:bad] + expected[bad + 1:]
+    assert counters["workers"] == 2
+    assert counters["respawns"] == 0
 
 
 def test_close_stops_the_workers_and_removes_the_ring(

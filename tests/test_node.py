@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -247,6 +248,10 @@ def _own_manifest(tmp_path: Path) -> Path:
     return own / "manifest.yaml"
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _edit_manifest(path: Path, edit: Callable[[dict[str, object]], None]) -> None:
     raw = yaml.safe_load(path.read_text())
     edit(raw)
@@ -304,6 +309,20 @@ def test_reload_switches_thresholds_and_gallery_and_refuses_a_bad_update_without
         assert "sha256" in refused["detail"]["error"] or "checksum" in refused["detail"]["error"]
         n = len(controller.received.by_key)
         assert wait_until(lambda: decided_with("thr-reloaded", n), 20.0)
+        # Another bad update: sound models, but thresholds the node cannot decide with. It
+        # used to switch the models, then stop the node.
+        kept_models = node.inspector.model_versions()
+        _edit_manifest(manifest, lambda m: m["models"]["damage"].update(  # type: ignore[index]
+            sha256=_sha256(manifest.parent / str(m["models"]["damage"]["file"]))))  # type: ignore[index]
+        _edit_manifest(manifest, lambda m: m["thresholds"].pop("fused"))  # type: ignore[attr-defined]
+        assert not node.reload()
+        assert node.inspector.model_versions() == kept_models
+        assert node.policy.thresholds.version == "thr-reloaded"
+        assert events.wait_for(lambda msgs: any(
+            "thresholds section" in json.loads(m.payload)["detail"].get("error", "")
+            for m in msgs), 10.0)
+        n = len(controller.received.by_key)
+        assert wait_until(lambda: decided_with("thr-reloaded", n), 20.0)
         assert node.stalled_stages() == []
 
         world.induct_cutoff_ms = clock.now_ms() - world.start_ms
@@ -319,6 +338,45 @@ def test_reload_switches_thresholds_and_gallery_and_refuses_a_bad_update_without
         assert controller.received.duplicates == 0
     finally:
         controller.stop()
+
+
+def test_a_shutdown_whose_own_inspection_fails_still_gives_every_item_a_verdict(
+        tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finishing the items in flight raises at SIGTERM (here: injected into the item stage):
+    the node still fail-safes every item in flight, flushes, goes offline and leaves no
+    worker's shared memory behind. It used to stop there, leaving items without a verdict."""
+    cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
+    clock = WallClock()
+    node = _node(cfg, clock, stall_after_s=30.0)
+    world = node.cameras.world
+    assert world is not None
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
+    rings = Path("/dev/shm").glob(f"cv-depth-ring-{os.getpid()}-*")
+    before = set(rings)
+
+    def broken(*_: object) -> list[ItemRecord]:
+        raise RuntimeError("injected: item stage failed while finishing")
+
+    node.start()
+    try:
+        assert node.publisher.wait_connected(5.0)
+        controller.start()
+        assert wait_until(lambda: len(controller.actuations()) >= 2, 30.0)
+        world.induct_cutoff_ms = clock.now_ms() - world.start_ms
+        time.sleep(0.5)  # announcements already sent reach the node
+        monkeypatch.setattr(node.item_stage, "finish", broken)
+        node.stop()
+        stats = node.scheduler.stats()
+        announced = set(controller.announced)
+        assert wait_until(lambda: announced <= set(controller.actuations()), 10.0)
+    finally:
+        controller.stop()
+        node.inspector.close()
+    assert len(announced) >= 3
+    assert stats.in_flight == 0
+    assert stats.admitted == stats.passed + stats.sidelined + stats.fail_safe
+    assert set(Path("/dev/shm").glob(f"cv-depth-ring-{os.getpid()}-*")) - before == set()
 
 
 def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:

@@ -1,4 +1,5 @@
-"""Capture of recordings played offline: cameras kept abreast by `ReplayLockstep`."""
+"""Pipeline stages: offline capture kept abreast (`ReplayLockstep`), the item stage and the
+inference stage at shutdown and reload."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import time
 
 import numpy as np
 
+from edge.clock import ManualClock
 from edge.sources import EndOfStream, SourceCounters
 from edge.stage import BoundedQueue
-from edge.stages import CaptureStage, ReplayLockstep
-from edge.types import Frame, Intrinsics
+from edge.stages import CaptureStage, InferenceStage, ItemStage, ReplayLockstep
+from edge.types import Frame, FrameSet, Intrinsics, ItemRecord
 
 INTR = Intrinsics(8, 6, 10.0, 10.0, 4.0, 3.0)
 
@@ -129,3 +131,73 @@ def test_a_camera_waiting_for_its_turn_is_released_by_stop() -> None:
     waiter.join(1.0)
     assert got == [False]
     assert pace.wait_turn("b", stop)  # the one behind never waits
+
+
+def _record(item_id: str) -> ItemRecord:
+    return ItemRecord(track_id=1, item_id=item_id, product_id=None, first_seen_ms=0.0,
+                      captured_ms=0.0, deadline_ms=1.0, box_mm=(1.0, 1.0, 1.0),
+                      centre_mm=(0.0, 0.0), crops={})
+
+
+class OneItemPerFrameset:
+    """A tracker that completes one item per frameset."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def process(self, frameset: FrameSet, found: object = None) -> list[ItemRecord]:
+        self.n += 1
+        return [_record(f"item-{self.n}")]
+
+    def flush(self) -> list[ItemRecord]:
+        return []
+
+
+def test_an_item_the_full_queue_refused_at_shutdown_is_handed_on_by_finish() -> None:
+    """The stop comes while the item stage waits for room for a record: the record is not
+    lost (the tracker will not emit it again), `finish` returns it for inspection."""
+    inbox: BoundedQueue[FrameSet] = BoundedQueue("framesets", 4)
+    out: BoundedQueue[ItemRecord] = BoundedQueue("items", 1)
+    stop = threading.Event()
+    stage = ItemStage(OneItemPerFrameset(), inbox, out, stop)
+    assert out.put(_record("queued"), stop)  # the inference queue is full
+    inbox.put_nowait_or_drop(FrameSet(1e12, {}))
+    threading.Timer(0.2, stop.set).start()
+    stage.step()  # blocks on the full queue until the stop
+    assert out.depth() == 1
+    assert [r.item_id for r in stage.finish()] == ["item-1"]
+
+
+def test_a_reload_switches_between_batches_never_inside_one() -> None:
+    """A batch is being inferred when SIGHUP comes: the reload waits for it, so its items are
+    decided with the thresholds that go with the models that scored them."""
+    started, release = threading.Event(), threading.Event()
+    policy = {"version": "old"}
+
+    def infer(batch: object) -> list[None]:
+        started.set()
+        release.wait(5.0)
+        return [None]
+
+    decided: list[object] = []
+    inbox: BoundedQueue[ItemRecord] = BoundedQueue("items", 4)
+    stage = InferenceStage(infer, lambda record, result, now: policy["version"],  # type: ignore[arg-type,return-value]
+                           lambda d: decided.append(d.verdict), inbox, ManualClock(0.0), 4)
+    inbox.put_nowait_or_drop(_record("a"))
+    batch = threading.Thread(target=stage.step)
+    batch.start()
+    assert started.wait(5.0)
+
+    def reload() -> None:
+        with stage.batch_lock:
+            policy["version"] = "new"
+
+    reloading = threading.Thread(target=reload)
+    reloading.start()
+    time.sleep(0.2)
+    assert reloading.is_alive()  # waits for the batch in progress
+    release.set()
+    batch.join(5.0)
+    reloading.join(5.0)
+    assert decided == ["old"]
+    assert policy["version"] == "new"

@@ -19,12 +19,12 @@ import structlog
 
 from edge.catalogue import Catalogue
 from edge.config import ModelsConfig
-from edge.decide import Fusion, combo_name
+from edge.decide import Fusion, FusionError, Thresholds, combo_name
 from edge.infer.backend import Backend, Tensor, open_backend
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.geometry import geometry_check
 from edge.infer.golden import GoldenReport
-from edge.infer.manifest import Manifest, load_manifest, sha256_file
+from edge.infer.manifest import Manifest, ManifestError, load_manifest, sha256_file
 from edge.types import CLASSIFIER_DAMAGE_TYPES, DamageType, F32Array, ItemCrop, ItemRecord, Scores
 
 log = structlog.get_logger(__name__)
@@ -278,11 +278,19 @@ class ItemInspector:
     def reload(self, manifest_path: Path | None = None) -> GoldenReport:
         """Re-read manifest and models; switch to them only if the golden self-test passes.
 
-        Raises `ModelRejectedError` (keeping the current models) when it does not.
+        Raises `ModelRejectedError` (keeping the current models) when it does not, and
+        `ManifestError` for a manifest that cannot be used (its thresholds and fusion sections
+        included: the node builds its verdict policy from them after the switch).
         """
         from edge.infer.golden import golden_self_test
 
         manifest = load_manifest(manifest_path or self.cfg.manifest)
+        try:  # before any model is opened: the node decides with these once switched
+            Thresholds.from_mapping(manifest.thresholds)
+            Fusion.from_mapping(manifest.fusion)
+        except FusionError as exc:
+            raise ManifestError(str(manifest_path or self.cfg.manifest), str(exc),
+                                "valid thresholds and fusion sections") from None
         candidate = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), self.cfg),
                                   open_backend(manifest.model(DAMAGE), self.cfg),
                                   gallery=self.gallery, catalogue=self.catalogue, cfg=self.cfg)
