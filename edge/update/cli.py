@@ -1,7 +1,10 @@
 """`edge-node update apply BUNDLE|rollback|status|resume`: what an operator or the timer runs.
 
 `apply` takes a bundle file or an inbox folder (the newest `*.cvb` in it is applied; every
-bundle it looked at moves to `<inbox>/processed/`, so the timer does not retry them).
+bundle it looked at moves to `<inbox>/processed/`, so the timer does not retry them). In an
+inbox, a bundle written to in the last `--settle` seconds is left for the next run (a copy
+may still be arriving), and so is every bundle while another update holds the lock; with
+nothing to apply, an update that a reboot interrupted is finished (`resume`).
 Exit status: 0 committed (or nothing to do), 1 refused or rolled back, 2 bad usage.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from edge.update.updater import (
     NoServices,
     ServiceManager,
     SystemctlManager,
+    UpdateBusyError,
     UpdateError,
     UpdatePolicy,
     Updater,
@@ -61,6 +66,8 @@ def add_update_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     apply.add_argument("--healthy-for", type=float, default=120.0,
                        help="seconds it must then stay healthy before the update commits")
     apply.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    apply.add_argument("--settle", type=float, default=30.0,
+                       help="inbox: seconds a bundle must be unchanged before it is taken")
     apply.add_argument("--health-file", type=Path, default=DEFAULT_HEALTH_FILE,
                        help=f"the node's health file (default {DEFAULT_HEALTH_FILE})")
 
@@ -113,33 +120,59 @@ def _updater(args: argparse.Namespace, keys: Sequence[Ed25519PublicKey]) -> Upda
                                                             gate=gate))
 
 
-def _pick_bundle(path: Path) -> tuple[Path | None, list[Path]]:
-    """(bundle to apply, every bundle looked at) for a file or an inbox folder."""
+def _pick_bundle(path: Path, settle_s: float) -> tuple[Path | None, list[Path]]:
+    """(bundle to apply, every bundle looked at) for a file or an inbox folder; bundles
+    changed in the last `settle_s` seconds are not looked at yet."""
     if not path.is_dir():
         return path, []
-    found = sorted((p for p in path.iterdir() if p.is_file() and p.name.endswith(BUNDLE_SUFFIX)),
-                   key=lambda p: (p.stat().st_mtime, p.name))
+    settled_before = time.time() - settle_s
+    found = []
+    for p in path.iterdir():
+        if not (p.is_file() and p.name.endswith(BUNDLE_SUFFIX)):
+            continue
+        if p.stat().st_mtime > settled_before:
+            log.info("update_bundle_settling", bundle=str(p), settle_s=settle_s)
+            continue
+        found.append(p)
+    found.sort(key=lambda p: (p.stat().st_mtime, p.name))
     return (found[-1] if found else None), found
 
 
 def _apply(args: argparse.Namespace) -> int:
-    bundle, seen = _pick_bundle(args.bundle)
+    bundle, seen = _pick_bundle(args.bundle, args.settle)
     if bundle is None:
-        log.info("update_nothing_to_do", inbox=str(args.bundle))
-        return 0
+        # Nothing new: still finish an update that a reboot or a kill interrupted, which
+        # would otherwise wait for the next bundle.
+        event = _updater(args, keys=[]).resume()
+        if event is None:
+            log.info("update_nothing_to_do", inbox=str(args.bundle))
+            return 0
+        _out(f"update resumed: {event.outcome} {event.version or ''} ({event.reason})")
+        return 0 if event.outcome == "committed" else 1
     if not bundle.is_file():
         _err(f"update: no bundle at {bundle}")
         return 2
     updater = _updater(args, keys=list(load_public_keys(args.public_key)))
     try:
         event = updater.apply(bundle, restart=not args.no_restart)
-    finally:
-        for p in seen:  # an inbox: never retry what was looked at
-            done = args.bundle / "processed"
-            done.mkdir(exist_ok=True)
-            p.replace(done / p.name)
+    except UpdateBusyError:
+        raise  # nothing was looked at: the next run takes the bundles
+    except BaseException:
+        _file_as_processed(seen, args.bundle)
+        raise
+    _file_as_processed(seen, args.bundle)
     _out(f"update committed: {event.version} ({event.reason})")
     return 0
+
+
+def _file_as_processed(seen: list[Path], inbox: Path) -> None:
+    """An inbox: never retry what was looked at."""
+    if not seen:
+        return
+    done = inbox / "processed"
+    done.mkdir(exist_ok=True)
+    for p in seen:
+        p.replace(done / p.name)
 
 
 def _status(args: argparse.Namespace) -> int:

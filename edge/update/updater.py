@@ -42,6 +42,10 @@ NODE_UNIT = "conveyor-vision.service"
 ENGINES_UNIT = "conveyor-vision-engines.service"
 
 
+class UpdateBusyError(RuntimeError):
+    """Another update holds the lock: nothing was looked at."""
+
+
 class UpdateError(RuntimeError):
     """An update that could not be applied; `event` says what was reported."""
 
@@ -143,7 +147,7 @@ class Updater:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError("another update is running (lock held)") from None
+                raise UpdateBusyError("another update is running (lock held)") from None
             yield
 
     def _emit(self, outcome: Outcome, version: str | None, previous: str | None,
@@ -273,12 +277,17 @@ class Updater:
         return self._emit("committed", version, previous, reason)
 
     def _switch_back(self, failed: str, previous: str, reason: str) -> None:
-        self.store.mark(failed, "rolled_back", reason)
+        # The switch first: a record that cannot be written (disk full) must not keep the
+        # device on the failed release.
         self.store.switch_current(previous)
-        older = [i.version for i in self.store.installed()
-                 if i.version not in (failed, previous) and i.status == "committed"]
-        self.store.set_previous(older[-1] if older else None)
-        self.store.clear_pending()
+        try:
+            self.store.mark(failed, "rolled_back", reason)
+            older = [i.version for i in self.store.installed()
+                     if i.version not in (failed, previous) and i.status == "committed"]
+            self.store.set_previous(older[-1] if older else None)
+            self.store.clear_pending()
+        except OSError as exc:
+            log.error("rollback_record_failed", failed=failed, current=previous, error=str(exc))
         if (self.store.release_dir(failed) / RELEASE_FILE).exists() and self._is_models(failed):
             self.services.start(ENGINES_UNIT)
         self.services.restart(NODE_UNIT)

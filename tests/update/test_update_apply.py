@@ -332,6 +332,26 @@ def test_interrupted_update_is_finished_after_reboot(
     assert store.pending() is None
 
 
+def test_a_rollback_whose_records_cannot_be_written_still_switches_back(
+        *, make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        fake_node: FakeNode, installed_v1: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full while the gate rolls back: the release's record cannot be written, and the
+    device still goes back to the release that worked (it used to stay on the failed one,
+    with the node not restarted)."""
+    original = ReleaseStore.mark
+
+    def full_disk(self: ReleaseStore, version: str, status: str, *a: object, **k: object) -> None:
+        if status == "rolled_back":
+            raise OSError(28, "No space left on device")
+        original(self, version, status, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ReleaseStore, "mark", full_disk)
+    with pytest.raises(UpdateError, match="not READY within"):
+        make_updater().apply(make_bundle("1.1.0", behaviour="never-ready"))
+    assert ReleaseStore(root).current_version() == installed_v1
+    assert fake_node.versions_run[-1] == installed_v1
+
+
 def test_operator_rollback_goes_to_previous(*, make_updater: UpdaterFactory,
                                             make_bundle: BundleFactory, root: Path,
                                             fake_node: FakeNode, installed_v1: str) -> None:

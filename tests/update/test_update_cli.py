@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -70,7 +71,7 @@ def test_inbox_applies_the_newest_bundle_and_files_all_as_processed(
     inbox.mkdir()
     for n, version in enumerate(["1.0.0", "1.1.0"]):
         b = make_bundle(version)
-        os.utime(b, (time.time() + n, time.time() + n))
+        os.utime(b, (time.time() - 100 + n, time.time() - 100 + n))  # settled
         b.replace(inbox / b.name)
     args = ("--root", root, "--public-key", public_key_file, "--no-restart")
     assert _cli("apply", inbox, *args) == 0
@@ -78,6 +79,49 @@ def test_inbox_applies_the_newest_bundle_and_files_all_as_processed(
     assert sorted(p.name for p in (inbox / "processed").iterdir()) == [
         "cv-1.0.0.cvb", "cv-1.1.0.cvb"]
     assert _cli("apply", inbox, *args) == 0  # empty inbox: nothing to do
+
+
+def test_a_bundle_still_arriving_or_a_busy_updater_leaves_the_inbox_alone(
+        make_bundle: BundleFactory, public_key_file: Path, root: Path, tmp_path: Path) -> None:
+    """A bundle written to in the last `--settle` seconds may be a copy in progress, and
+    while another update holds the lock nothing is looked at: such bundles stay in the
+    inbox for the next run (they used to be filed as processed, never applied)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bundle = make_bundle("1.0.0").replace(inbox / "cv-1.0.0.cvb")
+    args = ("--root", root, "--public-key", public_key_file, "--no-restart")
+    assert _cli("apply", inbox, *args) == 0  # just written: settling
+    assert bundle.exists()
+    assert ReleaseStore(root).current_version() is None
+    os.utime(bundle, (time.time() - 100, time.time() - 100))
+    ReleaseStore(root).ensure_layout()
+    with (root / ".update.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an operator's update is running
+        assert _cli("apply", inbox, *args) == 1
+    assert bundle.exists()
+    assert _cli("apply", inbox, *args) == 0
+    assert ReleaseStore(root).current_version() == "1.0.0"
+    assert not bundle.exists()
+
+
+def test_an_interrupted_update_is_finished_even_when_the_inbox_is_empty(
+        make_bundle: BundleFactory, public_key_file: Path, root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A reboot during the health gate of a hand-applied update: the timer's next run finds
+    no bundle, and still gates the pending release (here it never reports healthy, so it is
+    rolled back). It used to wait for the next bundle."""
+    common = ("--root", root, "--public-key", public_key_file, "--no-restart")
+    assert _cli("apply", make_bundle("1.0.0"), *common) == 0
+    assert _cli("apply", make_bundle("1.1.0"), *common) == 0
+    store = ReleaseStore(root)
+    store.set_pending("1.1.0", "1.0.0")  # the state a reboot mid-gate leaves
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    assert _cli("apply", inbox, *common, "--health-file", tmp_path / "none.json",
+                "--ready-timeout", "0.3", "--poll", "0.05") == 1
+    assert "update resumed: rolled_back 1.1.0" in capsys.readouterr().out
+    assert store.current_version() == "1.0.0"
+    assert store.pending() is None
 
 
 def test_make_bundle_tool_round_trip(tmp_path: Path, root: Path) -> None:
