@@ -64,11 +64,14 @@ class Delivery:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def forget_in_flight(self) -> None:
-        """The paho client was replaced: nothing is held in memory any more."""
+    def forget_in_flight(self, replace_client: Callable[[], None]) -> None:
+        """Replace the paho client (`replace_client`): nothing is held in memory any more.
+        Under the lock that sends take, so that no verdict goes to the old client after its
+        messages were forgotten (it would never be re-sent: it would look held)."""
         with self._lock:
             self._mid_seq.clear()
             self._seq_mid.clear()
+            replace_client()
 
     def send(self, row: OutboxRow) -> bool:
         """Hand a row to paho unless paho already holds it."""

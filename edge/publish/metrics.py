@@ -35,6 +35,7 @@ class PublisherMetrics:
     outbox_depth: int
     dropped_expired: int
     dropped_actionable: int
+    outbox_unpersisted: int  # verdicts sent although the outbox could not store them
     inputs_received: int
     accepted: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, int] = field(default_factory=dict)

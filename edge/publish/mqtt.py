@@ -181,6 +181,7 @@ class VerdictPublisher:
                                          line_id=self._node.line_id, seq=seq, published_ms=now))
 
         dropped = self._outbox.dropped_expired + self._outbox.dropped_actionable
+        was_failing = self._outbox.write_failing
         row = self._outbox.append(
             item_id=verdict.item_id, topic=self.topics.verdict, deadline_ms=verdict.deadline_ms,
             captured_ms=verdict.captured_ms, decided_ms=verdict.decided_ms, published_ms=now,
@@ -189,6 +190,10 @@ class VerdictPublisher:
         with self._lock:
             self._counts["published"] += 1
         self._delivery.send(row)
+        if self._outbox.write_failing and not was_failing:  # once per run of failures
+            self.publish_event("outbox_write_failed", {
+                "seq": row.seq, "unpersisted": self._outbox.unpersisted,
+                "outbox": str(self._outbox.path)})
         if self._outbox.dropped_expired + self._outbox.dropped_actionable > dropped:
             self.publish_event("outbox_dropped", {
                 "dropped_expired": self._outbox.dropped_expired,
@@ -328,8 +333,11 @@ class VerdictPublisher:
         log.warning("mqtt.protocol_fallback", to="3.1.1")
         self._fallback = False
         self._protocol = MQTTProtocolVersion.MQTTv311
-        self._delivery.forget_in_flight()
-        self._client = self._make_client()
+
+        def replace() -> None:
+            self._client = self._make_client()
+
+        self._delivery.forget_in_flight(replace)
 
     def _on_connect(self, client: paho.Client, _userdata: Any, flags: paho.ConnectFlags,
                     reason: Any, _props: Any) -> None:
@@ -382,5 +390,6 @@ class VerdictPublisher:
             refused=c.get("refused", 0), reconnects=c["reconnects"],
             connect_failures=c["connect_failures"], events_published=c["events"],
             outbox_depth=stats.unacked, dropped_expired=stats.dropped_expired,
-            dropped_actionable=stats.dropped_actionable, inputs_received=received,
+            dropped_actionable=stats.dropped_actionable,
+            outbox_unpersisted=self._outbox.unpersisted, inputs_received=received,
             accepted=accepted, rejected=rejected, last_error=self._last_error)

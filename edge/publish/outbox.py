@@ -7,6 +7,10 @@ broker's PUBACK. Rows without an ack are `pending`: the publisher re-sends them,
 with the same seq and identical bytes, after a reconnect and after a restart.
 The next sequence number is stored in its own table, so pruning never reuses one.
 
+A verdict the database cannot take (disk full, I/O error) is still returned as a row,
+with the next sequence number, and goes out over MQTT as usual; it is only not durable
+(`unpersisted`, `write_failing`): losing the audit copy beats losing the verdict.
+
 Size bound (``storage.outbox_max_rows``), applied before every append:
 
 1. acknowledged rows are deleted, oldest first, down to 90 % of the bound
@@ -21,6 +25,7 @@ Size bound (``storage.outbox_max_rows``), applied before every append:
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -94,6 +99,10 @@ class Outbox:
         self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         self._unacked = int(self._db.execute(
             "SELECT COUNT(*) FROM outbox WHERE acked_ms IS NULL").fetchone()[0])
+        self._last_seq = 0
+        self._last_seq = self._next_seq_locked() - 1  # the highest seq ever handed out
+        self.unpersisted = 0  # rows handed out that the database could not take
+        self.write_failing = False  # the last append could not be stored
 
     def close(self) -> None:
         with self._lock:
@@ -103,24 +112,42 @@ class Outbox:
                decided_ms: float, published_ms: float, now_ms: float,
                render: Callable[[int], bytes]) -> OutboxRow:
         """Allocate the next seq, store `render(seq)` durably and return the row."""
+        failure: str | None = None  # why the database could not take the row
         with self._lock:
-            self._enforce_bound(now_ms)
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                seq = self._next_seq_locked()
+                self._enforce_bound(now_ms)
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                seq, failure = self._last_seq + 1, str(exc)
+            else:
+                try:
+                    seq = self._next_seq_locked()
+                    payload = render(seq)
+                    self._db.execute(
+                        f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
+                         published_ms))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
+                        (seq + 1,))
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    seq, failure = self._last_seq + 1, str(exc)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            self._last_seq = seq
+            self.write_failing = failure is not None
+            if failure is None:
+                self._rows += 1
+                self._unacked += 1
+            else:
                 payload = render(seq)
-                self._db.execute(
-                    f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
-                     published_ms))
-                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
-                                 (seq + 1,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._rows += 1
-            self._unacked += 1
+                self.unpersisted += 1
+                log.error("outbox.write_failed", seq=seq, item_id=item_id, error=failure,
+                          unpersisted=self.unpersisted)
         return OutboxRow(seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
                          published_ms)
 
@@ -128,7 +155,8 @@ class Outbox:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
         stored = int(row[0]) if row else 1
         top = self._db.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
-        return max(stored, int(top) + 1 if top is not None else 1)
+        # Rows the database could not take used up seqs as well.
+        return max(stored, int(top) + 1 if top is not None else 1, self._last_seq + 1)
 
     def mark_acked(self, seq: int, acked_ms: float, outcome: str = "acked") -> OutboxRow | None:
         """Record the PUBACK (or a broker refusal); the row, or None if already done."""

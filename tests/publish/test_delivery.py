@@ -212,6 +212,28 @@ def test_clean_stop_flushes_and_leaves_offline(
     assert watcher.on("/status")[-1].retain
 
 
+def test_verdicts_still_go_out_when_the_outbox_cannot_store_them(
+        mosquitto: MosquittoBroker, node_factory: Callable[..., NodeSide],
+        collector_factory: Callable[..., Collector]) -> None:
+    """The state disk is full: verdicts are published all the same (not durable, said once
+    with an `outbox_write_failed` event and in the metrics). They used to be lost."""
+    from tests.publish.test_outbox import _FullDisk
+
+    collector = collector_factory(mosquitto, "+/+/+/#")
+    node = node_factory(mosquitto)
+    outbox = node.publisher._outbox
+    outbox._db = _FullDisk(outbox._db)  # type: ignore[assignment]
+    seqs = [node.publisher.publish_verdict(make_verdict(f"full-{i}")) for i in range(3)]
+    assert seqs == [1, 2, 3]
+    assert collector.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/verdict")])
+                              >= 3, 10)
+    got = sorted(m.json()["seq"] for m in collector.on("/verdict"))
+    assert got == seqs
+    events = [m.json() for m in collector.on("/events")]
+    assert [e["kind"] for e in events].count("outbox_write_failed") == 1
+    assert node.publisher.metrics().outbox_unpersisted == 3
+
+
 def test_refused_connack_is_not_connected(
         tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker],
         node_factory: Callable[..., NodeSide]) -> None:

@@ -114,3 +114,40 @@ def test_render_failure_rolls_back(tmp_path: Path) -> None:
                    published_ms=0.0, now_ms=0.0, render=broken)
     assert _append(box, "y") == 1
     assert box.stats().rows == 1
+
+
+class _FullDisk:
+    """The outbox's database on a full disk: nothing can be written, reading still works."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.full = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if self.full and sql.lstrip().upper().startswith(("BEGIN", "INSERT", "DELETE")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_verdict_the_disk_cannot_take_is_still_handed_out_with_the_next_seq(
+        tmp_path: Path) -> None:
+    """Disk full: append still returns the row (rendered with the next seq) to be published;
+    it is counted as not durable, and no seq is ever used twice once the disk has room."""
+    box = Outbox(tmp_path / "o.db")
+    assert _append(box, "a") == 1
+    disk = _FullDisk(box._db)
+    box._db = disk  # type: ignore[assignment]
+    row = box.append(item_id="b", topic="t/verdict", deadline_ms=1.0, captured_ms=None,
+                     decided_ms=0.0, published_ms=0.0, now_ms=0.0,
+                     render=lambda seq: f'{{"seq":{seq}}}'.encode())
+    assert (row.seq, row.payload) == (2, b'{"seq":2}')
+    assert (box.unpersisted, box.write_failing) == (1, True)
+    assert [r.seq for r in box.pending()] == [1]
+    disk.full = False
+    assert _append(box, "c") == 3
+    assert box.write_failing is False
+    box.close()
+    assert _append(Outbox(tmp_path / "o.db"), "d") == 4
