@@ -86,7 +86,8 @@ class RealSenseSource:
         self._lost = threading.Event()  # set by the device-change callback
         self._stop = threading.Event()
         self._empty_waits = 0
-        self._failed_opens = 0
+        self._failed_opens = 0  # re-opens since the last frame that failed or sent nothing
+        self._frame_since_open = False  # the session (re-)opened last has delivered a frame
         self._resets = 0
         self._next_attempt = 0.0
         self._last_ts: float | None = None
@@ -126,6 +127,7 @@ class RealSenseSource:
             self._context.set_devices_changed_callback(self._devices_changed)
         self._stop.clear()
         self._build_blocks()
+        self._frame_since_open = False
         if self.recording is not None:
             self._session = self._open()  # bad files are errors, not faults to retry
             return
@@ -210,10 +212,14 @@ class RealSenseSource:
                 self._empty_waits += 1
                 if self._empty_waits >= self.retry.timeouts_before_reconnect:
                     self._session_failed("no frames")
+                    if not self._frame_since_open:  # opens, then streams nothing: wedged
+                        self._reopen_failed("opened but sent no frames")
                 return None
             self._empty_waits = 0
             frame = self._to_frame(*pair)
             if frame is not None:
+                self._frame_since_open = True
+                self._failed_opens = 0
                 return frame
             if time.monotonic() >= deadline:
                 return None
@@ -236,26 +242,32 @@ class RealSenseSource:
         try:
             self._session = self._open()
         except (RuntimeError, SourceError) as exc:
-            self._failed_opens += 1
-            if self._failed_opens >= self.retry.max_attempts:
-                raise SourceError(f"{self.what} (camera {self.camera_id!r}) is gone: "
-                                  f"{self._failed_opens} re-opens failed; last error: {exc}"
-                                  ) from exc
-            if self._failed_opens % self.retry.resets_after == 0:
-                self._hardware_reset()
-            delay = min(self.retry.backoff_max_s,
-                        self.retry.backoff_initial_s * 2 ** (self._failed_opens - 1))
-            self._next_attempt = time.monotonic() + delay
-            log.warning("camera_reopen_failed", camera=self.camera_id, attempt=self._failed_opens,
-                        retry_in_s=delay, error=str(exc))
+            self._reopen_failed(str(exc))
             return time.monotonic() < deadline
         self._counters.reconnects += 1
-        self._failed_opens = 0
+        # Only a frame proves the camera back: one that opens and then streams nothing
+        # counts as a failed re-open (backoff, hardware reset, in the end SourceError).
+        self._frame_since_open = False
         self._empty_waits = 0
         self._lost.clear()
         log.info("camera_reopened", camera=self.camera_id, source=self.what,
                  reconnects=self._counters.reconnects)
         return True
+
+    def _reopen_failed(self, why: str) -> None:
+        """One more failed re-open: back off, reset the camera every `resets_after`, give up
+        after `max_attempts` (SourceError)."""
+        self._failed_opens += 1
+        if self._failed_opens >= self.retry.max_attempts:
+            raise SourceError(f"{self.what} (camera {self.camera_id!r}) is gone: "
+                              f"{self._failed_opens} re-opens failed; last error: {why}")
+        if self._failed_opens % self.retry.resets_after == 0:
+            self._hardware_reset()
+        delay = min(self.retry.backoff_max_s,
+                    self.retry.backoff_initial_s * 2 ** (self._failed_opens - 1))
+        self._next_attempt = time.monotonic() + delay
+        log.warning("camera_reopen_failed", camera=self.camera_id, attempt=self._failed_opens,
+                    retry_in_s=delay, error=why)
 
     def _hardware_reset(self) -> None:
         """Reset the camera by serial (live only): the SDK's cure for a wedged USB device."""

@@ -221,6 +221,28 @@ def test_live_camera_that_never_appears_backs_off_resets_then_gives_up() -> None
     src.stop()
 
 
+def test_a_camera_that_opens_but_sends_nothing_is_reset_and_then_given_up_on(
+        small_db3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wedged camera: every open succeeds, no frame ever comes. Each such session counts as
+    a failed re-open (backoff, hardware_reset, then SourceError); it used to be re-opened
+    every few reads for ever, never reset."""
+    monkeypatch.setattr(rs_session.PlaybackSession, "wait", lambda self, timeout_ms: None)
+    src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10,
+                          retry=RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.02,
+                                            resets_after=2, max_attempts=4))
+    src.start()
+
+    def read_until_it_gives_up() -> None:
+        for _ in range(500):
+            assert src.read(0.05) is None
+
+    with pytest.raises(SourceError, match="4 re-opens failed; last error: opened but sent no"):
+        read_until_it_gives_up()
+    assert src.resets == 1
+    assert src.counters.reconnects == 3
+    src.stop()
+
+
 def test_source_from_config_needs_exactly_one_of_serial_or_recording() -> None:
     """Both or neither of serial/recording is a SourceError naming the camera."""
     with pytest.raises(SourceError, match="'top'"):
