@@ -65,6 +65,10 @@ class InductAssociator:
         distance = self._belt.induct_to_camera_m * 1000.0 - (a.belt_position_mm or 0.0)
         return a.induct_time_ms + distance / self._speed
 
+    def divert_deadline_ms(self, a: Announcement) -> float:
+        """When an announced item reaches the divert point (its position at induct counted)."""
+        return self.deadline_ms(0.0, self.expected_arrival_ms(a))
+
     def deadline_ms(self, x_mm: float, t_ms: float) -> float:
         """When an item seen at belt x at time t reaches the divert point."""
         return t_ms + (self._belt.camera_to_divert_m * 1000.0 - x_mm) / self._speed

@@ -175,6 +175,7 @@ class Node:
         self.inference = InferenceStage(self.inspector.infer, self._decide, self._complete,
                                         self.items_q, clock, cfg.models.max_batch)
         self._threads: list[StageThread] = []
+        self._stopped = False
         #: belt calibration check per camera (set by the service's periodic check)
         self.calibration_ok: dict[str, bool] = {}
         self.started_mono: float | None = None
@@ -226,16 +227,22 @@ class Node:
                 src.frame_buffers.provide(pool)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop capture, finish or fail-safe every item in flight, flush, go offline."""
+        """Stop capture, finish or fail-safe every item in flight, flush, go offline. Once:
+        later calls do nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         log.info("node_stopping")
         for src in self.cameras.sources.values():
             src.stop()
         self.stop_event.set()
+        stuck = set()
         for t in self._threads:
             if not t.join(timeout_s / 4):
                 log.warning("stage_did_not_stop", stage=t.name)
+                stuck.add(t.name)
         try:
-            self._finish_in_flight(deadline_mono=time.monotonic() + timeout_s / 2)
+            self._finish_in_flight(time.monotonic() + timeout_s / 2, stuck)
         except Exception:  # the drain below still gives every item in flight its verdict
             log.exception("finish_in_flight_failed")
             self.item_stage.close()
@@ -246,17 +253,21 @@ class Node:
             self.heap_trimmer.stop()
         log.info("node_stopped", fail_safe_on_shutdown=drained, outbox_left=left)
 
-    def _finish_in_flight(self, deadline_mono: float) -> None:
-        """Inspect what is already queued or tracked, while time allows."""
-        for frameset in self.sync_stage.flush():
-            self.framesets_q.put_nowait_or_drop(frameset)
+    def _finish_in_flight(self, deadline_mono: float, stuck: set[str]) -> None:
+        """Inspect what is already queued or tracked, while time allows. A stage still stuck
+        in a call is left alone (its state is in use): the drain fail-safes its items."""
+        if "sync" not in stuck:
+            for frameset in self.sync_stage.flush():
+                self.framesets_q.put_nowait_or_drop(frameset)
         queued: list[FrameSet] = []
         while (fs := self.framesets_q.get_nowait()) is not None:
             queued.append(fs)
-        records = self.item_stage.finish(queued)
+        records = self.item_stage.finish(queued) if "items" not in stuck else []
         self.item_stage.close()
         while (rec := self.items_q.get_nowait()) is not None:
             records.append(rec)
+        if "inference" in stuck:
+            return
         for i in range(0, len(records), self.cfg.models.max_batch):
             if time.monotonic() > deadline_mono:
                 break  # the scheduler's drain fail-safes the rest
@@ -270,15 +281,9 @@ class Node:
         items. Models that fail to load or miss their golden scores are refused and the
         running ones stay (said in the log and on `…/events`): a bad update must not stop
         the line. Returns whether the models and thresholds were switched."""
-        # Between batches: no batch is inferred with one model set and decided with another's
-        # thresholds. The next batch waits meanwhile; items keep their deadlines.
-        with self.inference.batch_lock:
-            return self._reload()
-
-    def _reload(self) -> bool:
         gallery = self.inspector.gallery.reload()
-        try:
-            report = self.inspector.reload()
+        try:  # opened and tested beside the running models, which go on inspecting
+            prepared = self.inspector.prepare_reload()
         except (ModelRejectedError, ManifestError, BackendError, OSError) as exc:
             log.error("reload_refused", error=str(exc), gallery=gallery,
                       threshold_version=self.policy.thresholds.version)
@@ -286,23 +291,25 @@ class Node:
                 "error": str(exc)[:300], "kept_models": self.inspector.model_versions(),
                 "kept_thresholds": self.policy.thresholds.version, "gallery": gallery})
             return False
-        self.policy = VerdictPolicy.from_manifest(self.inspector.manifest, self.cfg.decision)
+        policy = VerdictPolicy.from_manifest(prepared.manifest, self.cfg.decision)
+        # Between batches: no batch is inferred with one model set and decided with another's
+        # thresholds. Only the switch itself waits for the batch in progress.
+        with self.inference.batch_lock:
+            report = self.inspector.switch_to(prepared)
+            self.policy = policy
         versions = self.inspector.model_versions()
-        self.scheduler.set_versions(self.policy.thresholds.version, versions)
+        self.scheduler.set_versions(policy.thresholds.version, versions)
         self.publisher.set_versions(versions)
-        log.info("node_reloaded", threshold_version=self.policy.thresholds.version,
+        log.info("node_reloaded", threshold_version=policy.thresholds.version,
                  golden=report.passed, gallery=gallery)
         return True
 
     # --- callbacks --------------------------------------------------------------------------
 
-    def _deadline_ms(self, announcement: Announcement) -> float:
-        belt = self.cfg.belt
-        travel_m = belt.induct_to_camera_m + belt.camera_to_divert_m
-        return announcement.induct_time_ms + travel_m / belt.speed_mps * 1000.0
-
     def _on_announcement(self, announcement: Announcement) -> None:
-        if self.scheduler.announce(announcement, self._deadline_ms(announcement)):
+        # The associator's belt speed and the item's position at induct, as for tracking.
+        deadline = self.associator.divert_deadline_ms(announcement)
+        if self.scheduler.announce(announcement, deadline):
             self.associator.announce(announcement)
 
     def _on_seen(self, item_id: str, captured_ms: float) -> None:
@@ -357,13 +364,17 @@ class Node:
     def streaming(self) -> bool:
         return all(c.last_frame_ms is not None for c in self.captures.values())
 
+    def camera_states(self) -> dict[str, str]:
+        """Per camera: "streaming", "waiting" (no frame yet) or "failed: why" (gave up)."""
+        return {cid: ("failed: " + c.failed) if c.failed else
+                ("streaming" if c.last_frame_ms is not None else "waiting")
+                for cid, c in self.captures.items()}
+
     def health(self) -> dict[str, object]:
         stats = self.scheduler.stats()
         return {
             "stalled_stages": self.stalled_stages(),
-            "cameras": {cid: ("failed: " + c.failed) if c.failed else
-                        ("streaming" if c.last_frame_ms is not None else "waiting")
-                        for cid, c in self.captures.items()},
+            "cameras": self.camera_states(),
             "broker_connected": self.publisher.connected,
             "outbox_depth": self.publisher.outbox_depth,
             "in_flight": stats.in_flight,

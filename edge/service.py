@@ -25,6 +25,7 @@ from edge.clock import Clock, WallClock
 from edge.config import Config
 from edge.node import Node, NodeHooks, stage_timings
 from edge.snapshots import SnapshotStore
+from edge.sources import SourceError
 from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
 from edge.types import FrameSet
 from edge.update import ReleaseStore, running_release_version
@@ -183,11 +184,22 @@ class NodeService:
             node.publisher.publish_event("update", event.to_dict())
 
     def _wait_ready(self, node: Node, stop: threading.Event) -> None:
-        """Until the broker is connected and every camera has delivered a frame."""
+        """Until the broker is connected and every camera has delivered a frame or given up.
+        A camera that gave up does not hold READY back (the others inspect; the status and
+        health say which failed); when every camera gave up, the node fails, so that
+        systemd restarts it and tries the cameras anew."""
         while not stop.is_set():
-            if node.publisher.connected and node.streaming():
+            states = node.camera_states()
+            waiting = [cid for cid, state in states.items() if state == "waiting"]
+            if node.publisher.connected and not waiting:
+                failed = {cid: state for cid, state in states.items() if state != "streaming"}
+                if len(failed) == len(states):
+                    raise SourceError("no camera streams: " + "; ".join(
+                        f"{cid} {state}" for cid, state in failed.items()))
+                if failed:
+                    log.error("ready_without_cameras", failed=failed)
                 return
             self.notifier.extend_timeout(STARTUP_STEP_USEC, "waiting for " + ", ".join(
                 what for what, ok in (("broker", node.publisher.connected),
-                                      ("cameras", node.streaming())) if not ok))
+                                      ("cameras " + ", ".join(waiting), not waiting)) if not ok))
             stop.wait(0.2)

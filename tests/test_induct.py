@@ -36,6 +36,18 @@ def test_belt_position_in_the_announcement_shortens_the_trip() -> None:
     assert a.expected_arrival_ms(ann) == pytest.approx(T0 + 1500.0)
 
 
+def test_an_announced_items_divert_deadline_counts_its_position_and_the_belt_speed() -> None:
+    """5 m from induct to divert at 1 m/s; an item reported 500 mm downstream is due 500 ms
+    sooner, and at 2 m/s everything is due in half the time. (The node's fail-safe deadline
+    used to ignore the position: the fail-safe came after the item had passed the divert.)"""
+    a = _assoc()
+    assert a.divert_deadline_ms(Announcement("D1", "P", T0)) == pytest.approx(T0 + 5000.0)
+    ahead = Announcement("D2", "P", T0, belt_position_mm=500.0)
+    assert a.divert_deadline_ms(ahead) == pytest.approx(T0 + 4500.0)
+    a.set_speed(2.0)
+    assert a.divert_deadline_ms(ahead) == pytest.approx(T0 + 2250.0)
+
+
 def test_item_outside_the_tolerance_is_unannounced() -> None:
     """A track 500 ms off every announcement (tolerance 300 ms) gets no ID."""
     a = _assoc()

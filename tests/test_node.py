@@ -99,9 +99,32 @@ def _node(cfg: Config, clock: WallClock, stall_after_s: float) -> Node:
     return node
 
 
+@dataclasses.dataclass
+class _Line:
+    """A node on the synthetic belt and the sortation controller that announces its items."""
+
+    cfg: Config
+    clock: WallClock
+    node: Node
+    world: SyntheticConveyor
+    topics: Topics
+    controller: ControllerSimulator
+
+
+def _line(cfg: Config) -> _Line:
+    clock = WallClock()
+    node = _node(cfg, clock, stall_after_s=30.0)
+    world = node.cameras.world
+    assert world is not None
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    return _Line(cfg, clock, node, world, topics,
+                 ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements))
+
+
 def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
-    """A stage stuck in a call is reported stalled; its items still get timeout verdicts."""
+    """A stage stuck in a call is reported stalled; its items still get timeout verdicts, and
+    shutdown verdicts when the node is stopped while it is stuck."""
     cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
     clock = WallClock()
     node = _node(cfg, clock, stall_after_s=1.0)
@@ -143,6 +166,14 @@ def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(
         assert fail_safes
         assert all(Reason.TIMEOUT.value in v["reasons"] for v in fail_safes)
         assert all(v["decision"] == cfg.decision.fail_safe for v in fail_safes)
+        # SIGTERM while the stage is still stuck: its items are fail-safed, not inspected in
+        # the stopping thread beside the stuck call (the stage's state is in use).
+        beside: list[int] = []
+        node.inspector.infer = (  # type: ignore[method-assign]
+            lambda records: beside.append(len(records)) or real_infer(records))
+        node.stop(timeout_s=4.0)
+        assert beside == []
+        assert node.scheduler.stats().in_flight == 0
     finally:
         release.set()
         node.stop()
@@ -183,12 +214,8 @@ def test_packaging_changed_feedback_teaches_the_gallery_the_items_views(
     """Feedback on a decided item adds its colour views to the product's references, on disk;
     feedback on an item the node never heard of is rejected with an event, not learned."""
     cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
-    clock = WallClock()
-    node = _node(cfg, clock, stall_after_s=30.0)
-    world = node.cameras.world
-    assert world is not None
-    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
-    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
+    line = _line(cfg)
+    node, topics, controller = line.node, line.topics, line.controller
     events = Collector(mosquitto, topics.events, client_id="test-events")
     node.start()
     try:
@@ -266,13 +293,10 @@ def test_reload_switches_thresholds_and_gallery_and_refuses_a_bad_update_without
     manifest = _own_manifest(tmp_path)
     cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
     cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, manifest=manifest))
-    clock = WallClock()
-    node = _node(cfg, clock, stall_after_s=30.0)
-    world = node.cameras.world
-    assert world is not None
+    line = _line(cfg)
+    clock, node, world, topics, controller = (line.clock, line.node, line.world, line.topics,
+                                              line.controller)
     shipped = node.policy.thresholds.version
-    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
-    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
     events = Collector(mosquitto, topics.events, client_id="test-reload-events")
 
     def decided_with(version: str, after: int) -> bool:
@@ -346,12 +370,8 @@ def test_a_shutdown_whose_own_inspection_fails_still_gives_every_item_a_verdict(
     the node still fail-safes every item in flight, flushes, goes offline and leaves no
     worker's shared memory behind. It used to stop there, leaving items without a verdict."""
     cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
-    clock = WallClock()
-    node = _node(cfg, clock, stall_after_s=30.0)
-    world = node.cameras.world
-    assert world is not None
-    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
-    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
+    line = _line(cfg)
+    clock, node, world, controller = line.clock, line.node, line.world, line.controller
     rings = Path("/dev/shm").glob(f"cv-depth-ring-{os.getpid()}-*")
     before = set(rings)
 

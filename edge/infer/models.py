@@ -107,6 +107,16 @@ class ModelRejectedError(RuntimeError):
         super().__init__("golden self-test failed: " + "; ".join(report.failures[:5]))
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedModels:
+    """Models opened and golden-tested for a reload, not yet in use."""
+
+    manifest: Manifest
+    embedding: Backend
+    damage: Backend
+    report: GoldenReport
+
+
 class ItemInspector:
     """Runs the models on items' crops; thread-compatible (one caller at a time)."""
 
@@ -276,16 +286,22 @@ class ItemInspector:
         return None if res is None else res.score
 
     def reload(self, manifest_path: Path | None = None) -> GoldenReport:
-        """Re-read manifest and models; switch to them only if the golden self-test passes.
+        """Re-read manifest and models; switch to them only if the golden self-test passes
+        (`prepare_reload`, then `switch_to`)."""
+        return self.switch_to(self.prepare_reload(manifest_path))
 
-        Raises `ModelRejectedError` (keeping the current models) when it does not, and
-        `ManifestError` for a manifest that cannot be used (its thresholds and fusion sections
-        included: the node builds its verdict policy from them after the switch).
+    def prepare_reload(self, manifest_path: Path | None = None) -> PreparedModels:
+        """Open the manifest's models beside the running ones and run the golden self-test
+        on them; nothing changes for the running models.
+
+        Raises `ModelRejectedError` when they miss their golden scores, and `ManifestError`
+        for a manifest that cannot be used (its thresholds and fusion sections included:
+        the node builds its verdict policy from them).
         """
         from edge.infer.golden import golden_self_test
 
         manifest = load_manifest(manifest_path or self.cfg.manifest)
-        try:  # before any model is opened: the node decides with these once switched
+        try:  # before any model is opened
             Thresholds.from_mapping(manifest.thresholds)
             Fusion.from_mapping(manifest.fusion)
         except FusionError as exc:
@@ -298,14 +314,18 @@ class ItemInspector:
         if not report.passed:
             candidate.close()
             raise ModelRejectedError(report)
+        return PreparedModels(manifest, candidate.embedding, candidate.damage, report)
+
+    def switch_to(self, prepared: PreparedModels) -> GoldenReport:
+        """Run on prepared models from now on (quick: they are open and tested)."""
         old = (self.embedding, self.damage)
         with self._lock:
-            self._configure(manifest, candidate.embedding, candidate.damage)
+            self._configure(prepared.manifest, prepared.embedding, prepared.damage)
         for backend in old:
             backend.close()
-        log.info("models_reloaded", versions=manifest.model_versions(),
-                 thresholds=manifest.threshold_version)
-        return report
+        log.info("models_reloaded", versions=prepared.manifest.model_versions(),
+                 thresholds=prepared.manifest.threshold_version)
+        return prepared.report
 
     def model_versions(self) -> dict[str, str]:
         return self.manifest.model_versions()
