@@ -196,7 +196,7 @@ class VerdictPolicy:
             reasons.append(Reason.ANOMALY)
         if inf.geometry is not None and inf.geometry >= comps.get("geometry", math.inf):
             reasons.append(Reason.GEOMETRY)
-        return (reasons or [Reason.DAMAGE]), True
+        return (reasons or [_nearest_own_threshold(inf, comps)]), True
 
     def _findings(self, inf: ItemInference) -> tuple[DamageFinding, ...]:
         out = []
@@ -204,3 +204,16 @@ class VerdictPolicy:
             if p >= self.cfg.finding_min_probability:
                 out.append(DamageFinding(DamageType(name), p, inf.boxes.get(name)))
         return tuple(out)
+
+
+def _nearest_own_threshold(inf: ItemInference, comps: Mapping[str, float]) -> Reason:
+    """Only the combination crossed its threshold: the reason is the input that came nearest
+    its own threshold (as a share of it), so that a sideline driven by geometry or the
+    gallery does not read as damage."""
+    shares = [(inf.damage / comps["damage"], Reason.DAMAGE)] if comps.get("damage", 0) > 0 else []
+    if inf.anomaly is not None and comps.get("anomaly", 0) > 0:
+        shares.append((inf.anomaly / comps["anomaly"], Reason.ANOMALY))
+    if inf.geometry is not None and comps.get("geometry", 0) > 0:
+        shares.append((inf.geometry / comps["geometry"], Reason.GEOMETRY))
+    finite = [s for s in shares if math.isfinite(s[0])]
+    return max(finite, key=lambda s: s[0])[1] if finite else Reason.DAMAGE

@@ -56,10 +56,17 @@ def test_threshold_is_inclusive_and_reasons_name_the_components() -> None:
     assert v.reasons == (Reason.DAMAGE, Reason.ANOMALY)
 
 
-def test_fused_over_threshold_without_a_single_component_still_says_damage() -> None:
-    """When only the combination is over the threshold the reason is DAMAGE."""
+def test_fused_over_threshold_without_a_single_component_names_the_nearest_one() -> None:
+    """Only the combination is over its threshold: the reason is the input nearest its own
+    threshold (damage 0.3 of 0.8, anomaly 1.0 of 3.0: damage; damage 0.1 of 0.8, geometry
+    0.15 of 0.2: geometry). It used to be DAMAGE whatever drove the decision."""
     v = _policy().decide(_record(), _inf(0.7, damage=0.3, anomaly=1.0, geometry=0.0), 0.0)
     assert (v.decision, v.reasons) == (Decision.SIDELINE, (Reason.DAMAGE,))
+    v = _policy().decide(_record(), _inf(0.7, damage=0.1, anomaly=None, geometry=0.15), 0.0)
+    assert v.decision is Decision.SIDELINE
+    assert v.reasons[0] is Reason.GEOMETRY
+    v = _policy().decide(_record(), _inf(0.7, damage=0.1, anomaly=2.5, geometry=None), 0.0)
+    assert v.reasons[0] is Reason.ANOMALY
 
 
 def test_geometry_reason() -> None:

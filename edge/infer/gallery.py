@@ -16,6 +16,7 @@ controller reports "false positive: packaging changed".
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -77,13 +78,15 @@ class ReferenceGallery:
         self._rng = np.random.default_rng(seed)
         self._banks: dict[tuple[str, str], _Bank] = {}
         self._unsaved: set[tuple[str, str]] = set()  # learned, but the write failed
+        self._learned: set[tuple[str, str]] = set()  # learned during a reload's disk read
         self._lock = threading.Lock()
         self._load()
 
     def _file(self, root: Path, product_id: str, camera_id: str) -> Path:
         return root / _safe(product_id) / f"{_safe(camera_id)}.npz"
 
-    def _read(self) -> dict[tuple[str, str], _Bank]:
+    def _read(self, unreadable: set[Path] | None = None) -> dict[tuple[str, str], _Bank]:
+        """The banks on disk; the paths of files that could not be read go to `unreadable`."""
         banks: dict[tuple[str, str], _Bank] = {}
         if self.root is None or not self.root.is_dir():
             return banks
@@ -93,8 +96,19 @@ class ReferenceGallery:
                     rows = data["rows"].astype(np.float32)
                     key = (str(data["product_id"]), str(data["camera_id"]))
                     views = int(data["views"])
-            except (OSError, KeyError, ValueError) as exc:
-                log.warning("gallery_file_unreadable", path=str(path), error=str(exc))
+            except Exception as exc:  # empty, truncated, not a zip: skip that file
+                # A half-written or half-copied file must cost its own references only, not
+                # the start of the node or a reload.
+                log.warning("gallery_file_unreadable", path=str(path),
+                            error=f"{type(exc).__name__}: {exc}")
+                if unreadable is not None:
+                    unreadable.add(path)
+                continue
+            if rows.ndim != 2 or not len(rows):
+                log.warning("gallery_file_unreadable", path=str(path),
+                            error=f"rows of shape {rows.shape}")
+                if unreadable is not None:
+                    unreadable.add(path)
                 continue
             banks[key] = _Bank(rows, np.einsum("ij,ij->i", rows, rows), views)
         return banks
@@ -115,10 +129,17 @@ class ReferenceGallery:
         if not self.root.is_dir():  # unmounted or mistyped: forgetting every product is worse
             log.warning("gallery_reload_skipped", root=str(self.root), why="not a directory")
             return {"added": 0, "changed": 0, "removed": 0, "unsaved": len(self._unsaved)}
-        fresh = self._read()  # outside the lock: scoring goes on meanwhile
+        with self._lock:
+            self._learned.clear()
+        unreadable: set[Path] = set()
+        fresh = self._read(unreadable)  # outside the lock: scoring and learning go on
+        root = self.root
         with self._lock:
             old = self._banks
-            unsaved = {k: old[k] for k in self._unsaved if k in old}
+            # Learned while the files were read: memory is newer than what was read. A file
+            # that cannot be read now (a copy in progress) is no reason to forget its bank.
+            unsaved = {k: old[k] for k in old if k in self._unsaved or k in self._learned
+                       or self._file(root, *k) in unreadable}
             counts = {
                 "added": sum(1 for k in fresh if k not in old),
                 "changed": sum(1 for k in fresh if k in old and k not in unsaved
@@ -166,6 +187,7 @@ class ReferenceGallery:
             total = views + (old.views if old else 0)
             self._banks[(product_id, camera_id)] = _Bank(
                 rows, np.einsum("ij,ij->i", rows, rows), total)
+            self._learned.add((product_id, camera_id))
         if persist and self.root is not None:
             try:
                 self._save(self.root, product_id, camera_id, rows, total)
@@ -187,6 +209,8 @@ class ReferenceGallery:
         with tmp.open("wb") as fh:
             np.savez(fh, rows=rows.astype(np.float16), product_id=np.str_(product_id),
                      camera_id=np.str_(camera_id), views=np.int64(views))
+            fh.flush()
+            os.fsync(fh.fileno())  # a power cut must not leave an empty file under the name
         tmp.replace(path)
 
     def score(self, product_id: str, camera_id: str, patches: F32Array) -> AnomalyResult | None:
@@ -197,6 +221,12 @@ class ReferenceGallery:
             return None
         _, h, w = patches.shape
         q = with_position(patches)
+        if q.shape[1] != bank.rows.shape[1]:
+            # References from another embedding model: scoring against them is meaningless.
+            # The item is judged without the gallery (no_gallery), not dropped with its batch.
+            log.warning("gallery_bank_other_model", product_id=product_id, camera=camera_id,
+                        bank_dim=int(bank.rows.shape[1]), model_dim=int(q.shape[1]))
+            return None
         dist = nearest_sq_distance(q, bank.rows, bank.sq_norms)
         per_patch = np.sqrt(dist).reshape(h, w)
         k = min(self.top_k, per_patch.size)

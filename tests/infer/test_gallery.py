@@ -91,6 +91,34 @@ def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
     assert ReferenceGallery(tmp_path).products() == ("A",)
 
 
+def test_empty_and_truncated_gallery_files_cost_only_their_own_references(
+        tmp_path: Path) -> None:
+    """What a power cut or a half-finished copy leaves: an empty file and a cut-off one.
+    Both are skipped at start, and a reload keeps the bank it had for such a file; they used
+    to stop the node (EOFError, BadZipFile)."""
+    rng = np.random.default_rng(4)
+    g = ReferenceGallery(tmp_path)
+    g.add("A", "top", _patches(rng))
+    g.add("B", "top", _patches(rng))
+    whole = (tmp_path / "B" / "top.npz").read_bytes()
+    (tmp_path / "B" / "top.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "top.npz").write_bytes(b"")
+    assert ReferenceGallery(tmp_path).products() == ("A",)
+    assert g.reload()["removed"] == 0  # a running gallery keeps what it had for B
+    assert g.products() == ("A", "B")
+
+
+def test_references_from_another_embedding_model_are_not_scored(tmp_path: Path) -> None:
+    """A bank of 16-channel features scored with a 24-channel model: no anomaly score (the
+    item is judged without the gallery) instead of an error that drops the whole batch."""
+    rng = np.random.default_rng(9)
+    g = ReferenceGallery(tmp_path)
+    g.add("A", "top", _patches(rng, c=16))
+    assert g.score("A", "top", _patches(rng, c=24)) is None
+    assert g.score("A", "top", _patches(rng, c=16)) is not None
+
+
 def test_unwritable_gallery_keeps_learning_in_memory(tmp_path: Path) -> None:
     """If the gallery directory cannot be written, the reference still counts (logged error)."""
     blocker = tmp_path / "not-a-dir"
@@ -122,6 +150,24 @@ def test_reload_takes_in_what_changed_on_disk(tmp_path: Path) -> None:
     res = running.score("C", "angled", _patches(rng))
     assert res is not None
     assert np.isfinite(res.score)
+
+
+def test_a_view_learned_while_the_reload_reads_the_disk_is_kept(tmp_path: Path) -> None:
+    """Feedback lands between the reload's read of the files and its swap: the new view stays
+    (it used to vanish until the next reload, and the new packaging kept being sidelined)."""
+    rng = np.random.default_rng(10)
+    g = ReferenceGallery(tmp_path / "g")
+    g.add("A", "top", _patches(rng))
+    read = g._read
+
+    def read_then_learn(unreadable: set[Path] | None = None) -> dict[tuple[str, str], object]:
+        banks = read(unreadable)
+        g.add("A", "top", _patches(rng))  # the feedback thread, mid-reload
+        return banks  # type: ignore[return-value]
+
+    g._read = read_then_learn  # type: ignore[method-assign]
+    g.reload()
+    assert g.views("A", "top") == 2
 
 
 def test_reload_keeps_banks_whose_write_failed(tmp_path: Path) -> None:
