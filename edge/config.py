@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -344,11 +346,28 @@ def _build(cls: type[T], data: object, path: str) -> T:
     return cls(**kwargs)
 
 
+def is_loopback(bind: str) -> bool:
+    """Whether an HTTP bind address is reachable from this machine only."""
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
+
+
+_CAMERA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def _check_cross_fields(cfg: Config) -> None:
     ids = [c.id for c in cfg.cameras]
     if not ids:
         raise ConfigError("cameras", [], "at least one camera")
     for i, cam in enumerate(cfg.cameras):
+        # IDs name snapshot files and URL paths: a '/' or a space there broke both.
+        if not _CAMERA_ID.fullmatch(cam.id):
+            raise ConfigError(f"cameras[{i}].id", cam.id,
+                              "1-64 letters, digits, '.', '_' or '-'")
         if ids.index(cam.id) != i:
             raise ConfigError(f"cameras[{i}].id", cam.id, "a camera ID used only once")
         if cam.source == "realsense" and not cam.serial:
@@ -363,6 +382,10 @@ def _check_cross_fields(cfg: Config) -> None:
         value = getattr(cfg.node, key)
         if any(ch in value for ch in "/#+ "):
             raise ConfigError(f"node.{key}", value, "no '/', '#', '+' or spaces")
+    # Found at load time, not once the models and cameras are up (a restart loop).
+    if cfg.http.port and cfg.http.token_file is None and not is_loopback(cfg.http.bind):
+        raise ConfigError("http.token_file", None,
+                          f"a token file: http.bind {cfg.http.bind!r} is not a loopback address")
 
 
 def config_from_mapping(data: object) -> Config:

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
-from urllib.parse import urlparse
 
 from edge.config import Config, ConfigError
 
@@ -57,8 +56,21 @@ def _models(cfg: Config) -> list[Finding]:
     except Exception as exc:  # every way a model can be broken is reported, not raised
         return [Finding("models", False, str(exc),
                         "reinstall the release's engines/ folder or fix models.manifest")]
+    from edge.infer.golden import golden_self_test
+
     versions = ", ".join(f"{k} {v}" for k, v in inspector.model_versions().items())
-    inspector.close()
+    try:  # what the node runs before READY: a release that fails it never starts
+        report = golden_self_test(inspector)
+    except Exception as exc:
+        return [Finding("models", False, f"golden self-test could not run: {exc}",
+                        "reinstall the release's engines/ folder or fix models.manifest")]
+    finally:
+        inspector.close()
+    if not report.passed:
+        return [Finding("models", False, f"{versions}: golden self-test failed: "
+                        + "; ".join(report.failures[:3]),
+                        "these models do not reproduce their expected scores on this device: "
+                        "reinstall the release or rebuild its engines")]
     out = [Finding("models", True, f"{cfg.models.manifest}: {versions} (golden self-test passed)")]
     if cfg.models.backend == "tensorrt":
         import importlib.util
@@ -98,8 +110,13 @@ def _connected_serials() -> set[str]:
 
 
 def _broker(cfg: Config, timeout_s: float) -> list[Finding]:
-    url = urlparse(cfg.mqtt.url)
-    host, port = url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
+    from edge.publish.connection import BrokerConfigError, parse_url
+
+    try:  # the node's own reading of the URL: what it refuses, the check refuses
+        address = parse_url(cfg.mqtt.url)
+    except BrokerConfigError as exc:
+        return [Finding("broker", False, str(exc), "fix mqtt.url")]
+    host, port = address.host, address.port
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass

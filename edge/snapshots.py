@@ -215,7 +215,10 @@ class SnapshotStore:
             except queue.Empty:
                 if time.monotonic() > next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
-                    self._trim(0)
+                    try:
+                        self._trim(0)
+                    except Exception:  # a disk error must not end the writer thread
+                        log.exception("snapshot_prune_failed")
                 continue
             if job is None:
                 self._queue.task_done()

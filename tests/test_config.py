@@ -10,7 +10,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.config import Config, ConfigError, config_to_mapping, load_config, parse_config_text
+from edge.config import (
+    Config,
+    ConfigError,
+    config_from_mapping,
+    config_to_mapping,
+    load_config,
+    parse_config_text,
+)
 
 
 def test_defaults_run_the_demo() -> None:
@@ -107,3 +114,10 @@ def test_random_bytes_give_config_or_config_error(raw: bytes) -> None:
     """Arbitrary text never escapes as anything but a ConfigError."""
     with contextlib.suppress(ConfigError):
         parse_config_text(raw.decode("utf-8", errors="replace"))
+
+
+@pytest.mark.parametrize("camera_id", ["a/b", "cam 1", "", "kamera-ü"])
+def test_camera_ids_that_cannot_name_files_and_urls_are_refused(camera_id: str) -> None:
+    """Camera IDs name snapshot files and URL paths: with a '/' every snapshot write failed."""
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.id"):
+        config_from_mapping({"cameras": [{"id": camera_id}]})

@@ -12,6 +12,7 @@ from edge.cli import main
 from edge.config import config_to_mapping, load_config
 from edge.doctor import run_checks
 from edge.publish.broker import MosquittoBroker, free_port
+from tests.engines_helpers import engines_that_miss_their_golden_scores
 
 
 def test_healthy_setup_passes(mosquitto: MosquittoBroker) -> None:
@@ -50,3 +51,31 @@ def test_check_command_exit_code_for_a_bad_config(tmp_path: Path) -> None:
     path = tmp_path / "node.yaml"
     path.write_text("belt: {speed_mps: nope}\n")
     assert main(["check", "--config", str(path)]) == 2
+
+
+def test_models_that_miss_their_golden_scores_fail_the_check(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """The check runs the golden self-test the node runs before READY (it used to say
+    "passed" without running it, and the node then refused to start)."""
+    cfg = load_config(None)
+    cfg = dataclasses.replace(
+        cfg, mqtt=dataclasses.replace(cfg.mqtt, url=mosquitto.url),
+        models=dataclasses.replace(cfg.models,
+                                   manifest=engines_that_miss_their_golden_scores(tmp_path),
+                                   gallery_dir=tmp_path / "gallery"))
+    out = io.StringIO()
+    assert run_checks(cfg, out=out) == 1
+    assert "[FAIL] models" in out.getvalue()
+    assert "golden self-test failed" in out.getvalue()
+
+
+def test_a_broker_url_the_node_refuses_fails_the_check() -> None:
+    """Credentials in the URL, no host, a bad port: the check says what the node would."""
+    cfg = load_config(None)
+    for url, says in (("mqtt://user:pw@127.0.0.1:1883", "credentials do not belong"),
+                      ("mqtt://", "expected mqtt://HOST:PORT"),
+                      ("mqtt://127.0.0.1:abc", "bad port")):
+        bad = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, url=url))
+        out = io.StringIO()
+        assert run_checks(bad, broker_timeout_s=0.5, out=out) == 1
+        assert says in out.getvalue()

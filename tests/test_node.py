@@ -32,6 +32,7 @@ from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
 from edge.sources.synthetic import SyntheticConveyor
 from edge.types import ItemCrop, ItemRecord, Reason
+from tests.engines_helpers import engines_that_miss_their_golden_scores
 from tests.publish.helpers import Collector, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -495,23 +496,7 @@ def test_models_that_miss_their_golden_scores_never_go_ready(
     """A release whose models do not reproduce the golden scores on this device (here: the
     golden set expects other damage scores) stops before READY with a non-zero exit and says
     why, so that systemd restarts it and the update's health gate rolls it back."""
-    import shutil
-
-    import numpy as np
-
-    from edge.infer.manifest import sha256_file
-
-    engines = tmp_path / "engines"
-    shutil.copytree(REPO / "engines", engines)
-    golden = engines / "golden" / "golden.npz"
-    with np.load(golden, allow_pickle=False) as d:
-        arrays = {k: d[k] for k in d.files}
-    arrays["expected_damage"] = np.clip(arrays["expected_damage"] + 0.3, 0.0, 1.0)
-    np.savez(golden, **arrays)
-    manifest = engines / "manifest.yaml"
-    text = manifest.read_text()
-    old_sha = yaml.safe_load(text)["golden"]["sha256"]
-    manifest.write_text(text.replace(old_sha, sha256_file(golden)))
+    manifest = engines_that_miss_their_golden_scores(tmp_path)
     cfg = _fast_config(tmp_path, mosquitto)
     cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, manifest=manifest))
     cfg_path = tmp_path / "node.yaml"

@@ -225,6 +225,35 @@ def test_store_never_takes_the_last_free_space_on_the_disk(
     assert full.path(v.snapshot_id) is None
 
 
+def test_a_disk_error_while_idle_does_not_end_the_writer(
+        tmp_path: Path, intact: list[ItemRecord], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The periodic prune meets an I/O error (disk unmounted for a moment): the writer goes
+    on and stores the next snapshot. It used to die, and every later snapshot was dropped."""
+    import edge.snapshots
+
+    monkeypatch.setattr(edge.snapshots, "_PRUNE_EVERY_S", 0.05)
+    failing = {"now": False}
+
+    def free(_: Path) -> int:
+        if failing["now"]:
+            raise OSError(5, "Input/output error")
+        return 10_000 * MB
+
+    store = SnapshotStore(tmp_path / "s", StorageConfig(), free_bytes=free)
+    store.start()
+    store.offer(intact[0], verdict_for(intact[0], Decision.SIDELINE))
+    assert store.flush(10.0)
+    failing["now"] = True
+    time.sleep(0.5)  # several idle prunes fail
+    failing["now"] = False
+    rec = dataclasses.replace(intact[1], item_id="after-the-error")
+    v = store.offer(rec, verdict_for(rec, Decision.SIDELINE))
+    assert store.flush(10.0)
+    store.close()
+    assert v.snapshot_id is not None
+    assert store.path(v.snapshot_id) is not None
+
+
 def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path,
                                                       intact: list[ItemRecord]) -> None:
     """With the writer stalled, offer() returns at once; items beyond the queue get no ID."""

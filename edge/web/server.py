@@ -19,9 +19,9 @@ its own ``?token=`` on to the requests it makes).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import re
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from edge.config import ConfigError, HttpConfig
+from edge.config import ConfigError, HttpConfig, is_loopback
 from edge.node import Node
 from edge.web.live import LiveFeed, tracks_of
 from edge.web.status import page_status
@@ -46,15 +46,6 @@ _STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript;
 _SNAPSHOT_FILE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".json": "application/json",
           ".npy": "application/octet-stream"}
-
-
-def is_loopback(bind: str) -> bool:
-    if bind == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bind).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(cfg: HttpConfig) -> str | None:
@@ -118,7 +109,8 @@ def start_http(cfg: HttpConfig, node: Node, *, live: LiveFeed | None = None,
     """
     app = _App(cfg, node, live, calibration, read_token(cfg))
     handler = type("Handler", (_Handler,), {"app": app})
-    server = ThreadingHTTPServer((cfg.bind, cfg.port), handler)
+    server_class = _HttpServer6 if ":" in cfg.bind else ThreadingHTTPServer
+    server = server_class((cfg.bind, cfg.port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True,
                               kwargs={"poll_interval": 0.1})
@@ -129,10 +121,19 @@ def start_http(cfg: HttpConfig, node: Node, *, live: LiveFeed | None = None,
     return http
 
 
+class _HttpServer6(ThreadingHTTPServer):
+    """An IPv6 bind address (`::1`, `::`): the standard server speaks IPv4 only."""
+
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     app: _App
     server_version = "conveyor-vision"
     protocol_version = "HTTP/1.1"
+    # A client that opens a connection and sends nothing (or keeps it idle) must not hold
+    # a thread for ever: one thread per connection, and the token is read with the request.
+    timeout = 30.0
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http_request", client=self.client_address[0], line=format % args)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.config import ConfigError, HttpConfig
+from edge.config import ConfigError, HttpConfig, config_from_mapping
 from edge.web.server import read_token, start_http
 from tests.web.conftest import LiveNode
 
@@ -141,6 +141,44 @@ def test_binding_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
         read_token(HttpConfig(port=9108, bind="0.0.0.0", token_file=tmp_path / "short"))
     assert read_token(HttpConfig(port=9108, bind="127.0.0.1")) is None
     assert read_token(HttpConfig(port=9108, bind="::1")) is None
+
+
+def test_a_bind_beyond_loopback_without_a_token_is_refused_when_the_config_loads() -> None:
+    """Not at start_http, after the models and cameras came up (a systemd restart loop)."""
+    with pytest.raises(ConfigError, match=r"http\.token_file"):
+        config_from_mapping({"http": {"port": 9108, "bind": "0.0.0.0"}})
+    config_from_mapping({"http": {"port": 0, "bind": "0.0.0.0"}})  # off: nothing to protect
+
+
+def test_metrics_are_served_on_the_ipv6_loopback(live_node: LiveNode) -> None:
+    """`::1` counts as loopback; it used to pass the config and fail to bind (IPv4 server)."""
+    import urllib.request
+
+    http = start_http(HttpConfig(port=0, bind="::1"), live_node.node)
+    try:
+        assert http.url.startswith("http://[::1]:")
+        with urllib.request.urlopen(http.url + "/metrics", timeout=5) as res:
+            assert res.status == 200
+    finally:
+        http.shutdown()
+
+
+def test_an_idle_connection_does_not_hold_its_thread_for_ever(live_node: LiveNode,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A client that connects and sends nothing is dropped after the handler's timeout."""
+    import socket
+
+    from edge.web import server
+
+    monkeypatch.setattr(server._Handler, "timeout", 0.3)
+    http = start_http(HttpConfig(port=0), live_node.node)
+    try:
+        with socket.create_connection(("127.0.0.1", http.port), timeout=5) as idle:
+            idle.settimeout(5)
+            assert idle.recv(1) == b""  # closed by the server, not by us
+    finally:
+        http.shutdown()
 
 
 def test_live_page_off_serves_metrics_only(live_node: LiveNode) -> None:
