@@ -202,6 +202,12 @@ def test_an_exception_mid_stream_is_recovered_without_duplicates(
     assert src.counters.reconnects == 1
 
 
+def _read_until_it_gives_up(src: RealSenseSource, reads: int = 500) -> None:
+    """Read a source that delivers nothing: each read returns None until SourceError."""
+    for _ in range(reads):
+        assert src.read(0.05) is None
+
+
 def test_live_camera_that_never_appears_backs_off_resets_then_gives_up() -> None:
     """No camera with this serial (real SDK, nothing plugged in): read() returns None while
     it retries with backoff, escalates to hardware_reset, and finally raises SourceError
@@ -210,13 +216,8 @@ def test_live_camera_that_never_appears_backs_off_resets_then_gives_up() -> None
                           retry=RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.02,
                                             resets_after=2, max_attempts=5))
     src.start()
-
-    def read_until_it_gives_up() -> None:
-        for _ in range(200):
-            assert src.read(0.05) is None
-
     with pytest.raises(SourceError, match=r"camera 000000000000.*5 re-opens failed"):
-        read_until_it_gives_up()
+        _read_until_it_gives_up(src)
     assert src.resets == 2
     src.stop()
 
@@ -231,13 +232,8 @@ def test_a_camera_that_opens_but_sends_nothing_is_reset_and_then_given_up_on(
                           retry=RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.02,
                                             resets_after=2, max_attempts=4))
     src.start()
-
-    def read_until_it_gives_up() -> None:
-        for _ in range(500):
-            assert src.read(0.05) is None
-
     with pytest.raises(SourceError, match="4 re-opens failed; last error: opened but sent no"):
-        read_until_it_gives_up()
+        _read_until_it_gives_up(src)
     assert src.resets == 1
     assert src.counters.reconnects == 3
     src.stop()
