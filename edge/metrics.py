@@ -8,6 +8,8 @@ truth per number. Each node has its own registry: no global state.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +30,30 @@ class CameraSnapshot:
     skewed: int = 0
     buffers_allocated: int = 0
     fps: float = 0.0
+
+
+class RecentRate:
+    """Events per second over about the last `window_s`, from a running count sampled
+    whenever it is read (scrapes, the status line): a lifetime average would hide a camera
+    that stopped an hour ago behind hours of frames."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def rate(self, count: int, now_s: float, since_s: float | None = None) -> float:
+        """The rate up to `now_s`; `since_s` (when counting began) is the reference until
+        a sample older than the window exists."""
+        with self._lock:
+            samples = self._samples
+            samples.append((now_s, count))
+            while len(samples) > 2 and samples[1][0] <= now_s - self.window_s:
+                samples.popleft()  # keep one sample at or beyond the window's start
+            t0, c0 = samples[0]
+            if now_s - t0 < self.window_s and since_s is not None:
+                t0, c0 = since_s, 0
+            return (count - c0) / max(1e-3, now_s - t0)
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from edge.infer.manifest import ManifestError
 from edge.infer.models import ItemInspector, ModelRejectedError
 from edge.item_workers import SegmentationWorkers
 from edge.items import ItemSegmenter
-from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot
+from edge.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot, RecentRate
 from edge.publish.mqtt import AckedVerdict, VerdictPublisher
 from edge.snapshots import SnapshotStore
 from edge.stage import BoundedQueue, StageThread
@@ -179,6 +179,7 @@ class Node:
         #: belt calibration check per camera (set by the service's periodic check)
         self.calibration_ok: dict[str, bool] = {}
         self.started_mono: float | None = None
+        self._camera_rates: dict[str, RecentRate] = {}
         # Last: registering the collector reads `snapshot()` (auto_describe), which needs
         # every stage above.
         self.metrics = NodeMetrics(self.snapshot)
@@ -398,7 +399,7 @@ class Node:
             reconnects=c.source.counters.reconnects,
             skewed=c.source.counters.skewed_frames,
             buffers_allocated=c.source.counters.buffers_allocated,
-            fps=_fps(c.source.counters.frames_received, self.started_mono))
+            fps=self._camera_fps(cid, c.source.counters.frames_received))
             for cid, c in self.captures.items()}
         s = self.scheduler.stats()
         pub = self.publisher.metrics()
@@ -424,6 +425,12 @@ class Node:
             item_workers=self._item_worker_counters(),
         )
 
+    def _camera_fps(self, camera_id: str, frames: int) -> float:
+        if self.started_mono is None:
+            return 0.0
+        rate = self._camera_rates.setdefault(camera_id, RecentRate(10.0))
+        return rate.rate(frames, time.monotonic(), since_s=self.started_mono)
+
     def _item_worker_counters(self) -> dict[str, float]:
         workers = self.item_stage.workers
         if workers is None:
@@ -433,12 +440,6 @@ class Node:
     def _queues(self) -> tuple[BoundedQueue[Frame] | BoundedQueue[FrameSet]
                                | BoundedQueue[ItemRecord], ...]:
         return (self.frames_q, self.framesets_q, self.items_q)
-
-
-def _fps(frames: int, started_mono: float | None) -> float:
-    if started_mono is None:
-        return 0.0
-    return frames / max(1e-3, time.monotonic() - started_mono)
 
 
 def stage_timings(node: Node) -> Mapping[str, float]:
