@@ -28,7 +28,7 @@ from edge.geometry import BeltPlane
 
 if TYPE_CHECKING:
     from edge.config import ItemsConfig
-    from edge.types import BoolArray, F32Array, Frame, Intrinsics, Pose, U8Array, U16Array
+    from edge.types import BoolArray, Frame, Intrinsics, Pose, U8Array, U16Array
 
 #: A height jump (mm) between neighbouring pixels that separates two touching items.
 STEP_MM = 18.0
@@ -100,11 +100,6 @@ class ItemSegmenter:
             raise ValueError(
                 f"camera {self.camera_id}: frame is {frame.depth.shape[1]}x{frame.depth.shape[0]}"
                 f", calibration is for {self._shape[1]}x{self._shape[0]}")
-
-    def height_map(self, frame: Frame) -> F32Array:
-        """Height above the belt (mm), NaN where depth is invalid (a new array)."""
-        self.check(frame)
-        return self.plane.height_map(frame.depth, frame.depth_scale_m)
 
     def item_mask(self, frame: Frame) -> U8Array:
         """Pixels that belong to items (non-zero), with dropouts inside items bridged.

@@ -179,7 +179,7 @@ class Node:
         #: belt calibration check per camera (set by the service's periodic check)
         self.calibration_ok: dict[str, bool] = {}
         self.started_mono: float | None = None
-        self._camera_rates: dict[str, RecentRate] = {}
+        self._camera_rates = {cid: RecentRate(10.0) for cid in cameras.sources}
         # Last: registering the collector reads `snapshot()` (auto_describe), which needs
         # every stage above.
         self.metrics = NodeMetrics(self.snapshot)
@@ -246,7 +246,8 @@ class Node:
             self._finish_in_flight(time.monotonic() + timeout_s / 2, stuck)
         except Exception:  # the drain below still gives every item in flight its verdict
             log.exception("finish_in_flight_failed")
-            self.item_stage.close()
+            if "items" not in stuck:
+                self.item_stage.close()
         drained = self.scheduler.drain()
         self.scheduler.stop()
         left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
@@ -264,7 +265,8 @@ class Node:
         while (fs := self.framesets_q.get_nowait()) is not None:
             queued.append(fs)
         records = self.item_stage.finish(queued) if "items" not in stuck else []
-        self.item_stage.close()
+        if "items" not in stuck:  # else its thread may be inside the pool: the workers
+            self.item_stage.close()  # leave with the process, the next start removes the ring
         while (rec := self.items_q.get_nowait()) is not None:
             records.append(rec)
         if "inference" in stuck:
@@ -298,9 +300,9 @@ class Node:
         with self.inference.batch_lock:
             report = self.inspector.switch_to(prepared)
             self.policy = policy
-        versions = self.inspector.model_versions()
-        self.scheduler.set_versions(policy.thresholds.version, versions)
-        self.publisher.set_versions(versions)
+            versions = self.inspector.model_versions()
+            self.scheduler.set_versions(policy.thresholds.version, versions)
+            self.publisher.set_versions(versions)
         log.info("node_reloaded", threshold_version=policy.thresholds.version,
                  golden=report.passed, gallery=gallery)
         return True
@@ -361,9 +363,6 @@ class Node:
         """Stages that died or made no progress for `stall_after_s`."""
         return [t.name for t in self._threads
                 if not t.alive or t.stalled_for_s() > self.stall_after_s]
-
-    def streaming(self) -> bool:
-        return all(c.last_frame_ms is not None for c in self.captures.values())
 
     def camera_states(self) -> dict[str, str]:
         """Per camera: "streaming", "waiting" (no frame yet) or "failed: why" (gave up)."""
@@ -428,8 +427,8 @@ class Node:
     def _camera_fps(self, camera_id: str, frames: int) -> float:
         if self.started_mono is None:
             return 0.0
-        rate = self._camera_rates.setdefault(camera_id, RecentRate(10.0))
-        return rate.rate(frames, time.monotonic(), since_s=self.started_mono)
+        return self._camera_rates[camera_id].rate(frames, time.monotonic(),
+                                                  since_s=self.started_mono)
 
     def _item_worker_counters(self) -> dict[str, float]:
         workers = self.item_stage.workers

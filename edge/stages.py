@@ -225,7 +225,11 @@ class ItemStage:
         if ticket is None:
             return False
         t0 = time.perf_counter()
-        self._track(ticket.frameset, workers.detections(ticket))
+        try:
+            found = workers.detections(ticket)
+        except ItemSearchError:
+            return time.perf_counter() - t0  # that frameset is lost (logged by the pool)
+        self._track(ticket.frameset, found)
         return time.perf_counter() - t0
 
     @property
@@ -288,15 +292,11 @@ class InferenceStage:
         self._max_batch = max_batch
         self.items = 0
         self.batches = 0
-        self.gate = threading.Event()  # cleared: inference is paused (tests)
-        self.gate.set()
         # Held for a whole batch (infer, decide, complete): a reload that takes it switches
         # models and thresholds between batches, never inside one.
         self.batch_lock = threading.Lock()
 
     def step(self) -> float | bool:
-        if not self.gate.wait(0.05):
-            return False
         first = self._in.get(0.05)
         if first is None:
             return False

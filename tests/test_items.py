@@ -215,7 +215,7 @@ def test_a_box_measured_from_its_bounding_box_equals_the_whole_frame_measure(
     not the frame): the same box, centre and yaw to the last bit as from a frame-sized mask."""
     frame = _render_boxes([(x, y, yaw, length, length * aspect, 80.0)])
     seg = _segmenter()
-    heights = seg.height_map(frame)
+    heights = seg.plane.height_map(frame.depth, frame.depth_scale_m)
     mask = heights > CFG.items.min_height_mm
     rows, cols = np.nonzero(mask)
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from edge.clock import ManualClock
+from edge.item_workers import ItemSearchError, Ticket
 from edge.sources import EndOfStream, SourceCounters
 from edge.stage import BoundedQueue
 from edge.stages import CaptureStage, InferenceStage, ItemStage, ReplayLockstep
@@ -201,3 +202,38 @@ def test_a_reload_switches_between_batches_never_inside_one() -> None:
     reloading.join(5.0)
     assert decided == ["old"]
     assert policy["version"] == "new"
+
+
+class _OneBadFrameset:
+    """A worker pool whose first frameset's search failed and second one found nothing."""
+
+    full = True
+
+    def __init__(self) -> None:
+        self.tickets = [Ticket(FrameSet(1.0, {}), 0), Ticket(FrameSet(2.0, {}), 1)]
+
+    @property
+    def pending(self) -> int:
+        return len(self.tickets)
+
+    def collect(self, timeout_s: float) -> Ticket:
+        return self.tickets.pop(0)
+
+    def detections(self, ticket: Ticket) -> dict[str, list[object]]:
+        if ticket.frameset.timestamp_ms == 1.0:
+            raise ItemSearchError("item-finding worker cv-items-0: ValueError: bad frame")
+        return {}
+
+
+def test_a_frameset_whose_search_failed_is_skipped_and_the_next_one_tracked() -> None:
+    """The failed frameset costs only itself: no exception out of the stage's step (which
+    would count as a stage error, log twice and pause the stage)."""
+    tracker = OneItemPerFrameset()
+    out: BoundedQueue[ItemRecord] = BoundedQueue("items", 4)
+    stage = ItemStage(tracker, BoundedQueue("framesets", 4), out, threading.Event(),
+                      workers=_OneBadFrameset())  # type: ignore[arg-type]
+    stage.step()
+    assert tracker.n == 0
+    stage.step()
+    assert tracker.n == 1
+    assert out.depth() == 1

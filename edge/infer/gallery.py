@@ -79,6 +79,7 @@ class ReferenceGallery:
         self._banks: dict[tuple[str, str], _Bank] = {}
         self._unsaved: set[tuple[str, str]] = set()  # learned, but the write failed
         self._learned: set[tuple[str, str]] = set()  # learned during a reload's disk read
+        self._warned: set[tuple[str, str]] = set()  # banks said to be of another model
         self._lock = threading.Lock()
         self._load()
 
@@ -180,6 +181,8 @@ class ReferenceGallery:
         new = np.concatenate([with_position(p) for p in stack])
         with self._lock:
             old = self._banks.get((product_id, camera_id))
+            if old is not None and old.rows.shape[1] != new.shape[1]:
+                old = None  # another embedding model's references: start the bank anew
             rows = new if old is None else np.concatenate([old.rows, new])
             if len(rows) > self.max_patches:
                 keep = self._rng.choice(len(rows), self.max_patches, replace=False)
@@ -200,6 +203,17 @@ class ReferenceGallery:
                           root=str(self.root), error=str(exc))
         log.info("gallery_learned", product_id=product_id, camera=camera_id, views=total,
                  patches=len(rows))
+
+    def _other_model(self, product_id: str, camera_id: str, bank_dim: int,
+                     model_dim: int) -> None:
+        with self._lock:
+            if (product_id, camera_id) in self._warned:
+                return
+            self._warned.add((product_id, camera_id))
+        log.warning("gallery_bank_other_model", product_id=product_id, camera=camera_id,
+                    bank_dim=bank_dim, model_dim=model_dim,
+                    hint="references from another embedding model are not used; feedback "
+                    "(packaging_changed) or a new gallery rebuilds them")
 
     def _save(self, root: Path, product_id: str, camera_id: str, rows: F32Array,
               views: int) -> None:
@@ -224,8 +238,7 @@ class ReferenceGallery:
         if q.shape[1] != bank.rows.shape[1]:
             # References from another embedding model: scoring against them is meaningless.
             # The item is judged without the gallery (no_gallery), not dropped with its batch.
-            log.warning("gallery_bank_other_model", product_id=product_id, camera=camera_id,
-                        bank_dim=int(bank.rows.shape[1]), model_dim=int(q.shape[1]))
+            self._other_model(product_id, camera_id, bank.rows.shape[1], q.shape[1])
             return None
         dist = nearest_sq_distance(q, bank.rows, bank.sq_norms)
         per_patch = np.sqrt(dist).reshape(h, w)

@@ -212,8 +212,6 @@ class RealSenseSource:
                 self._empty_waits += 1
                 if self._empty_waits >= self.retry.timeouts_before_reconnect:
                     self._session_failed("no frames")
-                    if not self._frame_since_open:  # opens, then streams nothing: wedged
-                        self._reopen_failed("opened but sent no frames")
                 return None
             self._empty_waits = 0
             frame = self._to_frame(*pair)
@@ -231,6 +229,10 @@ class RealSenseSource:
         if self._session is not None:
             self._session.close()
             self._session = None
+            # Opened, then failed before a single frame (no frames, or an error): wedged,
+            # not back. Counts as a failed re-open, with its backoff and escalation.
+            if not self._frame_since_open:
+                self._reopen_failed(f"opened but sent no frames ({why})")
 
     def _reconnect(self, deadline: float) -> bool:
         """Try to re-open when the backoff allows; False when `deadline` came first."""

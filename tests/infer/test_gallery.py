@@ -117,6 +117,9 @@ def test_references_from_another_embedding_model_are_not_scored(tmp_path: Path) 
     g.add("A", "top", _patches(rng, c=16))
     assert g.score("A", "top", _patches(rng, c=24)) is None
     assert g.score("A", "top", _patches(rng, c=16)) is not None
+    g.add("A", "top", _patches(rng, c=24))  # feedback with the new model starts anew
+    assert g.views("A", "top") == 1
+    assert g.score("A", "top", _patches(rng, c=24)) is not None
 
 
 def test_unwritable_gallery_keeps_learning_in_memory(tmp_path: Path) -> None:

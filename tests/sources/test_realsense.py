@@ -222,12 +222,21 @@ def test_live_camera_that_never_appears_backs_off_resets_then_gives_up() -> None
     src.stop()
 
 
+def _times_out(self: Any, timeout_ms: int) -> Any:
+    return None
+
+
+def _raises(self: Any, timeout_ms: int) -> Any:
+    raise RuntimeError("Frame didn't arrive within 5000")
+
+
+@pytest.mark.parametrize("wait", [_times_out, _raises], ids=["times-out", "raises"])
 def test_a_camera_that_opens_but_sends_nothing_is_reset_and_then_given_up_on(
-        small_db3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A wedged camera: every open succeeds, no frame ever comes. Each such session counts as
-    a failed re-open (backoff, hardware_reset, then SourceError); it used to be re-opened
-    every few reads for ever, never reset."""
-    monkeypatch.setattr(rs_session.PlaybackSession, "wait", lambda self, timeout_ms: None)
+        small_db3: Path, monkeypatch: pytest.MonkeyPatch, wait: Any) -> None:
+    """A wedged camera: every open succeeds, no frame ever comes (each wait times out, or
+    raises). Each such session counts as a failed re-open (backoff, hardware_reset, then
+    SourceError); it used to be re-opened every few reads for ever, never reset."""
+    monkeypatch.setattr(rs_session.PlaybackSession, "wait", wait)
     src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10,
                           retry=RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.02,
                                             resets_after=2, max_attempts=4))
