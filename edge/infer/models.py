@@ -8,6 +8,7 @@ with their coarse maps). Crops are copied into preallocated batch buffers.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -235,14 +236,15 @@ class ItemInspector:
     def _combine(self, record: ItemRecord,
                  views: Sequence[tuple[str, ItemCrop, Tensor, Tensor, Tensor]]
                  ) -> ItemInference:
-        damage = max((float(p[0]) for _, _, p, _, _ in views), default=0.0)
+        damage = _max_or_nan([float(p[0]) for _, _, p, _, _ in views])
         per_type: dict[str, float] = {}
         boxes: dict[str, tuple[int, int, int, int]] = {}
         for t, name in enumerate(TYPE_NAMES, start=1):
             if views:
                 top = max(views, key=lambda v, t=t: float(v[2][t]))  # type: ignore[misc]
-                per_type[name] = float(top[2][t])
-                boxes[name] = map_box(top[3][t], top[1].color.shape[0])
+                per_type[name] = _max_or_nan([float(v[2][t]) for v in views])
+                if math.isfinite(per_type[name]):
+                    boxes[name] = map_box(top[3][t], top[1].color.shape[0])
         raw, amap, acam = self._anomaly(record.product_id, views)
         geometry = self._geometry(record)
         anomaly = self.fusion.normalize_anomaly(raw)
@@ -262,6 +264,8 @@ class ItemInspector:
         best: tuple[float, F32Array, str] | None = None
         for cam, crop, _, _, patches in views:
             res = None if product_id is None else self.gallery.score(product_id, cam, patches)
+            if res is not None and math.isnan(res.score):
+                return math.nan, None, cam  # judged as unreadable, whichever camera it was
             if res is not None and (best is None or res.score > best[0]):
                 size = crop.color.shape[0]
                 amap = np.asarray(cv2.resize(res.patch_map, (size, size),
@@ -333,3 +337,12 @@ class ItemInspector:
     def close(self) -> None:
         self.embedding.close()
         self.damage.close()
+
+
+def _max_or_nan(values: Sequence[float]) -> float:
+    """The largest score, NaN if any view's is NaN: Python's `max` keeps or drops a NaN
+    depending on where it stands, so the cameras' order decided. A NaN damage score then
+    sidelines the item (the fused score is NaN, never under its threshold)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values, default=0.0)

@@ -139,3 +139,37 @@ def test_broken_set_finding_points_at_the_gap(inspector: ItemInspector, golden: 
     assert other
     for inf in inspector.infer(other):
         assert inf.per_type.get("broken_set", 0.0) < 0.5
+
+
+class _NanOnOneView:
+    """The damage model giving NaN for one view of the batch (an engine fault)."""
+
+    def __init__(self, real: object, view: int) -> None:
+        self.real = real
+        self.view = view
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v.copy() for k, v in self.real.run(feeds).items()}  # type: ignore[attr-defined]
+        out["probs"][self.view] = np.nan
+        return out
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_a_nan_score_from_either_camera_sidelines_the_item(golden: GoldenSet,
+                                                           view: int) -> None:
+    """Python's max kept or dropped the NaN depending on the camera's place in the order;
+    now a NaN from either camera makes the item's damage score NaN, and it is sidelined."""
+    from tests.infer.conftest import DEFAULT_MANIFEST, memory_inspector
+
+    one = _by_label(golden, "none")[0]
+    crop = next(iter(one.crops.values()))
+    record = dataclasses.replace(one, crops={  # the same good view from two cameras
+        "angled": dataclasses.replace(crop, camera_id="angled"),
+        "top": dataclasses.replace(crop, camera_id="top")})
+    assert _decide(memory_inspector(ModelsConfig(manifest=DEFAULT_MANIFEST), None),
+                   [record]) == [Decision.PASS]
+    insp = memory_inspector(ModelsConfig(manifest=DEFAULT_MANIFEST, max_batch=8), None)
+    insp.damage = _NanOnOneView(insp.damage, view)  # type: ignore[assignment]
+    inference = insp.infer([record])[0]
+    assert np.isnan(inference.damage)
+    assert _decide(insp, [record]) == [Decision.SIDELINE]
