@@ -155,14 +155,38 @@ def disk_usage(path: Path) -> int:
 
 
 def read_sidecar(snapshot_dir: Path) -> dict[str, Any]:
-    """The sidecar, with the label (if any) under ``label``."""
+    """The sidecar, with the label (if any) under ``label``. A label file that cannot be
+    read counts as no label: the audit record stays visible."""
     data: dict[str, Any] = json.loads((snapshot_dir / SIDECAR).read_text())
     label_path = snapshot_dir / LABEL
-    data["label"] = json.loads(label_path.read_text()) if label_path.exists() else None
+    try:
+        data["label"] = json.loads(label_path.read_text()) if label_path.exists() else None
+    except (OSError, ValueError):
+        data["label"] = None
     return data
 
 
 def write_label(snapshot_dir: Path, label: Mapping[str, Any]) -> None:
     tmp = snapshot_dir / (LABEL + ".tmp")
-    tmp.write_text(json.dumps(dict(label), allow_nan=False) + "\n")
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(dict(label), allow_nan=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     tmp.replace(snapshot_dir / LABEL)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file in `folder` and the folder itself: after a power cut a snapshot that
+    was renamed into place holds what was written, not empty files."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

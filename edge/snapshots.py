@@ -39,7 +39,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.config import StorageConfig
-from edge.snapshot_files import LABEL, disk_usage, read_sidecar, write_label, write_snapshot
+from edge.snapshot_files import (
+    LABEL,
+    disk_usage,
+    read_sidecar,
+    sync_tree,
+    write_label,
+    write_snapshot,
+)
 from edge.types import Decision, ItemRecord, Verdict
 
 log = structlog.get_logger(__name__)
@@ -249,6 +256,7 @@ class SnapshotStore:
         try:
             write_snapshot(tmp, record, verdict, self._wall() * 1000.0)
             size = disk_usage(tmp)
+            sync_tree(tmp)
             tmp.rename(self.root / snapshot_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

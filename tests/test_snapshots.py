@@ -364,3 +364,22 @@ def test_since_rejects_nonsense() -> None:
 
     with pytest.raises(ConfigError, match="--since"):
         parse_since("yesterday-ish")
+
+
+def test_an_unreadable_label_does_not_hide_the_snapshot(tmp_path: Path,
+                                                        intact: list[ItemRecord]) -> None:
+    """What a power cut mid-label can leave (an empty label.json): the audit record and its
+    verdict are still read, without the label. It used to raise, and the snapshot vanished
+    from the live page and the export."""
+    store = SnapshotStore(tmp_path / "s", StorageConfig(snapshots_min_free_mb=0.0))
+    store.start()
+    v = store.offer(intact[0], verdict_for(intact[0], Decision.SIDELINE))
+    assert store.flush(10.0)
+    store.close()
+    assert v.snapshot_id is not None
+    folder = store.path(v.snapshot_id)
+    assert folder is not None
+    (folder / "label.json").write_text("")
+    data = read_sidecar(folder)
+    assert data["label"] is None
+    assert data["verdict"]["decision"] == "sideline"
