@@ -382,6 +382,13 @@ def _check_cross_fields(cfg: Config) -> None:
         value = getattr(cfg.node, key)
         if any(ch in value for ch in "/#+ "):
             raise ConfigError(f"node.{key}", value, "no '/', '#', '+' or spaces")
+    if cfg.models.backend == "tensorrt":
+        from edge.infer.engines import DEFAULT_PROFILE
+
+        if cfg.models.max_batch > DEFAULT_PROFILE[2]:  # every larger batch would fail
+            raise ConfigError("models.max_batch", cfg.models.max_batch,
+                              f"at most {DEFAULT_PROFILE[2]} with backend tensorrt (the "
+                              "engines' optimisation profile)")
     # Found at load time, not once the models and cameras are up (a restart loop).
     if cfg.http.port and cfg.http.token_file is None and not is_loopback(cfg.http.bind):
         raise ConfigError("http.token_file", None,

@@ -121,3 +121,12 @@ def test_camera_ids_that_cannot_name_files_and_urls_are_refused(camera_id: str) 
     """Camera IDs name snapshot files and URL paths: with a '/' every snapshot write failed."""
     with pytest.raises(ConfigError, match=r"cameras\[0\]\.id"):
         config_from_mapping({"cameras": [{"id": camera_id}]})
+
+
+def test_a_tensorrt_batch_beyond_the_engines_profile_is_refused() -> None:
+    """Engines are built for batches up to 16: a larger models.max_batch would fail every
+    larger batch on the device, found only there."""
+    with pytest.raises(ConfigError, match=r"models\.max_batch.*at most 16"):
+        config_from_mapping({"models": {"backend": "tensorrt", "max_batch": 32}})
+    assert config_from_mapping({"models": {"backend": "tensorrt", "max_batch": 16}})
+    assert config_from_mapping({"models": {"backend": "onnxruntime", "max_batch": 32}})
