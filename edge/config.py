@@ -356,6 +356,13 @@ def is_loopback(bind: str) -> bool:
         return False
 
 
+def check_http_token(http: HttpConfig) -> None:
+    """ConfigError when the HTTP endpoint is bound beyond loopback without a token file."""
+    if http.token_file is None and not is_loopback(http.bind):
+        raise ConfigError("http.token_file", None,
+                          f"a token file: http.bind {http.bind!r} is not a loopback address")
+
+
 _CAMERA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -390,9 +397,8 @@ def _check_cross_fields(cfg: Config) -> None:
                               f"at most {DEFAULT_PROFILE[2]} with backend tensorrt (the "
                               "engines' optimisation profile)")
     # Found at load time, not once the models and cameras are up (a restart loop).
-    if cfg.http.port and cfg.http.token_file is None and not is_loopback(cfg.http.bind):
-        raise ConfigError("http.token_file", None,
-                          f"a token file: http.bind {cfg.http.bind!r} is not a loopback address")
+    if cfg.http.port:
+        check_http_token(cfg.http)
 
 
 def config_from_mapping(data: object) -> Config:

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from edge.config import ConfigError, HttpConfig, is_loopback
+from edge.config import ConfigError, HttpConfig, check_http_token
 from edge.node import Node
 from edge.web.live import LiveFeed, tracks_of
 from edge.web.status import page_status
@@ -50,10 +50,8 @@ _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".json": "application/json"
 
 def read_token(cfg: HttpConfig) -> str | None:
     """The access token, required (ConfigError) when bound beyond loopback."""
+    check_http_token(cfg)
     if cfg.token_file is None:
-        if not is_loopback(cfg.bind):
-            raise ConfigError("http.token_file", None,
-                              f"a token file: http.bind {cfg.bind!r} is not a loopback address")
         return None
     token = Path(cfg.token_file).read_text(encoding="utf-8").strip()
     if len(token) < 16:

@@ -6,11 +6,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.config import is_loopback
 from edge.geometry import BeltPlane
 from edge.sources.synthetic import default_intrinsics, default_pose
 from edge.types import Decision, Frame
 from edge.web.live import LiveItem, LiveTrack, annotate, footprint_rect
-from edge.web.server import is_loopback
 
 PLANE = BeltPlane(default_intrinsics(640, 480), default_pose(0))
 
