@@ -285,6 +285,8 @@ class Node:
         running ones stay (said in the log and on `…/events`): a bad update must not stop
         the line. Returns whether the models and thresholds were switched."""
         gallery = self.inspector.gallery.reload()
+        # References copied in from a node with another embedding model: re-embedded here.
+        gallery |= self.inspector.refresh_gallery()
         try:  # opened and tested beside the running models, which go on inspecting
             prepared = self.inspector.prepare_reload()
         except (ModelRejectedError, ManifestError, BackendError, OSError) as exc:

@@ -18,7 +18,7 @@ from edge.infer.backend import BackendError, open_backend
 from edge.infer.dataset import DatasetError, load_dataset
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.manifest import ManifestError, load_manifest, write_manifest
-from edge.infer.models import DAMAGE, EMBEDDING, ItemInspector
+from edge.infer.models import DAMAGE, EMBEDDING, ItemInspector, embedding_identity
 from edge.infer.photo import PhotoError, load_photo
 from edge.logs import configure_logging
 
@@ -42,12 +42,14 @@ def _config(args: argparse.Namespace) -> Config:
 def memory_inspector(models: ModelsConfig, gallery_dir: Path | None = None) -> ItemInspector:
     """An inspector whose gallery lives in memory (seeded from the shipped references)."""
     manifest = load_manifest(models.manifest)
+    gallery = ReferenceGallery(gallery_dir, model=embedding_identity(manifest))
     inspector = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), models),
                               open_backend(manifest.model(DAMAGE), models),
-                              gallery=ReferenceGallery(gallery_dir), catalogue=load_catalogue(),
-                              cfg=models)
+                              gallery=gallery, catalogue=load_catalogue(), cfg=models)
+    # Read, never written: another model's references are re-embedded here, in memory.
+    inspector.refresh_gallery(persist=False)
     if inspector.gallery.is_empty():
-        inspector.seed_gallery()
+        inspector.seed_gallery(persist=False)
     return inspector
 
 

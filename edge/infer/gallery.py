@@ -12,6 +12,14 @@ show match themselves and are not flagged.
 The gallery persists under its directory (one `.npz` per product and
 camera, written atomically) and learns at run time (`add`), e.g. when the
 controller reports "false positive: packaging changed".
+
+Patch features only mean something to the embedding model that computed
+them, so each bank records that model (`model`, its identity) and keeps the
+reference views it was built from (up to `MAX_VIEWS` crops). A gallery opened
+for another model sets such banks aside (`stale`): they are not scored, and
+the inspector re-embeds their views with the model in use. A model update
+with the same feature size would otherwise score items against the old
+model's features: meaningless distances, silently.
 """
 
 from __future__ import annotations
@@ -19,14 +27,16 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
-from edge.types import F32Array
+from edge.types import F32Array, U8Array
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +45,10 @@ POSITION_WEIGHT = 0.35
 #: Patches kept per product and camera (random subsample beyond this).
 MAX_PATCHES = 6144
 TOP_K = 6
+#: Reference views (crops) kept per product and camera for re-embedding; the latest win.
+MAX_VIEWS = 32
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_VIEW_KEY = "view_"
 
 
 def _safe(name: str) -> str:
@@ -65,38 +78,75 @@ class _Bank:
     rows: F32Array  # (M, D)
     sq_norms: F32Array  # (M,)
     views: int
+    model: str | None  # the embedding model's identity; None: not recorded (older files)
+
+
+def _bank(rows: F32Array, views: int, model: str | None) -> _Bank:
+    return _Bank(rows, np.einsum("ij,ij->i", rows, rows), views, model)
+
+
+def _stored_images(path: Path) -> list[U8Array]:
+    """The reference views kept in a bank file ([] if none or unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = sorted(k for k in data.files if k.startswith(_VIEW_KEY))
+            return [np.asarray(data[k], dtype=np.uint8) for k in names]
+    except Exception:  # missing or damaged: its views are gone, the caller says what then
+        return []
 
 
 class ReferenceGallery:
-    """Reference patch banks keyed by (product ID, camera ID), persisted in `root`."""
+    """Reference patch banks keyed by (product ID, camera ID), persisted in `root`.
 
-    def __init__(self, root: Path | None, *, max_patches: int = MAX_PATCHES, top_k: int = TOP_K,
-                 seed: int = 0) -> None:
+    `model` names the embedding model whose features this gallery holds (None: not
+    checked). Banks on disk of another model are `stale`: set aside, not scored.
+    """
+
+    def __init__(self, root: Path | None, *, model: str | None = None,
+                 max_patches: int = MAX_PATCHES, top_k: int = TOP_K, seed: int = 0) -> None:
         self.root = root  # None: in memory only (golden self-test, threshold fitting)
+        self.model = model
         self.max_patches = max_patches
         self.top_k = top_k
         self._rng = np.random.default_rng(seed)
         self._banks: dict[tuple[str, str], _Bank] = {}
-        self._unsaved: set[tuple[str, str]] = set()  # learned, but the write failed
+        self._unsaved: set[tuple[str, str]] = set()  # learned, not written (yet, or failed)
         self._learned: set[tuple[str, str]] = set()  # learned during a reload's disk read
         self._warned: set[tuple[str, str]] = set()  # banks said to be of another model
+        # Banks on disk made by another embedding model: not scored until re-embedded.
+        self._stale: dict[tuple[str, str], str | None] = {}
+        # Views of banks whose file is not written yet (a failed write, or `persist=False`),
+        # and whether they replace the views on disk or add to them.
+        self._pending: dict[tuple[str, str], tuple[list[U8Array], bool]] = {}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one writer at a time: they share the .tmp name
         self._load()
+
+    def for_model(self, model: str | None) -> ReferenceGallery:
+        """The same directory opened for another embedding model (a reload that changes
+        it): every bank of this model is stale there until re-embedded."""
+        return ReferenceGallery(self.root, model=model, max_patches=self.max_patches,
+                                top_k=self.top_k)
 
     def _file(self, root: Path, product_id: str, camera_id: str) -> Path:
         return root / _safe(product_id) / f"{_safe(camera_id)}.npz"
 
-    def _read(self, unreadable: set[Path] | None = None) -> dict[tuple[str, str], _Bank]:
-        """The banks on disk; the paths of files that could not be read go to `unreadable`."""
+    def _read(self, unreadable: set[Path] | None = None
+              ) -> tuple[dict[tuple[str, str], _Bank], dict[tuple[str, str], str | None]]:
+        """The banks on disk of this gallery's model, and those of other models (stale:
+        their model); the paths of files that could not be read go to `unreadable`."""
         banks: dict[tuple[str, str], _Bank] = {}
+        stale: dict[tuple[str, str], str | None] = {}
         if self.root is None or not self.root.is_dir():
-            return banks
+            return banks, stale
         for path in sorted(self.root.glob("*/*.npz")):
             try:
                 with np.load(path, allow_pickle=False) as data:
                     rows = data["rows"].astype(np.float32)
                     key = (str(data["product_id"]), str(data["camera_id"]))
                     views = int(data["views"])
+                    # Files from before models were recorded: taken as this model's.
+                    model = str(data["model"]) if "model" in data.files else None
             except Exception as exc:  # empty, truncated, not a zip: skip that file
                 # A half-written or half-copied file must cost its own references only, not
                 # the start of the node or a reload.
@@ -111,12 +161,23 @@ class ReferenceGallery:
                 if unreadable is not None:
                     unreadable.add(path)
                 continue
-            banks[key] = _Bank(rows, np.einsum("ij,ij->i", rows, rows), views)
-        return banks
+            if model is not None and self.model is not None and model != self.model:
+                stale[key] = model
+                continue
+            banks[key] = _bank(rows, views, model)
+        return banks, stale
 
     def _load(self) -> None:
-        self._banks = self._read()
-        log.info("gallery_loaded", root=str(self.root), banks=len(self._banks))
+        self._banks, self._stale = self._read()
+        if self.model is not None:
+            # Banks from before models were recorded are taken as this model's, and say so
+            # from now on: the next model change must find them stale.
+            for key, bank in self._banks.items():
+                if bank.model is None:
+                    bank.model = self.model
+                    self._unsaved.add(key)  # written by the next `flush`
+        log.info("gallery_loaded", root=str(self.root), banks=len(self._banks),
+                 stale=len(self._stale), model=self.model)
 
     def reload(self) -> dict[str, int]:
         """Re-read the banks from disk (SIGHUP: references copied in or removed by hand).
@@ -133,7 +194,7 @@ class ReferenceGallery:
         with self._lock:
             self._learned.clear()
         unreadable: set[Path] = set()
-        fresh = self._read(unreadable)  # outside the lock: scoring and learning go on
+        fresh, stale = self._read(unreadable)  # outside the lock: scoring and learning go on
         root = self.root
         with self._lock:
             old = self._banks
@@ -150,8 +211,29 @@ class ReferenceGallery:
                 "unsaved": len(unsaved),
             }
             self._banks = {**fresh, **unsaved}
-        log.info("gallery_reloaded", root=str(self.root), banks=len(self._banks), **counts)
+            self._stale = {k: m for k, m in stale.items() if k not in self._banks}
+        log.info("gallery_reloaded", root=str(self.root), banks=len(self._banks),
+                 stale=len(self._stale), **counts)
         return counts
+
+    def stale(self) -> dict[tuple[str, str], str | None]:
+        """Banks on disk made by another embedding model (key -> that model)."""
+        with self._lock:
+            return dict(self._stale)
+
+    def stored_views(self, product_id: str, camera_id: str) -> list[U8Array]:
+        """The reference views (BGR crops) a bank was built from, as far as kept."""
+        key = (product_id, camera_id)
+        with self._lock:
+            pending, replaces = self._pending.get(key, ([], False))
+        if replaces or self.root is None:
+            return list(pending)
+        return _stored_images(self._file(self.root, *key)) + pending
+
+    def forget_stale(self, product_id: str, camera_id: str) -> None:
+        """Stop listing a stale bank that cannot be rebuilt (its file stays for an operator)."""
+        with self._lock:
+            self._stale.pop((product_id, camera_id), None)
 
     def products(self) -> tuple[str, ...]:
         with self._lock:
@@ -175,12 +257,20 @@ class ReferenceGallery:
             return not self._banks
 
     def add(self, product_id: str, camera_id: str, patches: F32Array, *, views: int = 1,
-            persist: bool = True) -> None:
-        """Add reference patch features: (C, H, W) or a stack (K, C, H, W) of views."""
+            images: Sequence[U8Array] = (), persist: bool = True,
+            replace: bool = False) -> None:
+        """Add reference patch features: (C, H, W) or a stack (K, C, H, W) of views.
+
+        `images` are the views themselves (BGR crops), kept with the bank so that another
+        embedding model can re-embed them. `replace` starts the bank anew (re-embedding):
+        `images` are then all of its views. Without `persist` the bank waits in memory
+        for `flush`.
+        """
+        key = (product_id, camera_id)
         stack = patches[None] if patches.ndim == 3 else patches
         new = np.concatenate([with_position(p) for p in stack])
         with self._lock:
-            old = self._banks.get((product_id, camera_id))
+            old = None if replace else self._banks.get(key)
             if old is not None and old.rows.shape[1] != new.shape[1]:
                 old = None  # another embedding model's references: start the bank anew
             rows = new if old is None else np.concatenate([old.rows, new])
@@ -188,21 +278,59 @@ class ReferenceGallery:
                 keep = self._rng.choice(len(rows), self.max_patches, replace=False)
                 rows = rows[np.sort(keep)]
             total = views + (old.views if old else 0)
-            self._banks[(product_id, camera_id)] = _Bank(
-                rows, np.einsum("ij,ij->i", rows, rows), total)
-            self._learned.add((product_id, camera_id))
+            self._banks[key] = _bank(rows, total, self.model)
+            self._stale.pop(key, None)
+            self._warned.discard(key)
+            self._learned.add(key)
+            if self.root is not None:  # in memory only, nothing will re-embed them
+                pending, replaced = self._pending.get(key, ([], False))
+                self._pending[key] = ((list(images) if replace else pending + list(images)),
+                                      replace or replaced)
+                self._unsaved.add(key)
         if persist and self.root is not None:
-            try:
-                self._save(self.root, product_id, camera_id, rows, total)
-                with self._lock:
-                    self._unsaved.discard((product_id, camera_id))
-            except OSError as exc:  # keep learning in memory; the next add retries the write
-                with self._lock:
-                    self._unsaved.add((product_id, camera_id))
-                log.error("gallery_write_failed", product_id=product_id, camera=camera_id,
-                          root=str(self.root), error=str(exc))
+            self._write(key)
         log.info("gallery_learned", product_id=product_id, camera=camera_id, views=total,
-                 patches=len(rows))
+                 patches=len(rows), model=self.model)
+
+    def flush(self) -> int:
+        """Write every bank that waits in memory; returns how many are still unwritten."""
+        with self._lock:
+            keys = sorted(self._unsaved)
+        for key in keys:
+            self._write(key)
+        with self._lock:
+            return len(self._unsaved)
+
+    def _write(self, key: tuple[str, str]) -> None:
+        """Write one bank with its views; on failure it stays in memory (retried on the
+        next add or flush) and the error is logged."""
+        root = self.root
+        if root is None:
+            return
+        with self._write_lock:
+            with self._lock:
+                bank = self._banks.get(key)
+                pending, replaces = self._pending.get(key, ([], False))
+            if bank is None:
+                return
+            try:
+                kept = pending if replaces else _stored_images(self._file(root, *key)) + pending
+                self._save(root, *key, bank, kept[-MAX_VIEWS:])
+            except OSError as exc:  # keep learning in memory; the next add retries the write
+                log.error("gallery_write_failed", product_id=key[0], camera=key[1],
+                          root=str(root), error=str(exc))
+                return
+            with self._lock:
+                if self._banks.get(key) is bank:
+                    self._unsaved.discard(key)
+                    self._pending.pop(key, None)
+                    return
+                # Learned again meanwhile: that write is still due, with only the views
+                # added since on top of what is on disk now (unless it started anew).
+                now = self._pending.get(key, ([], False))[0]
+                if len(now) >= len(pending) and all(
+                        a is b for a, b in zip(now, pending, strict=False)):
+                    self._pending[key] = (now[len(pending):], False)
 
     def _other_model(self, product_id: str, camera_id: str, bank_dim: int,
                      model_dim: int) -> None:
@@ -215,14 +343,20 @@ class ReferenceGallery:
                     hint="references from another embedding model are not used; feedback "
                     "(packaging_changed) or a new gallery rebuilds them")
 
-    def _save(self, root: Path, product_id: str, camera_id: str, rows: F32Array,
-              views: int) -> None:
+    def _save(self, root: Path, product_id: str, camera_id: str, bank: _Bank,
+              images: Sequence[U8Array]) -> None:
         path = self._file(root, product_id, camera_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
+        arrays: dict[str, Any] = {
+            "rows": bank.rows.astype(np.float16), "product_id": np.str_(product_id),
+            "camera_id": np.str_(camera_id), "views": np.int64(bank.views)}
+        if bank.model is not None:
+            arrays["model"] = np.str_(bank.model)
+        for i, img in enumerate(images):
+            arrays[f"{_VIEW_KEY}{i:03d}"] = np.ascontiguousarray(img, dtype=np.uint8)
         with tmp.open("wb") as fh:
-            np.savez(fh, rows=rows.astype(np.float16), product_id=np.str_(product_id),
-                     camera_id=np.str_(camera_id), views=np.int64(views))
+            np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())  # a power cut must not leave an empty file under the name
         tmp.replace(path)

@@ -110,12 +110,21 @@ class ModelRejectedError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class PreparedModels:
-    """Models opened and golden-tested for a reload, not yet in use."""
+    """Models opened and golden-tested for a reload, not yet in use; with a new embedding
+    model, also the gallery re-embedded for it (in memory, written on the switch)."""
 
     manifest: Manifest
     embedding: Backend
     damage: Backend
     report: GoldenReport
+    gallery: ReferenceGallery | None = None
+
+
+def embedding_identity(manifest: Manifest) -> str:
+    """What patch features depend on: the embedding model file and its input size. Two
+    models that share it compute the same features (a TensorRT engine is built from it)."""
+    spec = manifest.model(EMBEDDING)
+    return f"{spec.sha256[:16]}@{int(spec.preprocessing.get('size', 128))}"
 
 
 class ItemInspector:
@@ -155,28 +164,69 @@ class ItemInspector:
         manifest = load_manifest(manifest_path or cfg.manifest)
         embedding = open_backend(manifest.model(EMBEDDING), cfg)
         damage = open_backend(manifest.model(DAMAGE), cfg)
-        inspector = cls(manifest, embedding, damage, gallery=ReferenceGallery(cfg.gallery_dir),
-                        catalogue=catalogue, cfg=cfg)
+        gallery = ReferenceGallery(cfg.gallery_dir, model=embedding_identity(manifest))
+        inspector = cls(manifest, embedding, damage, gallery=gallery, catalogue=catalogue,
+                        cfg=cfg)
+        inspector.refresh_gallery()
         if inspector.gallery.is_empty():
             inspector.seed_gallery()
+        gallery.flush()  # banks from before models were recorded now say whose they are
         return inspector
 
-    def seed_gallery(self) -> int:
-        """Learn the shipped reference views (manifest `gallery_seed`); returns views added."""
+    def _seed_views(self) -> dict[tuple[str, str], list[np.ndarray]]:
+        """The shipped reference views (manifest `gallery_seed`) per product and camera."""
         seed = self.manifest.raw.get("gallery_seed")
         if not isinstance(seed, dict):
-            return 0
+            return {}
         path = self.manifest.path.parent / str(seed["file"])
         if sha256_file(path) != str(seed.get("sha256")):
             log.error("gallery_seed_mismatch", path=str(path))
-            return 0
+            return {}
         with np.load(path, allow_pickle=False) as data:
             rgb, products, cams = data["rgb"], data["product_id"], data["camera_id"]
-        for pid, cam in sorted({(str(p), str(c)) for p, c in zip(products, cams, strict=True)}):
-            sel = [i for i in range(len(rgb)) if products[i] == pid and cams[i] == cam]
-            self.learn_views(pid, cam, [rgb[i] for i in sel])
-        log.info("gallery_seeded", views=len(rgb), products=len(set(products.tolist())))
-        return len(rgb)
+        views: dict[tuple[str, str], list[np.ndarray]] = {}
+        for img, pid, cam in zip(rgb, products, cams, strict=True):
+            views.setdefault((str(pid), str(cam)), []).append(img)
+        return views
+
+    def seed_gallery(self, *, persist: bool = True) -> int:
+        """Learn the shipped reference views (manifest `gallery_seed`); returns views added."""
+        seed = self._seed_views()
+        for (pid, cam), views in sorted(seed.items()):
+            self._learn(self.gallery, pid, cam, views, persist=persist)
+        added = sum(map(len, seed.values()))
+        if added:
+            log.info("gallery_seeded", views=added, products=len({p for p, _ in seed}))
+        return added
+
+    def refresh_gallery(self, gallery: ReferenceGallery | None = None, *,
+                        persist: bool = True) -> dict[str, int]:
+        """Re-embed the gallery's stale banks (another embedding model's) with this
+        inspector's model, from the views each bank keeps, or else from the shipped views
+        of that product. A bank with neither is left out (logged: the product is judged
+        without the gallery until feedback or an operator gives it references again)."""
+        g = self.gallery if gallery is None else gallery
+        counts = {"rebuilt": 0, "reseeded": 0, "lost": 0}
+        stale = g.stale()
+        seed = self._seed_views() if stale else {}
+        for (pid, cam), old_model in sorted(stale.items()):
+            views = g.stored_views(pid, cam)
+            how = "rebuilt"
+            if not views and (pid, cam) in seed:
+                views, how = seed[(pid, cam)], "reseeded"
+            if not views:
+                g.forget_stale(pid, cam)
+                counts["lost"] += 1
+                log.error("gallery_bank_lost", product_id=pid, camera=cam, old_model=old_model,
+                          model=g.model, hint="its file keeps no reference views to re-embed: "
+                          "send packaging_changed feedback for this product, or copy in "
+                          "references made with the current model")
+                continue
+            self._learn(g, pid, cam, views, persist=persist, replace=True)
+            counts[how] += 1
+        if stale:
+            log.info("gallery_reembedded", model=g.model, **counts)
+        return counts
 
     def embed(self, colors: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
         """Patch features (N, C, H, W) and trunk features of BGR crops, in batches."""
@@ -193,11 +243,17 @@ class ItemInspector:
 
     def learn_views(self, product_id: str, camera_id: str, colors: Sequence[np.ndarray]) -> None:
         """Add BGR crops of one camera as references (in every orientation of the long side)."""
+        self._learn(self.gallery, product_id, camera_id, colors)
+
+    def _learn(self, gallery: ReferenceGallery, product_id: str, camera_id: str,
+               colors: Sequence[np.ndarray], *, persist: bool = True,
+               replace: bool = False) -> None:
         variants = [np.ascontiguousarray(c[::-1 if fy else 1, ::-1 if fx else 1])
                     for c in colors for fx, fy in _VARIANTS]
         with self._lock:
             patches, _ = self.embed(variants)
-        self.gallery.add(product_id, camera_id, patches, views=len(colors))
+        gallery.add(product_id, camera_id, patches, views=len(colors), images=colors,
+                    persist=persist, replace=replace)
 
     def learn_reference(self, product_id: str, colors: Mapping[str, np.ndarray]) -> None:
         """Add an item's views (its BGR crop per camera) as pristine references of
@@ -311,22 +367,35 @@ class ItemInspector:
         except FusionError as exc:
             raise ManifestError(str(manifest_path or self.cfg.manifest), str(exc),
                                 "valid thresholds and fusion sections") from None
+        identity = embedding_identity(manifest)
+        new_embedding = identity != self.gallery.model and self.gallery.model is not None
+        gallery = self.gallery.for_model(identity) if new_embedding else self.gallery
         candidate = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), self.cfg),
                                   open_backend(manifest.model(DAMAGE), self.cfg),
-                                  gallery=self.gallery, catalogue=self.catalogue, cfg=self.cfg)
+                                  gallery=gallery, catalogue=self.catalogue, cfg=self.cfg)
         report = golden_self_test(candidate)
         if not report.passed:
             candidate.close()
             raise ModelRejectedError(report)
-        return PreparedModels(manifest, candidate.embedding, candidate.damage, report)
+        if new_embedding:  # the running gallery's features mean nothing to the new model
+            candidate.refresh_gallery(persist=False)
+            if gallery.is_empty():
+                candidate.seed_gallery(persist=False)  # `switch_to` writes it
+        return PreparedModels(manifest, candidate.embedding, candidate.damage, report,
+                              gallery if new_embedding else None)
 
     def switch_to(self, prepared: PreparedModels) -> GoldenReport:
         """Run on prepared models from now on (quick: they are open and tested)."""
         old = (self.embedding, self.damage)
         with self._lock:
             self._configure(prepared.manifest, prepared.embedding, prepared.damage)
+            if prepared.gallery is not None:
+                self.gallery = prepared.gallery
         for backend in old:
             backend.close()
+        if prepared.gallery is not None:
+            unwritten = prepared.gallery.flush()  # the re-embedded banks, now theirs on disk
+            log.info("gallery_switched", model=prepared.gallery.model, unwritten=unwritten)
         log.info("models_reloaded", versions=prepared.manifest.model_versions(),
                  thresholds=prepared.manifest.threshold_version)
         return prepared.report

@@ -44,3 +44,12 @@ def engines_copy(tmp_path: Path) -> Path:
 def models_cfg(engines_copy: Path, tmp_path: Path) -> ModelsConfig:
     return ModelsConfig(manifest=engines_copy / "manifest.yaml", gallery_dir=tmp_path / "gallery",
                         engine_cache=tmp_path / "plans", max_batch=4)
+
+
+@pytest.fixture(scope="session")
+def other_embedding_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid model update whose embedding computes other features of the same shape
+    (read-only: copy it before changing anything)."""
+    from tests.engines_helpers import engines_with_another_embedding
+
+    return engines_with_another_embedding(tmp_path_factory.mktemp("other-embedding"))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge.infer.gallery import ReferenceGallery, nearest_sq_distance
+from edge.infer.gallery import MAX_VIEWS, ReferenceGallery, nearest_sq_distance
 
 
 def _patches(rng: np.random.Generator, c: int = 16, hw: int = 6) -> np.ndarray:
@@ -189,3 +189,74 @@ def test_reload_of_a_vanished_folder_forgets_nothing(tmp_path: Path) -> None:
     (tmp_path / "g").rename(tmp_path / "elsewhere")
     assert g.reload() == {"added": 0, "changed": 0, "removed": 0, "unsaved": 0}
     assert g.views("A", "top") == 1
+
+
+def test_banks_of_another_embedding_model_are_set_aside_with_their_views(
+        tmp_path: Path) -> None:
+    """Features of the same size from another embedding model are not scored (they would
+    give meaningless distances); the views the bank was built from are still there to
+    re-embed, and a rebuilt bank belongs to the new model on disk."""
+    rng = np.random.default_rng(10)
+    views = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    old = ReferenceGallery(tmp_path, model="model-a")
+    old.add("P", "top", np.stack([_patches(rng), _patches(rng)]), views=2, images=views)
+    new = ReferenceGallery(tmp_path, model="model-b")
+    assert not new.has("P", "top")
+    assert new.score("P", "top", _patches(rng)) is None
+    assert new.stale() == {("P", "top"): "model-a"}
+    kept = new.stored_views("P", "top")
+    assert len(kept) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(kept, views, strict=True))
+    ref = _patches(rng)
+    new.add("P", "top", ref, views=2, images=kept, replace=True)
+    assert new.stale() == {}
+    assert new.score("P", "top", ref).score < 1e-3  # type: ignore[union-attr]
+    again = ReferenceGallery(tmp_path, model="model-b")
+    assert again.views("P", "top") == 2
+    assert len(again.stored_views("P", "top")) == 2
+    assert ReferenceGallery(tmp_path, model="model-a").stale() == {("P", "top"): "model-b"}
+
+
+def test_kept_views_are_capped_to_the_latest(tmp_path: Path) -> None:
+    """Feedback goes on for years: a bank keeps at most MAX_VIEWS views, the newest."""
+    rng = np.random.default_rng(11)
+    g = ReferenceGallery(tmp_path, model="m")
+    for i in range(MAX_VIEWS + 3):
+        g.add("P", "top", _patches(rng), images=[np.full((4, 4, 3), i, np.uint8)])
+    kept = ReferenceGallery(tmp_path, model="m").stored_views("P", "top")
+    assert len(kept) == MAX_VIEWS
+    assert int(kept[-1][0, 0, 0]) == MAX_VIEWS + 2
+    assert int(kept[0][0, 0, 0]) == 3
+
+
+def test_a_bank_from_before_models_were_recorded_is_adopted(tmp_path: Path) -> None:
+    """Files without a model are taken as the loading model's and say so once flushed, so
+    that the next model change finds them stale instead of scoring against them."""
+    rng = np.random.default_rng(12)
+    (tmp_path / "P").mkdir()
+    rows = ReferenceGallery(None)
+    rows.add("P", "top", _patches(rng))
+    bank = rows._banks[("P", "top")]
+    np.savez(tmp_path / "P" / "top.npz", rows=bank.rows.astype(np.float16),
+             product_id=np.str_("P"), camera_id=np.str_("top"), views=np.int64(1))
+    g = ReferenceGallery(tmp_path, model="model-a")
+    assert g.has("P", "top")
+    assert g.flush() == 0
+    assert ReferenceGallery(tmp_path, model="model-b").stale() == {("P", "top"): "model-a"}
+
+
+def test_a_gallery_prepared_for_another_model_writes_nothing_until_flushed(
+        tmp_path: Path) -> None:
+    """A reload re-embeds beside the running gallery: the files stay the running model's
+    until the switch (a refused model must leave them as they were)."""
+    rng = np.random.default_rng(13)
+    running = ReferenceGallery(tmp_path, model="model-a")
+    running.add("P", "top", _patches(rng), images=[np.zeros((4, 4, 3), np.uint8)])
+    prepared = running.for_model("model-b")
+    assert prepared.stale() == {("P", "top"): "model-a"}
+    prepared.add("P", "top", _patches(rng), images=prepared.stored_views("P", "top"),
+                  persist=False, replace=True)
+    assert ReferenceGallery(tmp_path, model="model-a").has("P", "top")
+    assert prepared.flush() == 0
+    assert ReferenceGallery(tmp_path, model="model-b").has("P", "top")
+    assert len(ReferenceGallery(tmp_path, model="model-b").stored_views("P", "top")) == 1

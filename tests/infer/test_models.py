@@ -11,6 +11,7 @@ import pytest
 from edge.catalogue import load_catalogue
 from edge.config import DecisionConfig, ModelsConfig
 from edge.decide import VerdictPolicy
+from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import GoldenSet
 from edge.infer.models import ItemInspector
 from edge.types import Decision, ItemRecord, Reason
@@ -173,3 +174,65 @@ def test_a_nan_score_from_either_camera_sidelines_the_item(golden: GoldenSet,
     inference = insp.infer([record])[0]
     assert np.isnan(inference.damage)
     assert _decide(insp, [record]) == [Decision.SIDELINE]
+
+
+def _repacked(golden: GoldenSet) -> ItemRecord:
+    return dataclasses.replace(_by_label(golden, "none")[0], product_id="P-REPACKED")
+
+
+def _learned_repacked(models_cfg: ModelsConfig, golden: GoldenSet) -> ItemInspector:
+    insp = ItemInspector.load(models_cfg, load_catalogue())
+    rec = _repacked(golden)
+    insp.learn_reference("P-REPACKED", {cam: c.color for cam, c in rec.crops.items()})
+    return insp
+
+
+def test_an_updated_embedding_model_re_embeds_the_gallery_at_start(
+        models_cfg: ModelsConfig, golden: GoldenSet, other_embedding_manifest: Path) -> None:
+    """A model update with features of the same size: the references learned from feedback
+    and the shipped ones are re-embedded with the new model from the views their banks
+    keep. Scored against the old model's features, an item that matches its own
+    references exactly read as a raw anomaly distance of ~1.0."""
+    _learned_repacked(models_cfg, golden)
+    updated = ItemInspector.load(dataclasses.replace(models_cfg,
+                                                     manifest=other_embedding_manifest),
+                                 load_catalogue())
+    assert updated.gallery.stale() == {}
+    after = updated.infer([_repacked(golden)])[0]
+    assert after.anomaly_raw is not None
+    assert after.anomaly_raw < 0.05
+    assert updated.gallery.views("P-REPACKED", "top") == 1
+    assert updated.gallery.has("P-BOX-S", "top")  # the shipped references too
+
+
+def test_a_reload_to_another_embedding_model_switches_the_gallery_with_it(
+        models_cfg: ModelsConfig, golden: GoldenSet, other_embedding_manifest: Path) -> None:
+    """SIGHUP with a new embedding model: the gallery is re-embedded beside the running
+    one, which goes on scoring with its own model; the files change with the switch."""
+    running = _learned_repacked(models_cfg, golden)
+    old_model = running.gallery.model
+    prepared = running.prepare_reload(other_embedding_manifest)
+    assert prepared.gallery is not None
+    assert ReferenceGallery(models_cfg.gallery_dir, model=old_model).stale() == {}
+    assert running.infer([_repacked(golden)])[0].anomaly_raw < 0.05  # type: ignore[operator]
+    running.switch_to(prepared)
+    assert running.gallery.model == prepared.gallery.model != old_model
+    assert running.infer([_repacked(golden)])[0].anomaly_raw < 0.05  # type: ignore[operator]
+    on_disk = ReferenceGallery(models_cfg.gallery_dir, model=prepared.gallery.model)
+    assert on_disk.stale() == {}
+    assert on_disk.views("P-REPACKED", "angled") == 1
+
+
+def test_stale_banks_without_views_are_reseeded_or_left_out(models_cfg: ModelsConfig) -> None:
+    """Another model's banks that kept no views: a shipped product gets the shipped views
+    again; any other product is judged without the gallery until it gets references."""
+    assert models_cfg.gallery_dir is not None
+    for product in ("P-BOX-S", "P-GONE"):
+        (models_cfg.gallery_dir / product).mkdir(parents=True)
+        np.savez(models_cfg.gallery_dir / product / "top.npz",
+                 rows=np.ones((4, 122), np.float16), product_id=np.str_(product),
+                 camera_id=np.str_("top"), views=np.int64(1), model=np.str_("retired@128"))
+    insp = ItemInspector.load(models_cfg, load_catalogue())
+    assert insp.gallery.stale() == {}
+    assert insp.gallery.views("P-BOX-S", "top") == 4  # the shipped views of that camera
+    assert not insp.gallery.has("P-GONE")
