@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge.cli import build_parser
 from edge.config import config_from_mapping, load_config
 from edge.publish.broker import MosquittoBroker
 from edge.systemd import (
@@ -39,6 +41,9 @@ from edge.systemd import (
     read_health,
     watchdog_interval_s,
 )
+from edge.update.cli import gate_policy
+from edge.update.health import GatePolicy
+from edge.update.updater import longest_apply_s
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -374,6 +379,43 @@ def _directives(path: Path) -> list[tuple[str, str, str]]:
 
 def _values(path: Path, key: str) -> list[str]:
     return [v for _, k, v in _directives(path) if k == key]
+
+
+_SPAN_S = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
+
+
+def _span_s(span: str) -> float:
+    """A systemd time span as these units write it ('90min', '1h 30min', '600') in s."""
+    parts = re.findall(r"(\d+)\s*([a-z]*)", span)
+    assert parts, span
+    assert re.fullmatch(r"(\s*\d+\s*[a-z]*)+", span), span
+    return sum(int(n) * _SPAN_S[unit] for n, unit in parts)
+
+
+def _update_gate() -> GatePolicy:
+    """The health gate the update unit runs with: its ExecStart= parsed by `edge-node`."""
+    (exec_start,) = _values(UNITS / "conveyor-vision-update.service", "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[0] == EXEC
+    return gate_policy(build_parser().parse_args(argv[1:]))
+
+
+def test_update_unit_outlasts_the_longest_update() -> None:
+    """systemd must never kill an update between switching `current` and committing or
+    rolling back: the update unit's TimeoutStartSec= is at least 20 % above the longest
+    `update apply` can run with the gate its ExecStart= sets, worked out from the
+    updater's own bounds (venv build, health gate, probes, systemctl calls)."""
+    (timeout,) = _values(UNITS / "conveyor-vision-update.service", "TimeoutStartSec")
+    longest_s = longest_apply_s(_update_gate())
+    assert _span_s(timeout) >= 1.2 * longest_s, (
+        f"TimeoutStartSec={timeout}; the longest update takes {longest_s / 60:.0f} min")
+
+
+def test_engines_unit_outlasts_the_gates_wait_for_ready() -> None:
+    """During an update the node's restart runs the engine build, and the health gate
+    waits up to --ready-timeout for READY: systemd must not fail a build sooner."""
+    (timeout,) = _values(UNITS / "conveyor-vision-engines.service", "TimeoutStartSec")
+    assert _span_s(timeout) >= 1.2 * _update_gate().ready_timeout_s
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from typing import Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from packaging.version import InvalidVersion, Version
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -45,6 +46,7 @@ _MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 _CHUNK = 1 << 20
 
 Kind = Literal["full", "models"]
+ReleaseOrder = tuple[Version, tuple[tuple[int, int, str], ...]]
 
 
 class BundleError(ValueError):
@@ -95,6 +97,24 @@ def check_version(version: object) -> str:
     if not isinstance(version, str) or not _VERSION_RE.match(version) or version in {".", ".."}:
         raise BundleError(f"bad release version {version!r}: expected letters, digits, '._+-'")
     return version
+
+
+def release_order(version: str) -> ReleaseOrder:
+    """Sort key of a release version, for refusing downgrades.
+
+    The public part is ordered as PEP 440 (1.10.0 after 1.9.0, 1.4.0rc1 before 1.4.0); a
+    local label (models releases: 1.4.0+m1) sorts after the bare version, with its numbers
+    compared as numbers: 1.4.0+m10 after 1.4.0+m9, which plain PEP 440 compares as text.
+    A version that cannot be ordered is a BundleError rather than a guess.
+    """
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        raise BundleError(f"release version {version!r} cannot be ordered: use a PEP 440 "
+                          "version such as 1.4.0, 1.4.0rc1 or 1.4.0+m1") from None
+    local = tuple((0, int(run), "") if run.isdigit() else (1, 0, run)
+                  for run in re.findall(r"[0-9]+|[a-z]+", parsed.local or ""))
+    return Version(parsed.public), local
 
 
 def check_relpath(path: object) -> str:
@@ -286,7 +306,8 @@ def build_manifest(payload_dir: Path, version: str, kind: Kind,
         FileEntry(path=rel, sha256=sha256_file(p), size=p.stat().st_size,
                   mode=0o755 if p.stat().st_mode & 0o111 else 0o644)
         for rel, p in _walk_payload(payload_dir))
-    manifest = Manifest(version=check_version(version), kind=kind, files=files,
+    release_order(check_version(version))  # devices refuse a version they cannot order
+    manifest = Manifest(version=version, kind=kind, files=files,
                         base_version=base_version, created_ms=time.time() * 1000.0)
     parse_manifest(manifest.to_json())  # same checks the device will make
     return manifest

@@ -5,6 +5,8 @@ bundle it looked at moves to `<inbox>/processed/`, so the timer does not retry t
 inbox, a bundle written to in the last `--settle` seconds is left for the next run (a copy
 may still be arriving), and so is every bundle while another update holds the lock; with
 nothing to apply, an update that a reboot interrupted is finished (`resume`).
+A bundle older than the newest release ever installed on the device is refused (an old
+signed bundle must not roll a device back to known bugs) unless `--allow-downgrade`.
 Exit status: 0 committed (or nothing to do), 1 refused or rolled back, 2 bad usage.
 """
 
@@ -39,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_PUBLIC_KEY = Path("/etc/conveyor-vision/update-signing.pub")
 BUNDLE_SUFFIX = ".cvb"
+_GATE = GatePolicy()  # the defaults; the update unit's TimeoutStartSec= is sized on them
 
 
 def add_update_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,15 +64,18 @@ def add_update_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     apply.add_argument("--public-key", type=Path, default=DEFAULT_PUBLIC_KEY,
                        help=f"trusted ed25519 key(s), PEM (default {DEFAULT_PUBLIC_KEY})")
     apply.add_argument("--keep", type=int, default=3, help="releases to retain (>= 2)")
-    apply.add_argument("--ready-timeout", type=float, default=900.0,
+    apply.add_argument("--ready-timeout", type=float, default=_GATE.ready_timeout_s,
                        help="seconds the new release has to report READY")
-    apply.add_argument("--healthy-for", type=float, default=120.0,
+    apply.add_argument("--healthy-for", type=float, default=_GATE.healthy_for_s,
                        help="seconds it must then stay healthy before the update commits")
-    apply.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    apply.add_argument("--poll", type=float, default=_GATE.poll_s, help=argparse.SUPPRESS)
     apply.add_argument("--settle", type=float, default=30.0,
                        help="inbox: seconds a bundle must be unchanged before it is taken")
     apply.add_argument("--health-file", type=Path, default=DEFAULT_HEALTH_FILE,
                        help=f"the node's health file (default {DEFAULT_HEALTH_FILE})")
+    apply.add_argument("--allow-downgrade", action="store_true",
+                       help="install a bundle older than the newest release this device "
+                       "has installed (refused otherwise)")
 
     rollback = sub.add_parser("rollback", parents=[common, gated],
                               help="go back to the previous release")
@@ -103,11 +109,16 @@ def run_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def gate_policy(args: argparse.Namespace) -> GatePolicy:
+    """The health gate an `update` command runs with (defaults for resume and rollback)."""
+    return GatePolicy(ready_timeout_s=getattr(args, "ready_timeout", _GATE.ready_timeout_s),
+                      healthy_for_s=getattr(args, "healthy_for", _GATE.healthy_for_s),
+                      poll_s=getattr(args, "poll", _GATE.poll_s))
+
+
 def _updater(args: argparse.Namespace, keys: Sequence[Ed25519PublicKey]) -> Updater:
     services: ServiceManager = NoServices() if args.no_restart else SystemctlManager(args.systemctl)
-    gate = GatePolicy(ready_timeout_s=getattr(args, "ready_timeout", 900.0),
-                      healthy_for_s=getattr(args, "healthy_for", 120.0),
-                      poll_s=getattr(args, "poll", 2.0))
+    gate = gate_policy(args)
     health_file: Path = getattr(args, "health_file", DEFAULT_HEALTH_FILE)
     systemctl: str = args.systemctl
 
@@ -154,7 +165,8 @@ def _apply(args: argparse.Namespace) -> int:
         return 2
     updater = _updater(args, keys=list(load_public_keys(args.public_key)))
     try:
-        event = updater.apply(bundle, restart=not args.no_restart)
+        event = updater.apply(bundle, restart=not args.no_restart,
+                              allow_downgrade=args.allow_downgrade)
     except UpdateBusyError:
         raise  # nothing was looked at: the next run takes the bundles
     except BaseException:
@@ -185,6 +197,7 @@ def _status(args: argparse.Namespace) -> int:
             "root": str(args.root),
             "current": current,
             "previous": store.previous_version(),
+            "highest_installed": _highest(store),
             "pending": store.pending(),
             "releases": [
                 {"version": i.version, "kind": i.kind, "status": i.status,
@@ -202,6 +215,14 @@ def _status(args: argparse.Namespace) -> int:
     if last:
         _out(f"last update: {last.outcome} {last.version or ''} — {last.reason}")
     return 0
+
+
+def _highest(store: ReleaseStore) -> str | None:
+    try:
+        return store.highest_version()
+    except BundleError as exc:  # status still answers; apply says what to do about it
+        _err(f"update status: {exc}")
+        return None
 
 
 def _out(text: str) -> None:

@@ -22,6 +22,8 @@ from edge.systemd import read_health
 
 log = structlog.get_logger(__name__)
 
+SYSTEMCTL_PROBE_TIMEOUT_S = 10.0  # the slowest probe: `systemctl is-active` on a busy device
+
 
 @dataclass(frozen=True, slots=True)
 class Probe:
@@ -73,7 +75,8 @@ class SystemctlProbe:
     def __call__(self) -> Probe:
         try:
             out = subprocess.run([self.systemctl, "is-active", self.unit], capture_output=True,
-                                 text=True, timeout=10, check=False).stdout.strip()
+                                 text=True, timeout=SYSTEMCTL_PROBE_TIMEOUT_S,
+                                 check=False).stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
             return Probe(False, True, f"systemctl is-active failed: {exc}")
         if out == "active":
@@ -104,6 +107,12 @@ class GatePolicy:
     ready_timeout_s: float = 900.0  # an engine build on a Jetson can take minutes
     healthy_for_s: float = 120.0
     poll_s: float = 2.0
+
+    def longest_wait_s(self, probe_s: float = SYSTEMCTL_PROBE_TIMEOUT_S) -> float:
+        """The longest `wait_healthy` runs when a probe takes at most `probe_s`: READY is
+        seen at most one poll and probe after `ready_timeout_s`, and the healthy window
+        is checked at most one poll and probe after it ends."""
+        return self.ready_timeout_s + self.healthy_for_s + 2 * (self.poll_s + probe_s)
 
 
 @dataclass(frozen=True, slots=True)

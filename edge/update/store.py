@@ -6,6 +6,8 @@
     <root>/previous -> releases/<version>     what a rollback goes back to
     <root>/update-state.json        an update in progress (survives a reboot mid-update)
     <root>/update-status.json       the last update event, for the node's status topic
+    <root>/highest-version.json     the newest release ever installed: older bundles are
+                                    refused (a replayed old bundle is a rollback attack)
     <root>/.staging/                bundles are unpacked and checked here first
 
 Symlinks are switched by creating a temporary symlink and `rename()`-ing it over the
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+
+from edge.update.bundle import BundleError, release_order
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +96,7 @@ class ReleaseStore:
         self.staging = root / ".staging"
         self.state_file = root / "update-state.json"
         self.status_file = root / "update-status.json"
+        self.highest_file = root / "highest-version.json"
 
     def ensure_layout(self) -> None:
         for d in (self.root, self.releases, self.staging):
@@ -209,6 +214,48 @@ class ReleaseStore:
                     shutil.rmtree(p, ignore_errors=True)
 
     # --- state ---------------------------------------------------------------------------
+
+    def highest_version(self) -> str | None:
+        """The newest release version ever installed here. Kept outside releases/, so
+        pruning never lowers it; a device whose updater predates the file starts from the
+        newest release it holds. A damaged file raises BundleError: guessing could let an
+        old bundle back in."""
+        try:
+            text = self.highest_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return self._newest_installed()
+        except OSError as exc:
+            raise BundleError(f"cannot read {self.highest_file}: {exc}") from None
+        try:
+            version = json.loads(text)["version"]
+            release_order(version)
+        except (ValueError, KeyError, TypeError, BundleError):
+            raise BundleError(f"{self.highest_file} is damaged (no orderable 'version' in "
+                              "it)") from None
+        return str(version)
+
+    def record_installed(self, version: str) -> None:
+        """Raise the highest installed version to `version` (it never goes down), durably."""
+        damaged = False
+        try:
+            highest = self.highest_version()
+        except BundleError:  # only an --allow-downgrade update gets here: rebuild the file
+            highest, damaged = self._newest_installed(), True
+        if highest is not None and release_order(version) <= release_order(highest):
+            if not damaged:
+                return
+            version = highest
+        write_json_atomic(self.highest_file, {"version": version,
+                                              "updated_ms": time.time() * 1000.0})
+
+    def _newest_installed(self) -> str | None:
+        orderable = []
+        for info in self.installed():
+            try:
+                orderable.append((release_order(info.version), info.version))
+            except BundleError:
+                log.warning("release_version_unorderable", version=info.version)
+        return max(orderable)[1] if orderable else None
 
     def pending(self) -> dict[str, Any] | None:
         data = read_json(self.state_file)

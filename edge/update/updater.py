@@ -25,7 +25,7 @@ from typing import Protocol
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge.update.bundle import BundleError, Manifest, extract_verified
+from edge.update.bundle import BundleError, Manifest, extract_verified, release_order
 from edge.update.health import GatePolicy, HealthProbe, wait_healthy
 from edge.update.store import (
     INSTALL_FILE,
@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 NODE_UNIT = "conveyor-vision.service"
 ENGINES_UNIT = "conveyor-vision-engines.service"
+VENV_BUILD_TIMEOUT_S = 1800.0  # both steps together: venv, then pip installing every wheel
+SYSTEMCTL_TIMEOUT_S = 60.0  # one `systemctl --no-block` call
+DOWNGRADE_OVERRIDE = "edge-node update apply --allow-downgrade BUNDLE"
 
 
 class UpdateBusyError(RuntimeError):
@@ -70,7 +73,8 @@ class SystemctlManager:
         # then rolls back; an exception here would leave the switch half done.
         try:
             result = subprocess.run([self.systemctl, "--no-block", verb, unit],
-                                    capture_output=True, text=True, timeout=60, check=False)
+                                    capture_output=True, text=True,
+                                    timeout=SYSTEMCTL_TIMEOUT_S, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
             log.error("systemctl_failed", verb=verb, unit=unit, error=str(exc))
             return
@@ -99,7 +103,7 @@ EnvBuilder = Callable[[Path], None]
 
 def build_venv(release_dir: Path) -> None:
     """Create `venv/` (seeing the system site-packages: JetPack's TensorRT and OpenCV) and
-    install every wheel from `wheels/`, offline."""
+    install every wheel from `wheels/`, offline, within VENV_BUILD_TIMEOUT_S in all."""
     wheels = sorted((release_dir / "wheels").glob("*.whl"))
     if not wheels:
         return
@@ -110,11 +114,33 @@ def build_venv(release_dir: Path) -> None:
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-cache-dir",
          "--find-links", str(release_dir / "wheels"), *map(str, wheels)],
     ]
+    deadline = time.monotonic() + VENV_BUILD_TIMEOUT_S
     for cmd in commands:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                    timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # run() has killed the step
+            raise BundleError(f"building the venv took longer than {VENV_BUILD_TIMEOUT_S:g} s "
+                              f"(stopped: {' '.join(cmd[:4])} …)") from None
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
             raise BundleError(f"building the venv failed: {' | '.join(tail)}")
+
+
+def longest_apply_s(gate: GatePolicy) -> float:
+    """The longest `Updater.apply` runs with `build_venv` and `SystemctlManager`; the
+    update unit's TimeoutStartSec= must stay above it (tests/test_systemd.py checks), or
+    systemd kills an update between switching and committing or rolling back.
+
+    The worst path: an update a reboot interrupted is gated again and rolled back, then
+    a full bundle builds its venv, is switched to, gated and rolled back. Each switch is
+    at most two systemctl calls (engines unit, node unit). Unpacking and hashing the
+    bundle depend on the disk and have no bound here: the unit's margin covers them.
+    """
+    switch_s = 2 * SYSTEMCTL_TIMEOUT_S
+    interrupted_s = gate.longest_wait_s() + switch_s
+    new_s = VENV_BUILD_TIMEOUT_S + switch_s + gate.longest_wait_s() + switch_s
+    return interrupted_s + new_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,14 +189,16 @@ class Updater:
 
     # --- apply ---------------------------------------------------------------------------
 
-    def apply(self, bundle: Path, *, restart: bool = True) -> UpdateEvent:
+    def apply(self, bundle: Path, *, restart: bool = True,
+              allow_downgrade: bool = False) -> UpdateEvent:
         """Install `bundle`, switch to it and gate on health; raises UpdateError if refused
         or rolled back. With `restart=False` the release is switched to and committed
-        without touching units (provisioning an image)."""
+        without touching units (provisioning an image). A bundle older than the newest
+        release ever installed here is refused unless `allow_downgrade`."""
         with self._locked():
             self._recover()
             previous = self.store.current_version()
-            manifest = self._install(bundle, previous)
+            manifest = self._install(bundle, previous, allow_downgrade)
             version = manifest.version
             self.store.set_pending(version, previous)
             self.store.mark(version, "pending")
@@ -184,7 +212,7 @@ class Updater:
             self.services.restart(NODE_UNIT)
             return self._gate(version, previous)
 
-    def _install(self, bundle: Path, current: str | None) -> Manifest:
+    def _install(self, bundle: Path, current: str | None, allow_downgrade: bool) -> Manifest:
         staging = self.store.staging / f"{bundle.name}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -193,6 +221,7 @@ class Updater:
             verified = extract_verified(bundle, self.keys, staging)
             manifest = verified.manifest
             target = self._check_target(manifest, current)
+            self._check_not_older(manifest.version, allow_downgrade)
             if manifest.kind == "models":
                 assert current is not None  # _check_target refused otherwise
                 self._assemble_models_release(staging, current)
@@ -203,6 +232,8 @@ class Updater:
             base = self._venv_owner(current) if manifest.kind == "models" else None
             self.store.mark(manifest.version, "installed", installed_ms=time.time() * 1000.0,
                             base_version=base)
+            # Before release.json: a release is never complete without having raised it.
+            self.store.record_installed(manifest.version)
             _write_atomic(target / RELEASE_FILE, verified.manifest_raw)  # complete from here
         except (BundleError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -225,6 +256,25 @@ class Updater:
                 raise BundleError(f"models bundle is for release {manifest.base_version}, "
                                   f"current is {current}")
         return target
+
+    def _check_not_older(self, version: str, allow_downgrade: bool) -> None:
+        """Refuse a rollback attack: an old, validly signed bundle replayed once its
+        release was pruned. Same version again is left to _check_target."""
+        order = release_order(version)  # unorderable: refused, even with the override
+        try:
+            highest = self.store.highest_version()
+        except BundleError as exc:
+            if allow_downgrade:
+                return
+            raise BundleError(f"{exc}; to install anyway: {DOWNGRADE_OVERRIDE}") from None
+        if highest is None or order >= release_order(highest):
+            return
+        if allow_downgrade:
+            log.warning("update_downgrade_allowed", version=version, highest=highest)
+            return
+        raise BundleError(f"release {version} is older than {highest}, the newest release "
+                          f"installed on this device: downgrade refused (an old bundle can "
+                          f"bring back fixed bugs); to install it anyway: {DOWNGRADE_OVERRIDE}")
 
     def _venv_owner(self, version: str | None) -> str | None:
         """The release whose venv `version` runs (itself, or its base for models releases)."""

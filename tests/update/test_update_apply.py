@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.update.bundle import Manifest, write_bundle
+from edge.update.bundle import Manifest, release_order, write_bundle
 from edge.update.store import ReleaseStore
 from edge.update.updater import ENGINES_UNIT, NODE_UNIT, UpdateError
 
@@ -381,3 +382,117 @@ def test_concurrent_update_is_refused(*, make_updater: UpdaterFactory, make_bund
         fcntl.flock(fh, fcntl.LOCK_EX)
         with pytest.raises(RuntimeError, match="another update is running"):
             make_updater().apply(make_bundle("1.1.0"))
+
+
+# --- downgrades (rollback attacks) ---------------------------------------------------------
+
+
+@pytest.fixture
+def pruned_v1(make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path) -> Path:
+    """1.0.0, 1.1.0 and 1.2.0 applied with keep=2: 1.0.0 is pruned; its bundle is returned."""
+    old = make_bundle("1.0.0")
+    for bundle in (old, make_bundle("1.1.0"), make_bundle("1.2.0")):
+        make_updater(keep=2).apply(bundle)
+    assert sorted(p.name for p in ReleaseStore(root).releases.iterdir()) == ["1.1.0", "1.2.0"]
+    return old
+
+
+def test_old_bundle_replayed_after_its_release_was_pruned_is_refused(
+        *, make_updater: UpdaterFactory, pruned_v1: Path, root: Path,
+        services: FakeServices) -> None:
+    """An old, validly signed bundle whose release has been pruned cannot roll the device
+    back: it is refused with both versions and the override named, nothing changes and
+    no unit is touched. It used to be installed and committed again."""
+    before = list(ReleaseStore(root).iter_tree())
+    calls = list(services.calls)
+    with pytest.raises(UpdateError, match=r"1\.0\.0 is older than 1\.2\.0") as err:
+        make_updater(keep=2).apply(pruned_v1)
+    assert err.value.event.outcome == "refused"
+    assert "--allow-downgrade" in err.value.event.reason
+    assert list(ReleaseStore(root).iter_tree()) == before
+    assert services.calls == calls
+    assert ReleaseStore(root).current_version() == "1.2.0"
+
+
+def test_allow_downgrade_installs_an_older_bundle_but_keeps_the_floor(
+        *, make_updater: UpdaterFactory, make_bundle: BundleFactory, pruned_v1: Path,
+        root: Path) -> None:
+    """With the operator's override the old release is installed and gated as usual; the
+    newest version seen stays 1.2.0, so another old bundle is still refused."""
+    event = make_updater(keep=2).apply(pruned_v1, allow_downgrade=True)
+    assert event.outcome == "committed"
+    store = ReleaseStore(root)
+    assert store.current_version() == "1.0.0"
+    assert store.highest_version() == "1.2.0"
+    with pytest.raises(UpdateError, match=r"0\.9\.0 is older than 1\.2\.0"):
+        make_updater(keep=2).apply(make_bundle("0.9.0"))
+    assert make_updater(keep=2).apply(make_bundle("1.3.0")).outcome == "committed"
+
+
+def test_a_release_the_gate_rolled_back_still_counts_as_installed(
+        *, make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str) -> None:
+    """The gate's own rollback to `previous` works as before (it is not a bundle); the
+    failed release was installed, so a bundle older than it is a downgrade."""
+    with pytest.raises(UpdateError, match="not READY within"):
+        make_updater().apply(make_bundle("1.2.0", behaviour="never-ready"))
+    assert ReleaseStore(root).current_version() == installed_v1
+    with pytest.raises(UpdateError, match=r"1\.1\.0 is older than 1\.2\.0"):
+        make_updater().apply(make_bundle("1.1.0"))
+
+
+def test_a_device_without_the_record_starts_from_its_newest_release(
+        *, make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str) -> None:
+    """A device updated by an updater from before highest-version.json is protected at
+    once: the newest release it holds is the floor."""
+    make_updater().apply(make_bundle("1.1.0"))
+    (root / "highest-version.json").unlink()
+    with pytest.raises(UpdateError, match=r"1\.0\.5 is older than 1\.1\.0"):
+        make_updater().apply(make_bundle("1.0.5"))
+    make_updater().apply(make_bundle("1.2.0"))
+    assert json.loads((root / "highest-version.json").read_text())["version"] == "1.2.0"
+
+
+def test_a_damaged_record_refuses_updates_until_overridden(
+        *, make_updater: UpdaterFactory, make_bundle: BundleFactory, root: Path,
+        installed_v1: str) -> None:
+    """A damaged highest-version.json is not guessed around: updates are refused, naming
+    the file and the override; an overridden update writes it again."""
+    (root / "highest-version.json").write_text("{not json")
+    with pytest.raises(UpdateError, match=r"highest-version\.json is damaged.*--allow-downgrade"):
+        make_updater().apply(make_bundle("1.1.0"))
+    make_updater().apply(make_bundle("1.1.0"), allow_downgrade=True)
+    assert ReleaseStore(root).highest_version() == "1.1.0"
+
+
+def test_a_version_that_cannot_be_ordered_is_refused(
+        *, make_updater: UpdaterFactory, signing_key: Ed25519PrivateKey, root: Path,
+        installed_v1: str, tmp_path: Path) -> None:
+    """A signed bundle whose version has no place in the order (here 'nightly') is refused
+    even with the override, since downgrades could not be told apart."""
+    payload = tmp_path / "nightly"
+    (payload / "engines").mkdir(parents=True)
+    (payload / "engines" / "manifest.yaml").write_bytes(b"models: {}\n")
+    from edge.update.bundle import FileEntry, sha256_file
+    manifest = Manifest("nightly", "full", (FileEntry(
+        "engines/manifest.yaml", sha256_file(payload / "engines" / "manifest.yaml"), 11),))
+    bundle = write_bundle(payload, manifest, signing_key, tmp_path / "nightly.cvb")
+    with pytest.raises(UpdateError, match="'nightly' cannot be ordered"):
+        make_updater().apply(bundle, allow_downgrade=True)
+    assert ReleaseStore(root).current_version() == installed_v1
+
+
+@pytest.mark.parametrize(("older", "newer"), [
+    ("1.9.0", "1.10.0"),
+    ("1.4.0rc1", "1.4.0"),
+    ("1.4.0", "1.4.0+m1"),
+    ("1.4.0+m9", "1.4.0+m10"),
+    ("1.4.0+m10", "1.4.1"),
+    ("2024.5.1", "2024.12.0"),
+])
+def test_release_versions_are_ordered_as_numbers(older: str, newer: str) -> None:
+    """Downgrades are judged on release order, not text: 1.10.0 follows 1.9.0, a release
+    candidate precedes its release, and models releases (+m1, +m2 ... +m10) follow their
+    base and each other by number."""
+    assert release_order(older) < release_order(newer)

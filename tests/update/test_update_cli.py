@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from edge.update import updater
+from edge.update.bundle import BundleError
 from edge.update.cli import main
 from edge.update.store import ReleaseStore
 from edge.update.updater import build_venv
@@ -61,6 +63,29 @@ def test_refused_bundle_exits_1_and_says_why(
                 "--no-restart") == 1
     assert "update refused:" in capsys.readouterr().err
     assert ReleaseStore(root).installed() == []
+
+
+def test_downgrade_exits_1_naming_both_versions_unless_allowed(
+        make_bundle: BundleFactory, public_key_file: Path, root: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`update apply` of a bundle older than the newest release installed (its own release
+    pruned) exits 1 and says which versions and how to override; `--allow-downgrade`
+    installs it; `update status --json` shows the newest version installed."""
+    common = ("--root", root, "--public-key", public_key_file, "--no-restart", "--keep", "2")
+    old = make_bundle("1.0.0")
+    for bundle in (old, make_bundle("1.1.0"), make_bundle("1.2.0")):
+        assert _cli("apply", bundle, *common) == 0
+    capsys.readouterr()
+    assert _cli("apply", old, *common) == 1
+    err = capsys.readouterr().err
+    assert "update refused: release 1.0.0 is older than 1.2.0" in err
+    assert "edge-node update apply --allow-downgrade" in err
+    assert ReleaseStore(root).current_version() == "1.2.0"
+    assert _cli("apply", old, *common, "--allow-downgrade") == 0
+    assert ReleaseStore(root).current_version() == "1.0.0"
+    capsys.readouterr()
+    assert _cli("status", "--root", root, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["highest_installed"] == "1.2.0"
 
 
 def test_inbox_applies_the_newest_bundle_and_files_all_as_processed(
@@ -179,3 +204,22 @@ def test_full_release_gets_its_own_offline_venv(tmp_path: Path,
     assert out == ["3.0.0", str(release / "venv")]
     cfg = (release / "venv" / "pyvenv.cfg").read_text()
     assert "include-system-site-packages = true" in cfg
+
+
+def test_a_venv_build_that_hangs_is_stopped_and_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The venv build has one bound for all its steps (what the update unit's timeout is
+    sized on): a step still running then is killed and the release refused with that
+    reason, instead of an unhandled TimeoutExpired (or systemd killing the update)."""
+    release = tmp_path / "releases" / "3.0.0"
+    (release / "wheels").mkdir(parents=True)
+    _wheel(release / "wheels", "cvprobe", "3.0.0")
+    hang = tmp_path / "python3"
+    hang.write_text("#!/bin/sh\nexec sleep 30\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("CONVEYOR_VISION_PYTHON", str(hang))
+    monkeypatch.setattr(updater, "VENV_BUILD_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    with pytest.raises(BundleError, match=r"building the venv took longer than 0\.5 s"):
+        build_venv(release)
+    assert time.monotonic() - start < 10

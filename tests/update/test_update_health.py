@@ -81,6 +81,25 @@ def test_gate_fails_fast_on_failure_and_can_be_interrupted() -> None:
     assert "interrupted" in stopped.reason
 
 
+@pytest.mark.parametrize("ready_after_s", [0.55, None])
+def test_gate_never_outlasts_its_longest_wait(ready_after_s: float | None) -> None:
+    """`GatePolicy.longest_wait_s`, which the update unit's timeout is sized on, holds with
+    slow probes: for a node that turns READY just before the timeout and then stays
+    healthy, and for one that never does."""
+    policy = GatePolicy(ready_timeout_s=0.6, healthy_for_s=0.3, poll_s=0.2)
+    probe_s = 0.1
+    start = time.monotonic()
+
+    def slow() -> Probe:
+        time.sleep(probe_s)
+        ready = ready_after_s is not None and time.monotonic() - start >= ready_after_s
+        return Probe(ready, True)
+
+    result = wait_healthy(slow, policy)
+    assert result.ok == (ready_after_s is not None)
+    assert time.monotonic() - start <= policy.longest_wait_s(probe_s)
+
+
 def _fake_systemctl(tmp_path: Path, state: str) -> Path:
     """A `systemctl` that logs its arguments and answers is-active with `state`."""
     script = tmp_path / "systemctl"
