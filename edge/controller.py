@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -17,12 +18,18 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge.clock import Clock
 from edge.publish.topics import Topics
 from edge.types import Announcement
 
 log = structlog.get_logger(__name__)
+
+#: How long the broker keeps the simulator's session, and the verdicts queued for it, while the
+#: simulator is away.
+SESSION_EXPIRY_S = 600
 
 
 @dataclass(slots=True)
@@ -62,14 +69,22 @@ class ControllerSimulator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cv-controller-sim",
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                   client_id=f"cv-controller-sim-{uuid.uuid4().hex[:8]}",
                                    protocol=mqtt.MQTTv5)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._thread = threading.Thread(target=self._run, name="controller-sim", daemon=True)
 
     def start(self, timeout_s: float = 5.0) -> None:
-        self._client.connect(self._host, self._port, keepalive=10)
+        # A session the broker keeps while we are away (a broker restart, a reconnect): with no
+        # expiry it dies with the connection, and every verdict published until we are back
+        # with it. Never a clean start: Mosquitto does not persist a session that began with
+        # one. The client ID is ours alone, so there is no earlier run's session to resume.
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self._client.connect(self._host, self._port, keepalive=10, clean_start=False,
+                             properties=props)
         self._client.loop_start()
         if not self._connected.wait(timeout_s):
             raise RuntimeError(f"controller simulator: no connection to {self._host}:{self._port}")
@@ -80,13 +95,16 @@ class ControllerSimulator:
         if self._thread.is_alive():
             self._thread.join(2.0)
         self._client.loop_stop()
-        self._client.disconnect()
+        bye = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
+        bye.SessionExpiryInterval = 0  # done: the broker need not keep anything for us
+        self._client.disconnect(properties=bye)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object,
                     _p: object = None) -> None:
         if getattr(rc, "is_failure", False):
             log.error("controller_connect_refused", reason=str(rc))
             return
+        # On every connect: a broker that lost the session (no persistence) forgot it.
         client.subscribe(self.topics.verdict, qos=1)
         self._connected.set()
 

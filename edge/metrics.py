@@ -77,6 +77,10 @@ class NodeSnapshot:
     calibration_ok: Mapping[str, bool] = field(default_factory=dict)
     model_versions: Mapping[str, str] = field(default_factory=dict)
     unmatched_frames: int = 0
+    late_frames: int = 0
+    #: MQTT verdict delivery: published, acked, resent, refused, dropped_expired,
+    #: dropped_actionable, unpersisted, acks_not_recorded, reconnects, connect_failures
+    mqtt: Mapping[str, int] = field(default_factory=dict)
     #: item-finding worker processes: workers, jobs, respawns, jobs_done_here; cpu_s
     item_workers: Mapping[str, float] = field(default_factory=dict)
 
@@ -109,9 +113,15 @@ def _camera_families(s: NodeSnapshot) -> Iterator[Metric]:
     for cam, snap in s.cameras.items():
         fps.add_metric([cam], snap.fps)
     yield fps
-    unmatched = CounterMetricFamily("cv_sync_unmatched_frames", "Frames left out of framesets")
+    unmatched = CounterMetricFamily(
+        "cv_sync_unmatched_frames", "Frames that went out without a partner from every camera")
     unmatched.add_metric([], s.unmatched_frames)
     yield unmatched
+    late = CounterMetricFamily(
+        "cv_sync_late_frames", "Frames that came after their moment had gone out (dropped; "
+        "not in cv_sync_unmatched_frames)")
+    late.add_metric([], s.late_frames)
+    yield late
     cal = GaugeMetricFamily("cv_calibration_ok", "Belt calibration check passed (1) or not (0)",
                             labels=["camera"])
     for cam, ok in s.calibration_ok.items():
@@ -189,6 +199,8 @@ def _item_families(s: NodeSnapshot) -> Iterator[Metric]:
     conn = GaugeMetricFamily("cv_broker_connected", "MQTT connection up (1) or down (0)")
     conn.add_metric([], 1.0 if s.broker_connected else 0.0)
     yield conn
+    if s.mqtt:
+        yield from _mqtt_families(s.mqtt)
     rejected = CounterMetricFamily("cv_rejected_inputs", "Bad input messages", labels=["reason"])
     for reason, n in s.rejected_inputs.items():
         rejected.add_metric([reason], n)
@@ -198,6 +210,25 @@ def _item_families(s: NodeSnapshot) -> Iterator[Metric]:
     for model, version in s.model_versions.items():
         models.add_metric([model, version], 1.0)
     yield models
+
+
+#: What happened to verdicts on their way to the broker (`cv_mqtt_verdicts{outcome}`).
+_MQTT_OUTCOMES = ("published", "acked", "resent", "refused", "dropped_expired",
+                  "dropped_actionable", "unpersisted", "acks_not_recorded")
+
+
+def _mqtt_families(m: Mapping[str, int]) -> Iterator[Metric]:
+    verdicts = CounterMetricFamily(
+        "cv_mqtt_verdicts", "Verdicts by delivery outcome: published = acked + dropped_* + "
+        "outbox depth; resent and acks_not_recorded count events, not verdicts",
+        labels=["outcome"])
+    for outcome in _MQTT_OUTCOMES:
+        verdicts.add_metric([outcome], m.get(outcome, 0))
+    yield verdicts
+    yield CounterMetricFamily("cv_mqtt_reconnects", "Connections to the broker after a loss",
+                              value=m.get("reconnects", 0))
+    yield CounterMetricFamily("cv_mqtt_connect_failures", "Connection attempts that failed",
+                              value=m.get("connect_failures", 0))
 
 
 class NodeMetrics:

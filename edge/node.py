@@ -423,6 +423,13 @@ class Node:
             model_versions=self.inspector.model_versions(),
             calibration_ok=dict(self.calibration_ok),
             unmatched_frames=self.synchronizer.counters.unmatched_frames,
+            late_frames=self.synchronizer.counters.late_frames,
+            mqtt={"published": pub.published, "acked": pub.acked, "resent": pub.resent,
+                  "refused": pub.refused, "dropped_expired": pub.dropped_expired,
+                  "dropped_actionable": pub.dropped_actionable,
+                  "unpersisted": pub.outbox_unpersisted,
+                  "acks_not_recorded": pub.acks_not_recorded, "reconnects": pub.reconnects,
+                  "connect_failures": pub.connect_failures},
             item_workers=self._item_worker_counters(),
         )
 

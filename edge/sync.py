@@ -41,6 +41,7 @@ class SyncCounters:
     framesets: int = 0
     complete: int = 0
     incomplete: int = 0  # framesets with at least one camera missing
+    # Disjoint: a frame is in a complete frameset, or counted in exactly one of these two.
     unmatched_frames: int = 0  # frames that went out without a partner from every camera
     late_frames: int = 0  # frames that arrived after their instant was emitted (dropped)
     offsets_ms: dict[str, float] = field(default_factory=dict)
@@ -93,7 +94,6 @@ class FrameSynchronizer:
         t = self.corrected_ms(frame)
         if t < self._last_emitted - self.tolerance_ms:
             self.counters.late_frames += 1
-            self.counters.unmatched_frames += 1
             return []
         queue = self._pending[frame.camera_id]
         if queue and t <= self.corrected_ms(queue[-1]):

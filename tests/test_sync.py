@@ -126,6 +126,22 @@ def test_frames_older_than_what_went_out_are_dropped_as_late() -> None:
     assert sync.counters.late_frames == 1
 
 
+def test_every_frame_is_counted_once_complete_unmatched_or_late() -> None:
+    """'angled' loses frame 5 and delivers frame 3 again after it went out: 'top' 5 goes out
+    alone (1 unmatched), the stale copy is dropped (1 late); nothing is counted twice."""
+    sync = FrameSynchronizer(["top", "angled"], fps=30)
+    frames = [f for f in _interleaved({"top": 0.0, "angled": 1.0}, 10)
+              if not (f.camera_id == "angled" and f.index == 5)]
+    stale = _frame("angled", 3, 1000.0 + 3 * _PERIOD + 1.0)
+    sets = [fs for f in frames[:16] for fs in sync.push(f)]
+    assert any(fs.frames["top"].index == 3 for fs in sets)  # its instant went out
+    assert sync.push(stale) == []
+    _run(sync, frames[16:])
+    c = sync.counters
+    assert (c.complete, c.unmatched_frames, c.late_frames) == (9, 1, 1)
+    assert 2 * c.complete + c.unmatched_frames + c.late_frames == len(frames) + 1
+
+
 def test_unknown_camera_is_rejected_by_name() -> None:
     """A frame from a camera the synchronizer was not built for raises naming it."""
     sync = FrameSynchronizer(["a", "b"], fps=30)

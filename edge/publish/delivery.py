@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sqlite3
 import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,11 @@ class Delivery:
         self._lock = threading.Lock()
         self._mid_seq: dict[int, int] = {}
         self._seq_mid: dict[int, int] = {}
+        # Seqs that already went out on a connection (until their PUBACK): sending one of those
+        # again is a re-send. Rows below `_first_seq` were written by an earlier run, which may
+        # have sent them: the outbox does not record that, so they count as re-sent too.
+        self._sent: set[int] = set()
+        self._first_seq = outbox.stats().next_seq
         self._acks: queue.Queue[tuple[int, bool, str, float]] = queue.Queue()
         self.counts: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
@@ -91,7 +97,14 @@ class Delivery:
                 return False  # stays in the outbox; the next top-up sends it
             self._mid_seq[info.mid] = row.seq
             self._seq_mid[row.seq] = info.mid
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # out now; else at the next connect
+                if self._went_out(row.seq):
+                    self.counts["resent"] += 1
+                self._sent.add(row.seq)
         return True
+
+    def _went_out(self, seq: int) -> bool:
+        return seq in self._sent or seq < self._first_seq
 
     def resend_pending(self, *, reconnected: bool) -> None:
         """Hand paho every unacknowledged row it does not hold (after a restart, a full
@@ -99,11 +112,12 @@ class Delivery:
         with self._lock:
             held = set(self._seq_mid)
             if reconnected:
-                self.counts["resent"] += len(held)
+                # paho sends all it holds now, but a verdict that only waited there while we
+                # were offline goes out for the first time: not a re-send.
+                self.counts["resent"] += sum(map(self._went_out, held))
+                self._sent |= held
         room = max(0, MAX_QUEUED - len(held))
         sent = sum(self.send(row) for row in self._outbox.pending(exclude=held, limit=room))
-        with self._lock:
-            self.counts["resent"] += sent
         if sent or (reconnected and held):
             log.info("mqtt.resending", from_outbox=sent, in_flight=len(held))
 
@@ -127,19 +141,35 @@ class Delivery:
                 seq = self._mid_seq.get(mid)
             if seq is None:
                 continue  # a status or event message
-            self._record(seq, failed, reason, acked_ms)
+            booked = True
+            try:
+                self._record(seq, failed, reason, acked_ms)
+            except (sqlite3.Error, OSError) as exc:
+                booked = False
+                # A disk too full even for the update: the row stays unacknowledged and is
+                # sent again (the controller deduplicates by seq). This thread must not die:
+                # no PUBACK would be booked after it, and the outbox would only grow.
+                with self._lock:
+                    self.counts["acks_not_recorded"] += 1
+                log.error("mqtt.ack_not_recorded", seq=seq, error=f"{type(exc).__name__}: {exc}")
             with self._lock:  # only now: a top-up must not re-send an acknowledged row
                 self._mid_seq.pop(mid, None)
                 self._seq_mid.pop(seq, None)
+                if booked:  # else it went out once: the top-up that sends it re-sends it
+                    self._sent.discard(seq)
 
     def _record(self, seq: int, failed: bool, reason: str, acked_ms: float) -> None:
         row = self._outbox.mark_acked(seq, acked_ms, f"refused: {reason}" if failed else "acked")
-        with self._lock:
-            self.counts["refused" if failed else "acked"] += 1
         if failed:
             log.error("mqtt.verdict_refused", seq=seq, reason=reason)
+        if row is None:
+            # Counted already: acknowledged before, or dropped from the full outbox before
+            # its PUBACK came (in dropped_expired or dropped_actionable).
+            log.info("mqtt.puback_already_counted", seq=seq, refused=failed)
             return
-        if row is not None and self._on_acked is not None:
+        with self._lock:
+            self.counts["refused" if failed else "acked"] += 1
+        if not failed and self._on_acked is not None:
             try:
                 self._on_acked(AckedVerdict(seq, row.item_id, row.captured_ms, row.decided_ms,
                                             row.published_ms, acked_ms))

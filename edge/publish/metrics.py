@@ -26,9 +26,12 @@ class PublisherMetrics:
     connected: bool
     protocol: str
     published: int  # verdicts written to the outbox and handed to MQTT
-    acked: int
-    resent: int  # re-sends after a reconnect or a restart
-    refused: int  # PUBACK with an error reason code (e.g. not authorized)
+    acked: int  # PUBACKs, once per verdict; not for one already in dropped_* (see Outbox)
+    #: verdicts sent again after a reconnect, a client rebuild or a restart; not those that
+    #: only waited (offline) to go out the first time. Every unacknowledged row from an
+    #: earlier run counts: the outbox does not record whether that run had sent it.
+    resent: int
+    refused: int  # PUBACK with an error reason code (e.g. not authorized); once per verdict
     reconnects: int
     connect_failures: int
     events_published: int
@@ -37,6 +40,7 @@ class PublisherMetrics:
     dropped_actionable: int
     outbox_unpersisted: int  # verdicts sent although the outbox could not store them
     inputs_received: int
+    acks_not_recorded: int = 0  # PUBACKs the outbox could not book (disk): sent again later
     accepted: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, int] = field(default_factory=dict)
     last_error: str | None = None

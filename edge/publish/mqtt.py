@@ -392,4 +392,5 @@ class VerdictPublisher:
             outbox_depth=stats.unacked, dropped_expired=stats.dropped_expired,
             dropped_actionable=stats.dropped_actionable,
             outbox_unpersisted=self._outbox.unpersisted, inputs_received=received,
-            accepted=accepted, rejected=rejected, last_error=self._last_error)
+            accepted=accepted, rejected=rejected, last_error=self._last_error,
+            acks_not_recorded=c.get("acks_not_recorded", 0))

@@ -102,6 +102,8 @@ class Outbox:
         self._last_seq = 0
         self._last_seq = self._next_seq_locked() - 1  # the highest seq ever handed out
         self.unpersisted = 0  # rows handed out that the database could not take
+        # Those rows until their PUBACK: it must not be mistaken for one for a dropped row.
+        self._unstored: dict[int, OutboxRow] = {}
         self.write_failing = False  # the last append could not be stored
 
     def close(self) -> None:
@@ -148,8 +150,13 @@ class Outbox:
                 self.unpersisted += 1
                 log.error("outbox.write_failed", seq=seq, item_id=item_id, error=failure,
                           unpersisted=self.unpersisted)
-        return OutboxRow(seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
-                         published_ms)
+            row = OutboxRow(seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
+                            published_ms)
+            if failure is not None:
+                if len(self._unstored) >= self.max_rows:  # never acknowledged: forget the oldest
+                    del self._unstored[next(iter(self._unstored))]
+                self._unstored[seq] = row
+        return row
 
     def _next_seq_locked(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
@@ -159,13 +166,14 @@ class Outbox:
         return max(stored, int(top) + 1 if top is not None else 1, self._last_seq + 1)
 
     def mark_acked(self, seq: int, acked_ms: float, outcome: str = "acked") -> OutboxRow | None:
-        """Record the PUBACK (or a broker refusal); the row, or None if already done."""
+        """Record the PUBACK (or a broker refusal); the row (stored or not), or None if already
+        done: acknowledged before, or dropped by the size bound before its PUBACK came."""
         with self._lock:
             cur = self._db.execute(
                 "UPDATE outbox SET acked_ms = ?, outcome = ? WHERE seq = ? AND acked_ms IS NULL",
                 (acked_ms, outcome, seq))
             if cur.rowcount == 0:
-                return None
+                return self._unstored.pop(seq, None)
             self._unacked -= 1
             found = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?",
                                      (seq,)).fetchone()

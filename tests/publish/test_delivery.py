@@ -232,6 +232,7 @@ def test_verdicts_still_go_out_when_the_outbox_cannot_store_them(
     events = [m.json() for m in collector.on("/events")]
     assert [e["kind"] for e in events].count("outbox_write_failed") == 1
     assert node.publisher.metrics().outbox_unpersisted == 3
+    assert wait_until(lambda: node.publisher.metrics().acked == 3, 5)  # counted all the same
 
 
 def test_refused_connack_is_not_connected(
@@ -332,3 +333,90 @@ def test_memory_bound_defers_to_the_outbox_without_loss(
     mosquitto.start()
     assert wait_until(lambda: node.publisher.outbox_depth == 0, 20), node.publisher.metrics()
     assert collector.wait_for(lambda _ms: set(collector.verdict_seqs()) >= set(seqs), 10)
+    # None of them had been sent before: neither paho's queue nor the top-ups re-send.
+    assert node.publisher.metrics().resent == 0
+
+
+def test_verdicts_queued_while_the_broker_is_down_are_not_counted_as_resent(
+        mosquitto: MosquittoBroker, node_factory: Callable[..., NodeSide]) -> None:
+    """Broker down, 5 verdicts decided, broker back: they go out for the first time, so the
+    metrics say resent 0 and acked 5 (they used to say resent 5)."""
+    node = node_factory(mosquitto)
+    mosquitto.stop()
+    assert wait_until(lambda: not node.publisher.connected, 5)
+    for i in range(5):
+        node.publisher.publish_verdict(make_verdict(f"offline-{i}"))
+    mosquitto.start()
+    assert wait_until(lambda: node.publisher.metrics().acked == 5, 20), node.publisher.metrics()
+    metrics = node.publisher.metrics()
+    assert (metrics.published, metrics.acked, metrics.resent) == (5, 5, 0)
+
+
+def test_verdicts_sent_but_never_acknowledged_are_resent_and_acked_once(
+        mosquitto: MosquittoBroker, node_factory: Callable[..., NodeSide]) -> None:
+    """The broker hangs (SIGSTOP) after 4 verdicts went out, then crashes and comes back: the
+    node sends the 4 again and counts them resent 4, acked 4."""
+    node = node_factory(mosquitto)
+    assert mosquitto.pid is not None
+    os.kill(mosquitto.pid, signal.SIGSTOP)
+    for i in range(4):
+        node.publisher.publish_verdict(make_verdict(f"hung-{i}"))
+    threading.Event().wait(0.3)  # the node writes them to the hung broker's socket
+    assert node.publisher.outbox_depth == 4
+    mosquitto.restart()  # SIGKILL (works on a stopped process), then start
+    assert wait_until(lambda: node.publisher.metrics().acked == 4, 20), node.publisher.metrics()
+    metrics = node.publisher.metrics()
+    assert (metrics.published, metrics.acked, metrics.resent) == (4, 4, 4)
+
+
+def test_a_verdict_dropped_from_the_full_outbox_is_not_also_counted_acked(
+        mosquitto_factory: Callable[..., MosquittoBroker],
+        node_factory: Callable[..., NodeSide],
+        collector_factory: Callable[..., Collector]) -> None:
+    """A 10-row outbox, broker down, 15 verdicts: the 5 oldest are dropped from the outbox
+    (paho still holds them, so they do reach the broker once it is back). Each verdict is
+    counted once: published 15 = acked 10 + dropped_actionable 5 + depth 0."""
+    # Persistent, so the subscriber's session outlives the outage (stop() saves it).
+    mosquitto = mosquitto_factory(persistence=True)
+    collector = collector_factory(mosquitto, "+/+/+/verdict")
+    node = node_factory(mosquitto, outbox_max_rows=10)
+    mosquitto.stop()
+    assert wait_until(lambda: not node.publisher.connected, 5)
+    seqs = [node.publisher.publish_verdict(make_verdict(f"full-{i}")) for i in range(15)]
+    assert node.publisher.metrics().dropped_actionable == 5
+    mosquitto.start()
+    assert collector.wait_for(lambda _ms: set(collector.verdict_seqs()) >= set(seqs), 10)
+    # PUBACKs are booked in order, the dropped five first: once the last row is marked and
+    # counted, every PUBACK has been.
+    assert wait_until(lambda: node.publisher.outbox_depth == 0, 20), node.publisher.metrics()
+    assert wait_until(lambda: node.publisher.metrics().acked >= 10, 5)
+    metrics = node.publisher.metrics()
+    assert (metrics.published, metrics.acked, metrics.dropped_actionable) == (15, 10, 5)
+    assert metrics.published == (metrics.acked + metrics.dropped_actionable
+                                 + metrics.dropped_expired + metrics.outbox_depth)
+
+
+def test_a_puback_the_outbox_cannot_book_does_not_stop_later_ones(
+        mosquitto_factory: Callable[..., MosquittoBroker],
+        node_factory: Callable[..., NodeSide]) -> None:
+    """A disk so full that marking a row acknowledged fails: that verdict is counted and sent
+    again, and the PUBACKs after it are still booked (the booking thread used to die, and
+    the outbox then only grew)."""
+    broker = mosquitto_factory()
+    node = node_factory(broker)
+    outbox = node.publisher._outbox
+    real = outbox.mark_acked
+    failures = [sqlite3.OperationalError("database or disk is full")]
+
+    def mark_acked(seq: int, acked_ms: float, outcome: str = "acked") -> object:
+        if failures:
+            raise failures.pop()
+        return real(seq, acked_ms, outcome)
+
+    outbox.mark_acked = mark_acked  # type: ignore[method-assign]
+    seqs = [node.publisher.publish_verdict(make_verdict(f"disk-{i}")) for i in range(5)]
+    assert wait_until(lambda: node.publisher.outbox_depth == 0, 20), node.publisher.metrics()
+    metrics = node.publisher.metrics()
+    assert metrics.acks_not_recorded == 1
+    assert metrics.acked == len(seqs)
+    assert metrics.resent >= 1  # the one whose PUBACK was lost on the way to the disk

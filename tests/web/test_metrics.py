@@ -56,6 +56,12 @@ def test_verdict_counters_match_the_verdicts_the_controller_received(
     stats = live_node.node.scheduler.stats()  # misses depend on the CPU; they must add up
     assert m["cv_deadline_misses_total"][0][1] == stats.deadline_misses
     assert m["cv_late_verdicts_total"][0][1] == stats.late
+    # Delivery adds up: every verdict handed to MQTT is acknowledged, dropped or still queued.
+    mqtt = {labels["outcome"]: value for labels, value in m["cv_mqtt_verdicts_total"]}
+    assert mqtt["published"] >= sum(published.values())
+    assert mqtt["published"] == (mqtt["acked"] + mqtt["dropped_expired"]
+                                 + mqtt["dropped_actionable"] + m["cv_outbox_depth"][0][1])
+    assert mqtt["acks_not_recorded"] == 0
 
 
 def test_metrics_cover_what_operators_watch(live_node: LiveNode) -> None:
@@ -69,6 +75,8 @@ def test_metrics_cover_what_operators_watch(live_node: LiveNode) -> None:
     assert {"sync", "items", "inference"} <= stages
     assert {labels["queue"] for labels, _ in m["cv_queue_depth"]} >= {"frames", "items"}
     assert "cv_outbox_depth" in m
+    assert {"cv_sync_late_frames_total", "cv_sync_unmatched_frames_total",
+            "cv_mqtt_reconnects_total"} <= set(m)
     assert "cv_capture_to_ack_seconds_bucket" in m
     assert {labels["model"] for labels, _ in m["cv_model_info"]} >= {"damage", "embedding"}
     # Item finding runs in worker processes: how many, how much they did, how often one died.
