@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.update.bundle import Manifest, release_order, write_bundle
+from edge.update.bundle import FileEntry, Kind, Manifest, release_order, sha256_file, write_bundle
 from edge.update.store import ReleaseStore
 from edge.update.updater import ENGINES_UNIT, NODE_UNIT, UpdateError
 
@@ -78,6 +78,17 @@ def test_first_install_on_an_empty_root_commits(*, make_updater: UpdaterFactory,
     assert event.outcome == "committed"
     assert event.previous is None
     assert ReleaseStore(root).current_version() == "0.9.0"
+
+
+def _signed_bundle(payload: Path, rel: str, content: bytes, version: str, kind: Kind,
+                   key: Ed25519PrivateKey) -> Path:
+    """A correctly signed bundle of one file, with a manifest the bundle factory would not
+    write (a version or a payload the device must refuse)."""
+    (payload / rel).parent.mkdir(parents=True)
+    (payload / rel).write_bytes(content)
+    manifest = Manifest(version, kind, (FileEntry(rel, sha256_file(payload / rel),
+                                                  len(content)),))
+    return write_bundle(payload, manifest, key, payload.with_suffix(".cvb"))
 
 
 def _tampered_payload(bundle: Path, tmp: Path) -> Path:
@@ -304,13 +315,8 @@ def test_models_bundle_may_not_carry_code(
         *, make_updater: UpdaterFactory, signing_key: Ed25519PrivateKey, root: Path,
         installed_v1: str, tmp_path: Path) -> None:
     """Even correctly signed, a models bundle with files outside engines/ is refused."""
-    payload = tmp_path / "evil"
-    (payload / "venv").mkdir(parents=True)
-    (payload / "venv" / "x.py").write_bytes(b"import os")
-    from edge.update.bundle import FileEntry, sha256_file
-    manifest = Manifest("1.0.0+m9", "models", (FileEntry(
-        "venv/x.py", sha256_file(payload / "venv" / "x.py"), 9),))
-    bundle = write_bundle(payload, manifest, signing_key, tmp_path / "evil.cvb")
+    bundle = _signed_bundle(tmp_path / "evil", "venv/x.py", b"import os", "1.0.0+m9",
+                            "models", signing_key)
     with pytest.raises(UpdateError, match="only carry files under engines/"):
         make_updater().apply(bundle)
 
@@ -471,13 +477,8 @@ def test_a_version_that_cannot_be_ordered_is_refused(
         installed_v1: str, tmp_path: Path) -> None:
     """A signed bundle whose version has no place in the order (here 'nightly') is refused
     even with the override, since downgrades could not be told apart."""
-    payload = tmp_path / "nightly"
-    (payload / "engines").mkdir(parents=True)
-    (payload / "engines" / "manifest.yaml").write_bytes(b"models: {}\n")
-    from edge.update.bundle import FileEntry, sha256_file
-    manifest = Manifest("nightly", "full", (FileEntry(
-        "engines/manifest.yaml", sha256_file(payload / "engines" / "manifest.yaml"), 11),))
-    bundle = write_bundle(payload, manifest, signing_key, tmp_path / "nightly.cvb")
+    bundle = _signed_bundle(tmp_path / "nightly", "engines/manifest.yaml", b"models: {}\n",
+                            "nightly", "full", signing_key)
     with pytest.raises(UpdateError, match="'nightly' cannot be ordered"):
         make_updater().apply(bundle, allow_downgrade=True)
     assert ReleaseStore(root).current_version() == installed_v1
