@@ -40,7 +40,7 @@ def engines_with_another_embedding(folder: Path) -> Path:
 
     from edge.config import ModelsConfig
     from edge.infer.cli import memory_inspector
-    from edge.infer.golden import golden_scores, load_golden
+    from edge.infer.golden import golden_scores, load_golden, stage_expectations
 
     engines = folder / "engines"
     shutil.copytree(REPO / "engines", engines,
@@ -62,13 +62,11 @@ def engines_with_another_embedding(folder: Path) -> Path:
     inspector = memory_inspector(ModelsConfig(manifest=manifest, max_batch=8), None)
     results = golden_scores(inspector, load_golden(golden))
     inspector.close()
-    with np.load(golden, allow_pickle=False) as d:
-        arrays = {k: d[k] for k in d.files}
-    arrays["expected_damage"] = np.array([r.damage for r in results])
-    arrays["expected_anomaly_raw"] = np.array(
-        [np.nan if r.anomaly_raw is None else r.anomaly_raw for r in results])
-    arrays["expected_fused"] = np.array([r.fused for r in results])
-    np.savez(golden, **arrays)
+    stage_expectations(golden, {
+        "damage": np.array([r.damage for r in results]),
+        "anomaly_raw": np.array([np.nan if r.anomaly_raw is None else r.anomaly_raw
+                                 for r in results]),
+        "fused": np.array([r.fused for r in results])}).replace(golden)
     data["golden"]["sha256"] = sha256_file(golden)
     manifest.write_text(yaml.safe_dump(data, sort_keys=False))
     return manifest

@@ -11,13 +11,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import numpy as np
+
 from edge.catalogue import load_catalogue
 from edge.config import Config, ConfigError, ModelsConfig, load_config
 from edge.decide import VerdictPolicy
 from edge.infer.backend import BackendError, open_backend
 from edge.infer.dataset import DatasetError, load_dataset
 from edge.infer.gallery import ReferenceGallery
-from edge.infer.manifest import ManifestError, load_manifest, write_manifest
+from edge.infer.golden import golden_path, golden_scores, load_golden, stage_expectations
+from edge.infer.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
 from edge.infer.models import DAMAGE, EMBEDDING, ItemInspector, embedding_identity
 from edge.infer.photo import PhotoError, load_photo
 from edge.logs import configure_logging
@@ -126,13 +135,55 @@ def _thresholds_fit(args: argparse.Namespace) -> int:
     if args.refit_fusion:
         raw["fusion"] = {**fusion.to_mapping(), "geometry": raw["fusion"].get("geometry", {})}
     raw["thresholds"] = thresholds_to_mapping(thresholds, str(args.data), len(data.items))
+    expected, golden = _refitted_golden(inspector, raw)
+    if not args.dry_run:
+        _write_fit(inspector.manifest, raw, expected)
+    golden["sha256"] = dict(raw.get("golden") or {}).get("sha256")
     summary = {"version": thresholds.version, "target_fpr": args.target_fpr,
                "fused": dict(thresholds.fused), "items": len(data.items),
-               "nominal_items": int((~table.damaged).sum()), "written": not args.dry_run}
-    if not args.dry_run:
-        write_manifest(inspector.manifest.path, raw)
+               "nominal_items": int((~table.damaged).sum()), "written": not args.dry_run,
+               "golden": golden}
     _emit(json.dumps(summary, indent=2))
     return 0
+
+
+def _refitted_golden(inspector: ItemInspector, raw: dict[str, Any]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The golden expectations that `raw` changes, and what to report about them.
+
+    The self-test compares fused scores, which depend on the fusion section; the model
+    scores it compares do not, and thresholds are not compared: only a changed fusion
+    needs new (fused) expectations, scored as the node will score them."""
+    manifest = inspector.manifest
+    report: dict[str, Any] = {"file": manifest.golden.get("file"), "recomputed": []}
+    if raw["fusion"] == manifest.raw.get("fusion"):
+        return {}, report
+    golden = load_golden(golden_path(inspector), str(manifest.golden.get("sha256")))
+    refitted = ItemInspector(dataclasses.replace(manifest, fusion=raw["fusion"], raw=raw),
+                             inspector.embedding, inspector.damage,
+                             gallery=ReferenceGallery(None), catalogue=inspector.catalogue,
+                             cfg=inspector.cfg)
+    fused = np.array([r.fused for r in golden_scores(refitted, golden)])
+    report.update(recomputed=["fused"],
+                  max_abs_change=float(np.abs(fused - golden.expected["fused"]).max()))
+    return {"fused": fused}, report
+
+
+def _write_fit(manifest: Manifest, raw: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    """Write the manifest and, if its expectations changed, the golden set it names."""
+    if not expected:
+        write_manifest(manifest.path, raw)
+        return
+    path = manifest.path.parent / str(manifest.golden["file"])
+    staged = stage_expectations(path, expected)
+    try:
+        raw["golden"] = {**raw["golden"], "sha256": sha256_file(staged)}
+        write_manifest(manifest.path, raw)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    # Renamed last: until here a failure leaves the old manifest and golden set, which match.
+    staged.replace(path)
 
 
 def _engines(args: argparse.Namespace) -> int:

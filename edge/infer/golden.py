@@ -8,7 +8,9 @@ reported in status and the new model is refused.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +97,29 @@ def golden_scores(inspector: ItemInspector, golden: GoldenSet) -> list[ItemInfer
         views = [img for p, c, img in golden.references if (p, c) == (product, camera)]
         probe.learn_views(product, camera, views)
     return probe.infer(golden.records)
+
+
+def stage_expectations(path: Path, expected: Mapping[str, np.ndarray]) -> Path:
+    """Write the golden set at `path` with `expected` (COMPARED keys) replacing its stored
+    expectations to a temporary file beside it, and return that file: the caller renames
+    it over `path` once the manifest names its sha256. Items, references and the other
+    expectations are copied unchanged."""
+    unknown = set(expected) - set(COMPARED)
+    if unknown:
+        raise ValueError(f"unknown golden expectations {sorted(unknown)}; expected {COMPARED}")
+    with np.load(path, allow_pickle=False) as d:
+        arrays = {k: d[k] for k in d.files}
+    for key, values in expected.items():
+        old = arrays[f"expected_{key}"]
+        if np.shape(values) != old.shape:
+            raise ValueError(f"expected_{key}: {np.shape(values)} values for {old.shape} items")
+        arrays[f"expected_{key}"] = np.asarray(values, dtype=old.dtype)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:  # a file object: np.savez would append ".npz" to a name
+        np.savez_compressed(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
 
 
 def golden_self_test(inspector: ItemInspector) -> GoldenReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
+from edge.catalogue import load_catalogue
+from edge.config import ModelsConfig
 from edge.infer.cli import main
-from edge.infer.golden import GoldenSet
+from edge.infer.golden import GoldenSet, golden_scores, golden_self_test, load_golden
+from edge.infer.models import ItemInspector
 
 
 def _write_item(golden: GoldenSet, label: str, folder: Path) -> tuple[Path, Path, str]:
@@ -105,6 +109,8 @@ def test_thresholds_fit_writes_a_versioned_threshold(small_dataset: Path, engine
     """`thresholds fit` picks a nominal-quantile threshold and versions it in the manifest."""
     manifest = engines_copy / "manifest.yaml"
     before = yaml.safe_load(manifest.read_text())["thresholds"]
+    golden_file = engines_copy / "golden" / "golden.npz"
+    golden_before = golden_file.read_bytes()
     argv = ["thresholds", "fit", "--data", str(small_dataset), "--target-fpr", "0.05",
             "--manifest", str(manifest)]
     assert main([*argv, "--dry-run"]) == 0
@@ -118,6 +124,67 @@ def test_thresholds_fit_writes_a_versioned_threshold(small_dataset: Path, engine
     assert after["fitted_on"] == str(small_dataset)
     assert set(after["fused"]) == {"full", "no_gallery", "no_depth", "classifier_only"}
     assert yaml.safe_load(manifest.read_text())["models"]  # the rest is untouched
+    # Thresholds are not part of the golden comparison: the golden set stays as it was.
+    assert golden_file.read_bytes() == golden_before
+    assert summary["golden"]["recomputed"] == []
+
+
+def _arrays(npz: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(npz), allow_pickle=False) as d:
+        return {k: d[k] for k in d.files}
+
+
+def test_thresholds_fit_refit_fusion_keeps_the_golden_self_test_passing(
+        small_dataset: Path, engines_copy: Path, models_cfg: ModelsConfig,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After `--refit-fusion` the node accepts the refitted manifest: the golden set expects
+    the fused scores of the new weights (and says so); its items, references and model-score
+    expectations are kept; a dry run leaves it alone."""
+    manifest = engines_copy / "manifest.yaml"
+    golden_file = engines_copy / "golden" / "golden.npz"
+    golden_before, fusion_before = golden_file.read_bytes(), yaml.safe_load(
+        manifest.read_text())["fusion"]
+    argv = ["thresholds", "fit", "--data", str(small_dataset), "--target-fpr", "0.05",
+            "--manifest", str(manifest), "--refit-fusion"]
+    assert main([*argv, "--dry-run"]) == 0
+    assert golden_file.read_bytes() == golden_before
+    capsys.readouterr()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    data = yaml.safe_load(manifest.read_text())
+    assert data["fusion"]["weights"] != fusion_before["weights"]
+    assert data["fusion"]["geometry"] == fusion_before["geometry"]
+
+    inspector = ItemInspector.load(models_cfg, load_catalogue())
+    report = golden_self_test(inspector)
+    assert report.passed, report.failures
+    golden = load_golden(golden_file, data["golden"]["sha256"])
+    fused = np.array([r.fused for r in golden_scores(inspector, golden)])
+    np.testing.assert_allclose(golden.expected["fused"], fused, rtol=0, atol=1e-9)
+
+    before, after = _arrays(golden_before), _arrays(golden_file.read_bytes())
+    assert np.abs(after["expected_fused"] - before["expected_fused"]).max() > 1e-3
+    assert summary["golden"]["recomputed"] == ["fused"]
+    assert summary["golden"]["sha256"] == data["golden"]["sha256"]
+    for key in before.keys() - {"expected_fused"}:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert after.keys() == before.keys()
+
+
+def test_refit_whose_manifest_cannot_be_written_leaves_the_golden_set(
+        small_dataset: Path, engines_copy: Path) -> None:
+    """When the manifest write fails, the golden set is not replaced either (and no temporary
+    file is left): manifest and golden set still match, so the node still starts."""
+    manifest = engines_copy / "manifest.yaml"
+    golden_dir = engines_copy / "golden"
+    manifest_before, golden_before = manifest.read_bytes(), (golden_dir / "golden.npz").read_bytes()
+    (engines_copy / "manifest.yaml.tmp").mkdir()  # where the manifest is written first
+    with pytest.raises(IsADirectoryError):
+        main(["thresholds", "fit", "--data", str(small_dataset), "--manifest", str(manifest),
+              "--refit-fusion"])
+    assert manifest.read_bytes() == manifest_before
+    assert (golden_dir / "golden.npz").read_bytes() == golden_before
+    assert sorted(p.name for p in golden_dir.iterdir()) == ["golden.npz"]
 
 
 def test_engines_commands_without_tensorrt_say_so(engines_copy: Path, tmp_path: Path,
