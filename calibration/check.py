@@ -1,13 +1,17 @@
 """Health checks of a stored calibration against what the camera sees now.
 
-`check_belt` is pure (no camera, no I/O): the node calls it with one of its
-own depth frames at start and periodically. It fits the belt plane robustly
+`check_belt` is pure (no camera, no I/O). It fits the belt plane robustly
 over the inspection region (RANSAC, so boxes on the belt do not disturb it as
 long as most of the region shows belt) and compares it with the stored one.
+The node judges the belt as `edge-calibrate belt` measured it: through a
+`BeltChecker`, on the per-pixel median of several depth frames, with a fill
+limit no stricter than the fill rate the calibration accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -25,7 +29,17 @@ from calibration.belt import (
 from calibration.boards import BoardSpec
 from calibration.files import CameraCalibration
 from calibration.intrinsics import detect_board
+from calibration.realsense import RgbdFrame
+from calibration.run_belt import median_depth
 from edge.types import BoolArray, FloatArray, U8Array, U16Array
+
+#: Depth frames the node combines per check: `edge-calibrate belt --frames` by default.
+CHECK_FRAMES = 10
+#: How far below the fill rate recorded at calibration the check still passes: that fill was
+#: accepted then, and the median of other frames measures a few points either side of it
+#: with nothing changed. (The calibration measured the whole image, the check measures the
+#: inspection region: a hole that grew inside the region still fails.)
+FILL_MARGIN = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +77,18 @@ def stored_plane(cal: CameraCalibration) -> Plane:
                          "edge-calibrate belt first")
     return Plane(np.asarray(cal.pose.rotation[2, :], dtype=np.float64),
                  float(cal.pose.translation_mm[2]))
+
+
+def calibrated_thresholds(calibration: CameraCalibration,
+                          base: BeltCheckThresholds | None = None) -> BeltCheckThresholds:
+    """`base` with its fill limit lowered to the calibration's recorded fill rate minus
+    FILL_MARGIN, when that is lower: a belt calibrated at 55 % fill is not failed at 70 %."""
+    th = base or BeltCheckThresholds()
+    fill = calibration.quality.fill_rate
+    if fill is None:
+        return th
+    return dataclasses.replace(th, min_fill_rate=max(0.0, min(th.min_fill_rate,
+                                                              fill - FILL_MARGIN)))
 
 
 def check_belt(calibration: CameraCalibration, depth: U16Array, depth_scale_m: float,
@@ -120,15 +146,18 @@ def check_belt(calibration: CameraCalibration, depth: U16Array, depth_scale_m: f
 class BeltChecker:
     """`check_belt` for one camera, with its per-pixel rays and region mask computed once.
 
-    The node builds one per camera at start and calls `check` with one of its
-    depth frames at start and periodically (about 0.1-0.3 s per call at
-    640x480 on one core: run it off the frame path).
+    The node builds one per camera at start and calls `check_frames` with
+    CHECK_FRAMES of its depth frames at start and periodically (about 0.5 s
+    per call at 640x480 on one core, most of it the median: run it off the
+    frame path). Without
+    explicit `thresholds` the fill limit follows the calibration
+    (`calibrated_thresholds`).
     """
 
     def __init__(self, calibration: CameraCalibration,
                  thresholds: BeltCheckThresholds | None = None) -> None:
         self.calibration = calibration
-        self.thresholds = thresholds or BeltCheckThresholds()
+        self.thresholds = thresholds or calibrated_thresholds(calibration)
         intr = calibration.intrinsics
         self._rays = pixel_rays(intr)
         self._mask = None
@@ -138,6 +167,13 @@ class BeltChecker:
     def check(self, depth: U16Array, depth_scale_m: float) -> BeltCheckResult:
         return check_belt(self.calibration, depth, depth_scale_m, self.thresholds,
                           rays=self._rays, mask=self._mask)
+
+    def check_frames(self, depths: Sequence[U16Array], depth_scale_m: float) -> BeltCheckResult:
+        """Check the per-pixel median of `depths`, the depth `edge-calibrate belt` fits (its
+        own `median_depth`): a dropout burst or a noisy pixel in one frame does not count."""
+        if not depths:
+            raise ValueError("no depth frames to check the belt with")
+        return self.check(median_depth([RgbdFrame(None, d) for d in depths]), depth_scale_m)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from calibration.check import BeltChecker
+from calibration.check import CHECK_FRAMES, BeltChecker
 from edge import __version__
 from edge.cameras import Cameras, open_cameras
 from edge.catalogue import load_catalogue
@@ -27,7 +27,7 @@ from edge.node import Node, NodeHooks, stage_timings
 from edge.snapshots import SnapshotStore
 from edge.sources import SourceError
 from edge.systemd import HealthFile, SystemdNotifier, WatchdogPinger, health_file_path
-from edge.types import FrameSet
+from edge.types import FrameSet, U16Array
 from edge.update import ReleaseStore, running_release_version
 
 if TYPE_CHECKING:
@@ -38,43 +38,76 @@ log = structlog.get_logger(__name__)
 #: How often the node publishes its health on `…/status`, and re-checks the belt.
 STATUS_INTERVAL_S = 30.0
 BELT_CHECK_INTERVAL_S = 600.0
+#: How long a belt check waits for its frames (a third of a second at 30 fps); past it, the
+#: check runs on the frames it has.
+BELT_FRAMES_WAIT_S = 5.0
+#: How often a belt check looks for a new frameset: well under a frame period.
+_SAMPLE_POLL_S = 0.005
 #: Start-up may take this long per step (models, broker, cameras) before systemd gives up.
 STARTUP_STEP_USEC = 120_000_000
 
 
 @dataclass(slots=True)
 class BeltMonitor:
-    """Runs the calibration belt check on the newest frame of each calibrated camera."""
+    """Runs the calibration belt check on `frames` recent depth frames of each calibrated
+    camera, judged the way `edge-calibrate belt` accepted the belt (see `calibration.check`),
+    so that one frame with a burst of dropouts does not fail it with nothing moved."""
 
     cameras: Cameras
     latest: dict[str, FrameSet] = field(default_factory=dict)
     results: dict[str, dict[str, object]] = field(default_factory=dict)
     last_run_mono: float = 0.0
     checkers: dict[str, BeltChecker] = field(default_factory=dict)
+    frames: int = CHECK_FRAMES
 
     def __post_init__(self) -> None:
         self.checkers = {cam: BeltChecker(cal) for cam, cal in self.cameras.calibrations.items()}
 
     def on_frameset(self, frameset: FrameSet) -> None:
-        self.latest["last"] = frameset  # a reference, no copy
+        self.latest["last"] = frameset  # a reference, no copy: run() samples it
 
     def due(self) -> bool:
         return time.monotonic() - self.last_run_mono > BELT_CHECK_INTERVAL_S
 
-    def run(self) -> dict[str, dict[str, object]]:
-        frameset = self.latest.get("last")
-        if frameset is None:
+    def run(self, stop: threading.Event | None = None,
+            timeout_s: float = BELT_FRAMES_WAIT_S) -> dict[str, dict[str, object]]:
+        """Checks the next `frames` framesets (fewer if `timeout_s` or `stop` comes first)."""
+        depths = self._sample(stop or threading.Event(), timeout_s)
+        if not any(depths.values()):
             return self.results
         self.last_run_mono = time.monotonic()
         for cam_id, checker in self.checkers.items():
-            frame = frameset.frames.get(cam_id)
-            if frame is None:
+            frames = depths[cam_id]
+            if not frames:
                 continue
-            result = checker.check(frame.depth, frame.depth_scale_m)
+            result = checker.check_frames([d for d, _ in frames], frames[-1][1])
             self.results[cam_id] = result.as_dict()
             if not result.passed:
-                log.warning("belt_check_failed", camera=cam_id, reasons=list(result.reasons))
+                log.warning("belt_check_failed", camera=cam_id, frames=len(frames),
+                            reasons=list(result.reasons))
         return self.results
+
+    def _sample(self, stop: threading.Event, timeout_s: float
+                ) -> dict[str, list[tuple[U16Array, float]]]:
+        """Depth and scale of each calibrated camera from the framesets as they arrive."""
+        got: dict[str, list[tuple[U16Array, float]]] = {cam: [] for cam in self.checkers}
+        seen: FrameSet | None = None
+        framesets = 0
+        deadline = time.monotonic() + timeout_s
+        # A camera that has stopped delivering does not hold the others' check back for long.
+        while any(len(d) < self.frames for d in got.values()) and framesets < 3 * self.frames:
+            frameset = self.latest.get("last")
+            if frameset is not None and frameset is not seen:
+                seen, framesets = frameset, framesets + 1
+                for cam_id, depths in got.items():
+                    frame = frameset.frames.get(cam_id)
+                    if frame is not None and len(depths) < self.frames:
+                        # A copy: held, the frame's pooled buffer (or the item workers'
+                        # shared-memory slot) could not be reused until the check ran.
+                        depths.append((frame.depth.copy(), frame.depth_scale_m))
+            if stop.wait(_SAMPLE_POLL_S) or time.monotonic() >= deadline:
+                break
+        return got
 
     def ok(self) -> dict[str, bool]:
         return {cam: bool(r.get("passed")) for cam, r in self.results.items()}
@@ -140,7 +173,7 @@ class NodeService:
             self._wait_ready(node, stop)
             if not stop.is_set():
                 pinger.mark_ready()
-                monitor.run()
+                monitor.run(stop)
                 node.calibration_ok = monitor.ok()
                 self.notifier.ready(node.summary_line())
                 log.info("node_ready")
@@ -153,7 +186,7 @@ class NodeService:
                     node.reload()
                     self.notifier.ready(node.summary_line())
                 if monitor.due():
-                    monitor.run()
+                    monitor.run(stop)
                     node.calibration_ok = monitor.ok()
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_INTERVAL_S

@@ -10,12 +10,18 @@ import pytest
 import yaml
 
 from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
-from calibration.check import BeltChecker, BeltCheckThresholds, check_belt, check_board
+from calibration.check import (
+    BeltChecker,
+    BeltCheckThresholds,
+    calibrated_thresholds,
+    check_belt,
+    check_board,
+)
 from calibration.cli import main
-from calibration.files import CameraCalibration
+from calibration.files import CameraCalibration, Quality, load_camera_calibration
 from calibration.render import Box, DepthNoise, board_views, render_belt_depth, render_board
 from edge.sources.recording import write_recording
-from edge.types import Intrinsics, Pose
+from edge.types import Frame, Intrinsics, Pose
 
 from .conftest import CHARUCO, TRUE_CAMERA, still_frames
 
@@ -86,6 +92,67 @@ def test_poor_depth_fails_on_fill_rate(calibration: CameraCalibration) -> None:
     result = check_belt(calibration, depth, 0.001, BeltCheckThresholds(min_fill_rate=0.7))
     assert not result.passed
     assert "fill rate" in result.reasons[0]
+
+
+def _bursty(pose: Pose, k: int) -> np.ndarray:
+    """Depth frame k of the belt with a burst of dropouts over 3/8 of the image, in a
+    different place in each frame."""
+    depth = render_belt_depth(CAMERA, pose, noise=DepthNoise(), seed=40 + k)
+    depth[:, k * 64 : k * 64 + 240] = 0
+    return depth
+
+
+def test_median_of_frames_ignores_dropout_bursts_but_not_a_moved_camera(
+        calibration: CameraCalibration) -> None:
+    """Ten frames, each with a burst of dropouts elsewhere: some fail alone on the fill rate,
+    their median (what `edge-calibrate belt` fits) passes; the same from a camera raised
+    12 mm fails on the drift."""
+    checker = BeltChecker(calibration)
+    frames = [_bursty(POSE, k) for k in range(10)]
+    assert not all(checker.check(d, 0.001).passed for d in frames)
+    result = checker.check_frames(frames, 0.001)
+    assert result.passed, result.reasons
+    assert result.fill_rate > 0.95
+    raised = Pose(POSE.rotation, POSE.translation_mm + np.array([0.0, 0.0, 12.0]))
+    moved = checker.check_frames([_bursty(raised, k) for k in range(10)], 0.001)
+    assert not moved.passed
+    assert any("drifted -12" in r for r in moved.reasons), moved.reasons
+
+
+def test_a_belt_calibrated_at_low_fill_passes_the_check_at_that_fill(tmp_path: Path) -> None:
+    """A dark belt where 43 % of the pixels never get depth: `edge-calibrate belt` accepts it
+    (fill about 56 %, limit 50 %) and records the fill; the node's checker then passes new
+    frames of it, where the fixed 70 % limit failed it with nothing changed."""
+    never = np.random.default_rng(5).uniform(size=(480, 640)) < 0.43
+
+    def dark(k: int) -> np.ndarray:
+        depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=60 + k)
+        depth[never] = 0
+        return depth
+
+    color = np.full((480, 640, 3), 90, np.uint8)
+    write_recording(tmp_path / "dark.db3", [
+        Frame("cam", k, 1000.0 + k * 1000.0 / 30, color, dark(k), 0.001, CAMERA)
+        for k in range(10)], 30, serial="C1")
+    assert main(["belt", "--recording", str(tmp_path / "dark.db3"), "--out",
+                 str(tmp_path / "c1.yaml"), "--region", "600x500"]) == 0
+    cal = load_camera_calibration(tmp_path / "c1.yaml", serial="C1", resolution=(640, 480))
+    assert cal.quality.fill_rate is not None
+    assert 0.5 < cal.quality.fill_rate < 0.6
+    later = [dark(k) for k in range(20, 30)]
+    result = BeltChecker(cal).check_frames(later, 0.001)
+    assert result.passed, result.reasons
+    fixed = BeltChecker(cal, BeltCheckThresholds()).check_frames(later, 0.001)
+    assert not fixed.passed
+    assert "fill rate" in fixed.reasons[0]
+
+
+def test_the_calibrated_fill_limit_is_never_stricter_than_the_default() -> None:
+    """A calibration with good fill (95 %) or none recorded keeps the default 70 % limit."""
+    good = CameraCalibration("C1", CAMERA, quality=Quality(fill_rate=0.95))
+    assert calibrated_thresholds(good).min_fill_rate == pytest.approx(0.7)
+    assert calibrated_thresholds(CameraCalibration("C1", CAMERA)).min_fill_rate == (
+        pytest.approx(0.7))
 
 
 def test_other_resolution_fails_cleanly(calibration: CameraCalibration) -> None:
