@@ -54,6 +54,12 @@ class RetryPolicy:
     max_attempts: int = 12  # failed re-opens before giving up (SourceError)
 
 
+#: How long the capture thread waits for a dropped session to close. `pipeline.stop()` can
+#: hang in the SDK on a device that was just unplugged (librealsense#9184): past this, the
+#: close finishes (or hangs) on its own thread while capture goes on re-opening.
+SESSION_CLOSE_WAIT_S = 2.0
+
+
 class RealSenseSource:
     """A RealSense camera by serial, or a recording played back through pyrealsense2."""
 
@@ -81,6 +87,9 @@ class RealSenseSource:
         self._buffers = FrameBuffers()
         self._rs: Any = None
         self._session: Session | None = None
+        # Guards taking `_session` out (capture thread, stop() from another thread): whoever
+        # takes a session closes it, so each one is closed exactly once.
+        self._session_lock = threading.Lock()
         self._blocks: list[Any] = []
         self._align: Any = None
         self._lost = threading.Event()  # set by the device-change callback
@@ -128,11 +137,12 @@ class RealSenseSource:
         self._stop.clear()
         self._build_blocks()
         self._frame_since_open = False
+        self._close_session()  # started again without stop(): the old session goes
         if self.recording is not None:
-            self._session = self._open()  # bad files are errors, not faults to retry
+            self._install(self._open())  # bad files are errors, not faults to retry
             return
         try:
-            self._session = self._open()
+            self._install(self._open())
         except RuntimeError as exc:  # not plugged in (yet): read() keeps trying
             log.warning("camera_unavailable", camera=self.camera_id, serial=self.serial,
                         error=str(exc))
@@ -140,9 +150,42 @@ class RealSenseSource:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self._close_session()
+
+    def _install(self, session: Session) -> None:
+        """Make `session` the one read from; one opened after stop() is closed instead (the
+        capture thread may be re-opening while another thread stops the source)."""
+        with self._session_lock:
+            if not self._stop.is_set():
+                self._session = session
+                return
+        self._close(session)
+
+    def _close_session(self) -> bool:
+        """Drop the current session and close it; False when there was none."""
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is None:
+            return False
+        self._close(session)
+        return True
+
+    def _close(self, session: Session) -> None:
+        """Close on a helper thread, waiting at most SESSION_CLOSE_WAIT_S for it."""
+        closer = threading.Thread(target=self._close_quietly, args=(session,), daemon=True,
+                                  name=f"rs-close-{self.camera_id}")
+        closer.start()
+        closer.join(SESSION_CLOSE_WAIT_S)
+        if closer.is_alive():
+            log.warning("camera_close_slow", camera=self.camera_id, source=self.what,
+                        waited_s=SESSION_CLOSE_WAIT_S)
+
+    def _close_quietly(self, session: Session) -> None:
+        try:
+            session.close()
+        except Exception as exc:  # a session that will not close is gone either way
+            log.warning("camera_close_failed", camera=self.camera_id, source=self.what,
+                        error=f"{type(exc).__name__}: {exc}")
 
     def _open(self) -> Session:
         if self.recording is not None:
@@ -181,7 +224,9 @@ class RealSenseSource:
                 self._next_attempt = 0.0  # try right away
                 if self.on_device_change is not None:
                     self.on_device_change(self.camera_id, True)
-        if self._session is not None and self._session.removed_by(event):
+        session = self._session
+        if session is not None and session.removed_by(event):
+            # Only flagged here (an SDK thread): the capture thread closes the session.
             log.warning("camera_removed", camera=self.camera_id, serial=self.serial)
             self._lost.set()
             if self.on_device_change is not None:
@@ -195,13 +240,17 @@ class RealSenseSource:
             raise SourceError(f"{self.what}: read() before start()")
         deadline = time.monotonic() + timeout_s
         while not self._stop.is_set():
-            if self._session is None or self._lost.is_set():
+            session = self._session
+            if session is None or self._lost.is_set():
+                # Removed (the device-change callback set `_lost`): closed before re-opening,
+                # or its pipeline would keep its threads and USB handles.
+                self._close_session()
                 if not self._reconnect(deadline):
                     return None
                 continue
             remaining = deadline - time.monotonic()
             try:
-                pair = self._session.wait(max(1, int(remaining * 1000)))
+                pair = session.wait(max(1, int(remaining * 1000)))
             except EndOfStream:
                 raise
             except (RuntimeError, SourceError) as exc:
@@ -214,7 +263,7 @@ class RealSenseSource:
                     self._session_failed("no frames")
                 return None
             self._empty_waits = 0
-            frame = self._to_frame(*pair)
+            frame = self._to_frame(session, *pair)
             if frame is not None:
                 self._frame_since_open = True
                 self._failed_opens = 0
@@ -226,13 +275,10 @@ class RealSenseSource:
     def _session_failed(self, why: str) -> None:
         log.warning("camera_lost", camera=self.camera_id, source=self.what, reason=why)
         self._lost.set()
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-            # Opened, then failed before a single frame (no frames, or an error): wedged,
-            # not back. Counts as a failed re-open, with its backoff and escalation.
-            if not self._frame_since_open:
-                self._reopen_failed(f"opened but sent no frames ({why})")
+        # Opened, then failed before a single frame (no frames, or an error): wedged, not
+        # back. Counts as a failed re-open, with its backoff and escalation.
+        if self._close_session() and not self._frame_since_open:
+            self._reopen_failed(f"opened but sent no frames ({why})")
 
     def _reconnect(self, deadline: float) -> bool:
         """Try to re-open when the backoff allows; False when `deadline` came first."""
@@ -242,7 +288,7 @@ class RealSenseSource:
             if time.monotonic() < self._next_attempt:
                 return False
         try:
-            self._session = self._open()
+            self._install(self._open())
         except (RuntimeError, SourceError) as exc:
             self._reopen_failed(str(exc))
             return time.monotonic() < deadline
@@ -285,9 +331,7 @@ class RealSenseSource:
 
     # -- conversion ----------------------------------------------------------------------
 
-    def _to_frame(self, depth: Any, color: Any) -> Frame | None:
-        session = self._session
-        assert session is not None
+    def _to_frame(self, session: Session, depth: Any, color: Any) -> Frame | None:
         ts = float(color.get_timestamp())
         if self._last_ts is not None and ts <= self._last_ts:
             return None  # replayed after a re-open, or a duplicate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from edge.catalogue import load_catalogue
 from edge.config import CameraConfig, DepthFilters, load_config
 from edge.induct import InductAssociator
 from edge.items import ItemSegmenter
-from edge.sources import EndOfStream, FrameSource, SourceError
+from edge.sources import EndOfStream, FrameSource, SourceError, realsense
 from edge.sources import _rs_session as rs_session
 from edge.sources.realsense import RealSenseSource, RetryPolicy
 from edge.sources.recording import write_recording
@@ -200,6 +201,99 @@ def test_an_exception_mid_stream_is_recovered_without_duplicates(
     got = read_all(src)
     assert [f.index for f in got] == list(range(30))
     assert src.counters.reconnects == 1
+
+
+class _Unplugged:
+    """The event pyrealsense2 hands the device-change callback when a camera is unplugged:
+    no new device; whether it removed the session's device is the session's `removed_by`."""
+
+    def get_new_devices(self) -> list[Any]:
+        return []
+
+
+def _count_closes(session: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls of the real session's close() (each call goes through to the SDK)."""
+    calls: list[int] = []
+    real_close = session.close
+
+    def close() -> None:
+        calls.append(1)
+        real_close()
+
+    monkeypatch.setattr(session, "close", close)
+    return calls
+
+
+def test_a_removed_camera_is_closed_once_and_reading_goes_on(
+        small_db3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device-change callback reports the camera removed: the next read closes its
+    session (playback stopped, sensors released; it used to be dropped still running) exactly
+    once, re-opens, and delivers the rest without duplicates; stop() closes the new one."""
+    changes: list[tuple[str, bool]] = []
+    src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10,
+                          on_device_change=lambda cam, present: changes.append((cam, present)))
+    src.start()
+    got = []
+    try:
+        while len(got) < 5:
+            frame = src.read(2.0)
+            if frame is not None:
+                got.append(frame.index)
+        removed = src._session
+        assert removed is not None
+        closes = _count_closes(removed, monkeypatch)
+        monkeypatch.setattr(removed, "removed_by", lambda event: True)
+        src._devices_changed(_Unplugged())  # what the SDK calls on its own thread
+        assert changes == [("top", False)]
+        try:
+            while True:
+                frame = src.read(2.0)
+                if frame is not None:
+                    got.append(frame.index)
+        except EndOfStream:
+            pass
+        assert closes == [1]
+        assert isinstance(removed, rs_session.PlaybackSession)
+        assert removed.playback.current_status() == removed.rs.playback_status.stopped
+        reopened = src._session
+        assert reopened is not None
+        assert reopened is not removed
+        reopened_closes = _count_closes(reopened, monkeypatch)
+    finally:
+        src.stop()
+    src.stop()
+    assert got == list(range(30))
+    assert src.counters.reconnects == 1
+    assert closes == [1]
+    assert reopened_closes == [1]
+
+
+def test_a_session_opened_while_the_source_stops_is_closed(
+        small_db3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() from another thread while the capture thread re-opens: the session that open
+    returns is closed, not left playing with nobody to stop it."""
+    opened: list[rs_session.PlaybackSession] = []
+    src = RealSenseSource("top", recording=small_db3, width=64, height=48, fps=10,
+                          retry=RetryPolicy(backoff_initial_s=0.01))
+
+    def open_while_stopping(*args: Any, **kwargs: Any) -> rs_session.PlaybackSession:
+        session = rs_session.PlaybackSession(*args, **kwargs)
+        opened.append(session)
+        if len(opened) == 2:  # the re-open: the node stops the source meanwhile
+            stopper = threading.Thread(target=src.stop)
+            stopper.start()
+            stopper.join(5.0)
+        return session
+
+    monkeypatch.setattr(realsense, "PlaybackSession", open_while_stopping)
+    src.start()
+    assert src.read(2.0) is not None
+    src._lost.set()  # lost (removed, or failed): the next read re-opens
+    assert src.read(2.0) is None
+    assert len(opened) == 2
+    assert src._session is None
+    for session in opened:
+        assert session.playback.current_status() == session.rs.playback_status.stopped
 
 
 def _read_until_it_gives_up(src: RealSenseSource, reads: int = 500) -> None:
