@@ -148,7 +148,9 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--board", type=_board, help="also check the reprojection of this board")
     p.add_argument("--max-drift-mm", type=float, default=5.0)
     p.add_argument("--max-tilt-deg", type=float, default=1.0)
-    p.add_argument("--min-fill-rate", type=float, default=0.7)
+    p.add_argument("--min-fill-rate", type=float, default=None,
+                   help="depth fill limit in the inspection region (default: 0.7, or the "
+                   "fill rate the calibration accepted less 0.1 when that is lower)")
     p.add_argument("--max-board-rms", type=float, default=1.0)
     p.add_argument("--report", type=Path,
                    help="report folder (default: calibration-check-report beside the config)")

@@ -1,8 +1,11 @@
 """`edge-calibrate check --config FILE`: every calibrated camera of the node, pass or fail.
 
-One current frame per camera: from the camera (`source: realsense`; untested
-here, no camera), from the start of its recording (`source: recording`) or
-frame 0 of the synthetic conveyor (`source: synthetic`).
+The belt is judged as the node judges it at start (`BeltChecker.check_frames`):
+on the per-pixel median of CHECK_FRAMES current depth frames per camera, from
+the camera (`source: realsense`; untested here, no camera), from the start of
+its recording (`source: recording`) or the first frames of the synthetic
+conveyor (`source: synthetic`), with the fill limit the calibration accepted
+(`calibrated_thresholds`) unless `--min-fill-rate` is given.
 """
 
 from __future__ import annotations
@@ -10,36 +13,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibration.check import BeltCheckThresholds, check_belt, check_board
+from calibration.check import (
+    CHECK_FRAMES,
+    BeltChecker,
+    BeltCheckThresholds,
+    calibrated_thresholds,
+    check_board,
+)
 from calibration.files import CalibrationError, load_camera_calibration
 from calibration.report import residual_heatmap, write_summary
 from edge.config import CameraConfig, Config, load_config
 from edge.types import U8Array, U16Array
 
 
-def _frame(cfg: Config, cam: CameraConfig) -> tuple[str, U8Array | None, U16Array, float]:
-    """(serial, colour, depth, depth scale) of one current frame of the camera."""
-    if cam.source == "recording":
-        from calibration.realsense import read_recording
-        assert cam.recording is not None  # validated by load_config
-        info, frames = read_recording(cam.recording, count=1)
-        f = frames[0]
-        if f.depth is None:
-            raise CalibrationError(cam.recording, "depth", "the recording has no depth stream")
-        return info.serial, f.color, f.depth, info.depth_scale_m
-    if cam.source == "realsense":  # untested here: no camera in CI
-        from calibration.realsense import read_camera
-        info, frames = read_camera(str(cam.serial), count=1, width=cam.width, height=cam.height,
-                                   fps=cam.fps)
-        f = frames[0]
-        if f.depth is None:
-            raise CalibrationError(str(cam.serial), "depth", "the camera delivered no depth")
-        return info.serial, f.color, f.depth, info.depth_scale_m
+def _frames(cfg: Config, cam: CameraConfig, count: int = CHECK_FRAMES
+            ) -> tuple[str, U8Array | None, list[U16Array], float]:
+    """(serial, colour of the first frame, up to `count` depth images, depth scale) of the
+    camera's current frames."""
+    if cam.source in ("recording", "realsense"):
+        if cam.source == "recording":
+            from calibration.realsense import read_recording
+            assert cam.recording is not None  # validated by load_config
+            where = str(cam.recording)
+            info, frames = read_recording(cam.recording, count=count)
+        else:  # untested here: no camera in CI
+            from calibration.realsense import read_camera
+            where = str(cam.serial)
+            info, frames = read_camera(where, count=count, width=cam.width,
+                                       height=cam.height, fps=cam.fps)
+        depths = [f.depth for f in frames if f.depth is not None]
+        if not depths:
+            raise CalibrationError(where, "depth", "no depth frames from this camera")
+        return info.serial, frames[0].color, depths, info.depth_scale_m
     from edge.catalogue import load_catalogue
     from edge.sources.synthetic import SyntheticConveyor
     world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, load_catalogue(), 0.0)
-    frame = world.render(cam.id, 0)
-    return cam.id, frame.color, frame.depth, frame.depth_scale_m
+    rendered = [world.render(cam.id, k) for k in range(count)]
+    return (cam.id, rendered[0].color, [f.depth for f in rendered],
+            rendered[0].depth_scale_m)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -51,17 +62,24 @@ def run_check(args: argparse.Namespace) -> int:
         raise CalibrationError(args.config, "cameras[].calibration",
                                "no camera has a calibration file: run edge-calibrate belt and set "
                                "cameras[].calibration")
-    th = BeltCheckThresholds(args.max_drift_mm, args.max_tilt_deg, args.min_fill_rate)
+    given = BeltCheckThresholds(args.max_drift_mm, args.max_tilt_deg,
+                                *([] if args.min_fill_rate is None else [args.min_fill_rate]))
     rdir = report_dir(args, Path(args.config).resolve().parent / "calibration-check-report")
     rdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {}
+    thresholds: dict[str, float] = {}  # the fill limit per camera
     all_passed = True
     for cam in cams:
         assert cam.calibration is not None
-        serial, color, depth, scale = _frame(cfg, cam)
+        serial, color, depths, scale = _frames(cfg, cam)
+        depth = depths[0]
         cal = load_camera_calibration(cam.calibration, serial=serial,
                                       resolution=(depth.shape[1], depth.shape[0]))
-        belt = check_belt(cal, depth, scale, th)
+        # As the node checks at start: the fill rate the calibration accepted, less a margin,
+        # unless the engineer named a limit.
+        th = given if args.min_fill_rate is not None else calibrated_thresholds(cal, given)
+        belt = BeltChecker(cal, th).check_frames(depths, scale)
+        thresholds[cam.id] = th.min_fill_rate
         entry: dict[str, object] = {"serial": serial, "belt": belt.as_dict()}
         passed = belt.passed
         board_reasons: tuple[str, ...] = ()
@@ -78,17 +96,18 @@ def run_check(args: argparse.Namespace) -> int:
             heights = deproject(depth, scale, cal.intrinsics) @ cal.pose.rotation[2, :] + float(
                 cal.pose.translation_mm[2])
             residual_heatmap(rdir / f"{cam.id}_belt_residuals.png", heights.astype("float32"),
-                             limit_mm=max(5.0, 2 * th.max_drift_mm),
+                             limit_mm=max(5.0, 2 * given.max_drift_mm),
                              title=f"{cam.id}: height above the calibrated belt plane")
         shown = belt.as_dict()
         print(f"{cam.id} ({serial}): {'PASS' if passed else 'FAIL'}  drift {shown['drift_mm']} "
-              f"mm, tilt {shown['tilt_deg']} deg, fill {belt.fill_rate:.1%}")
+              f"mm, tilt {shown['tilt_deg']} deg, fill {belt.fill_rate:.1%} "
+              f"(median of {len(depths)} frames, limit {th.min_fill_rate:.0%})")
         for reason in belt.reasons + board_reasons:
             print(f"  - {reason}")
     write_summary(rdir, {"command": "check", "config": str(args.config), "passed": all_passed,
-                         "thresholds": {"max_drift_mm": th.max_drift_mm,
-                                        "max_tilt_deg": th.max_tilt_deg,
-                                        "min_fill_rate": th.min_fill_rate,
+                         "thresholds": {"max_drift_mm": given.max_drift_mm,
+                                        "max_tilt_deg": given.max_tilt_deg,
+                                        "min_fill_rate": thresholds,
                                         "max_board_rms_px": args.max_board_rms},
                          "cameras": results})
     print(f"{'all cameras passed' if all_passed else 'check FAILED'}; report: {rdir}")

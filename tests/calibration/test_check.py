@@ -251,3 +251,25 @@ def test_check_command_on_the_synthetic_conveyor(tmp_path: Path) -> None:
     summary = yaml.safe_load((tmp_path / "calibration-check-report" / "summary.yaml").read_text())
     assert set(summary["cameras"]) == set(world.camera_ids)
     assert all(c["belt"]["tilt_deg"] < 0.1 for c in summary["cameras"].values())
+
+
+def test_check_command_judges_the_median_of_frames_like_the_node(
+        calibration: CameraCalibration, tmp_path: Path) -> None:
+    """`edge-calibrate check` agrees with the node's start-up check: a recording whose frames
+    each lose a different 3/8 of the depth passes (its first frame alone failed on the fill
+    rate), and the summary names the fill limit it used."""
+    calibration.save(tmp_path / "c1.yaml")
+    color = np.full((480, 640, 3), 90, np.uint8)
+    # The first frame's burst lies across the inspection region's middle.
+    frames = [Frame("cam", i, 1000.0 + i * 1000.0 / 30, color, _bursty(POSE, (i + 4) % 10),
+                    0.001, CAMERA) for i in range(10)]
+    assert not BeltChecker(calibration).check(frames[0].depth, 0.001).passed
+    write_recording(tmp_path / "bursty.db3", frames, 30, serial="C1")
+    config = _config(tmp_path, tmp_path / "bursty.db3", tmp_path / "c1.yaml")
+    assert main(["check", "--config", str(config), "--report", str(tmp_path / "r")]) == 0
+    summary = yaml.safe_load((tmp_path / "r" / "summary.yaml").read_text())
+    assert summary["thresholds"]["min_fill_rate"] == {"top": 0.7}
+    assert main(["check", "--config", str(config), "--report", str(tmp_path / "r2"),
+                 "--min-fill-rate", "0.55"]) == 0
+    named = yaml.safe_load((tmp_path / "r2" / "summary.yaml").read_text())
+    assert named["thresholds"]["min_fill_rate"] == {"top": 0.55}  # the engineer's limit
