@@ -52,7 +52,8 @@ def _models(cfg: Config) -> list[Finding]:
     from edge.infer.models import ItemInspector
 
     try:
-        inspector = ItemInspector.load(cfg.models, load_catalogue())
+        # Read only: a node may be running on this gallery (with other models, even).
+        inspector = ItemInspector.load(cfg.models, load_catalogue(), read_only=True)
     except Exception as exc:  # every way a model can be broken is reported, not raised
         return [Finding("models", False, str(exc),
                         "reinstall the release's engines/ folder or fix models.manifest")]

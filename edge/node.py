@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,9 @@ class Node:
         self.stop_event = threading.Event()
         self.policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
         self.recent = RecentViews()
+        # Learning from feedback (embedding, a bank file written and fsynced) is kept off
+        # the MQTT network thread that delivers the feedback: it also hands over PUBACKs.
+        self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cv-learn")
         self.snapshots = snapshots  # audit snapshots (started and closed by the owner)
         self.publisher = VerdictPublisher(
             cfg.mqtt, cfg.node, outbox_path, clock, self._on_announcement, self._on_feedback,
@@ -250,6 +254,7 @@ class Node:
                 self.item_stage.close()
         drained = self.scheduler.drain()
         self.scheduler.stop()
+        self._learner.shutdown(wait=True)  # feedback already taken in is learned
         left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
         if self.heap_trimmer is not None:
             self.heap_trimmer.stop()
@@ -285,8 +290,6 @@ class Node:
         running ones stay (said in the log and on `…/events`): a bad update must not stop
         the line. Returns whether the models and thresholds were switched."""
         gallery = self.inspector.gallery.reload()
-        # References copied in from a node with another embedding model: re-embedded here.
-        gallery |= self.inspector.refresh_gallery()
         try:  # opened and tested beside the running models, which go on inspecting
             prepared = self.inspector.prepare_reload()
         except (ModelRejectedError, ManifestError, BackendError, OSError) as exc:
@@ -305,6 +308,7 @@ class Node:
             versions = self.inspector.model_versions()
             self.scheduler.set_versions(policy.thresholds.version, versions)
             self.publisher.set_versions(versions)
+        self.inspector.persist_gallery()  # re-embedded banks: written once nothing waits
         log.info("node_reloaded", threshold_version=policy.thresholds.version,
                  golden=report.passed, gallery=gallery)
         return True
@@ -333,8 +337,15 @@ class Node:
             self.publisher.publish_event("feedback_ignored", {
                 "item_id": feedback.item_id, "why": "item not among recent items"})
             return
-        self.inspector.learn_reference(product, recent[1])
-        log.info("gallery_learned", product_id=product, item_id=feedback.item_id)
+        self._learner.submit(self._learn, product, feedback.item_id, recent[1])
+
+    def _learn(self, product: str, item_id: str, views: Mapping[str, U8Array]) -> None:
+        try:
+            self.inspector.learn_reference(product, views)
+        except Exception:  # a failed learn costs that feedback only
+            log.exception("gallery_learn_failed", product_id=product, item_id=item_id)
+            return
+        log.info("gallery_learned", product_id=product, item_id=item_id)
 
     def _on_acked(self, acked: AckedVerdict) -> None:
         if acked.captured_ms is not None:

@@ -14,18 +14,22 @@ camera, written atomically) and learns at run time (`add`), e.g. when the
 controller reports "false positive: packaging changed".
 
 Patch features only mean something to the embedding model that computed
-them, so each bank records that model (`model`, its identity) and keeps the
-reference views it was built from (up to `MAX_VIEWS` crops). A gallery opened
-for another model sets such banks aside (`stale`): they are not scored, and
-the inspector re-embeds their views with the model in use. A model update
-with the same feature size would otherwise score items against the old
-model's features: meaningless distances, silently.
+them, so a bank file holds rows per model (`rows__<model>`, the models
+listed in `models`, the newest first; up to `MODELS_KEPT`) and the reference
+views it was built from (up to `MAX_VIEWS` crops). A gallery opened for a
+model the file has no rows of sets the bank aside (`stale`): it is not
+scored, and the inspector re-embeds its views with the model in use. A model
+update with the same feature size would otherwise score items against the old
+model's features: meaningless distances, silently. The older model's rows
+stay, so a rollback finds them; files from before models were recorded keep
+their `rows` as they were (older releases read only those).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +51,11 @@ MAX_PATCHES = 6144
 TOP_K = 6
 #: Reference views (crops) kept per product and camera for re-embedding; the latest win.
 MAX_VIEWS = 32
+#: Embedding models whose rows a bank file keeps: the one in use and the one before it (a
+#: rollback of a model update finds its features without re-embedding).
+MODELS_KEPT = 2
+#: Learning steps remembered for a reload prepared meanwhile (see `learned_since`).
+JOURNAL_KEPT = 64
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _VIEW_KEY = "view_"
 
@@ -85,12 +94,42 @@ def _bank(rows: F32Array, views: int, model: str | None) -> _Bank:
     return _Bank(rows, np.einsum("ij,ij->i", rows, rows), views, model)
 
 
+def _rows_key(model: str) -> str:
+    return f"rows__{_safe(model)}"
+
+
+@dataclass(slots=True)
+class _BankFile:
+    """What a bank file holds (see the module docstring)."""
+
+    key: tuple[str, str]
+    views: int
+    rows: dict[str | None, F32Array]  # per model, the newest first; None: not recorded
+    legacy: dict[str, np.ndarray]  # `rows` (and `model`) as older releases wrote them
+    images: list[U8Array]
+
+
+def _read_bank_file(path: Path, *, images: bool = False) -> _BankFile:
+    """Parse a bank file (raises on a damaged one); views only with `images`."""
+    with np.load(path, allow_pickle=False) as data:
+        files = set(data.files)
+        key = (str(data["product_id"]), str(data["camera_id"]))
+        rows: dict[str | None, F32Array] = {}
+        for model in (data["models"].tolist() if "models" in files else []):
+            rows[str(model)] = data[_rows_key(str(model))].astype(np.float32)
+        legacy = {k: data[k] for k in ("rows", "model") if k in files}
+        if "rows" in legacy:
+            old_model = str(legacy["model"]) if "model" in legacy else None
+            rows.setdefault(old_model, legacy["rows"].astype(np.float32))
+        kept = [np.asarray(data[k], dtype=np.uint8)
+                for k in sorted(k for k in files if k.startswith(_VIEW_KEY))] if images else []
+        return _BankFile(key, int(data["views"]), rows, legacy, kept)
+
+
 def _stored_images(path: Path) -> list[U8Array]:
     """The reference views kept in a bank file ([] if none or unreadable)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            names = sorted(k for k in data.files if k.startswith(_VIEW_KEY))
-            return [np.asarray(data[k], dtype=np.uint8) for k in names]
+        return _read_bank_file(path, images=True).images
     except Exception:  # missing or damaged: its views are gone, the caller says what then
         return []
 
@@ -103,9 +142,13 @@ class ReferenceGallery:
     """
 
     def __init__(self, root: Path | None, *, model: str | None = None,
-                 max_patches: int = MAX_PATCHES, top_k: int = TOP_K, seed: int = 0) -> None:
+                 adopt_unrecorded: bool = False, max_patches: int = MAX_PATCHES,
+                 top_k: int = TOP_K, seed: int = 0) -> None:
         self.root = root  # None: in memory only (golden self-test, threshold fitting)
         self.model = model
+        # Banks from before models were recorded: taken as `model`'s (the node's start: the
+        # model it ran with is the likeliest), or else stale (a model change).
+        self._adopt = adopt_unrecorded
         self.max_patches = max_patches
         self.top_k = top_k
         self._rng = np.random.default_rng(seed)
@@ -119,34 +162,61 @@ class ReferenceGallery:
         # and whether they replace the views on disk or add to them.
         self._pending: dict[tuple[str, str], tuple[list[U8Array], bool]] = {}
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()  # one writer at a time: they share the .tmp name
+        self._write_lock = threading.Lock()  # a read-modify-write of a file at a time
+        # What was learned with views, the latest JOURNAL_KEPT in order (for a gallery
+        # prepared beside this one); `_journal_base` entries were dropped before them.
+        self._journal: list[tuple[tuple[str, str], list[U8Array]]] = []
+        self._journal_base = 0
         self._load()
 
     def for_model(self, model: str | None) -> ReferenceGallery:
         """The same directory opened for another embedding model (a reload that changes
-        it): every bank of this model is stale there until re-embedded."""
-        return ReferenceGallery(self.root, model=model, max_patches=self.max_patches,
-                                top_k=self.top_k)
+        it): every bank without that model's rows is stale there until re-embedded, and
+        views this gallery holds but has not written yet are carried over to re-embed."""
+        other = ReferenceGallery(self.root, model=model, max_patches=self.max_patches,
+                                 top_k=self.top_k)
+        with self._lock:
+            unwritten = {k: list(self._pending.get(k, ([], False))[0]) for k in self._unsaved}
+        for key, images in unwritten.items():
+            if images and not other.has(*key):
+                other._carry(key, images, self.model)
+        return other
+
+    def _carry(self, key: tuple[str, str], images: list[U8Array], model: str | None) -> None:
+        with self._lock:
+            pending, replaced = self._pending.get(key, ([], False))
+            self._pending[key] = (pending + images, replaced)
+            self._stale.setdefault(key, model)
+
+    def journal_mark(self) -> int:
+        """A position in the learning journal (see `learned_since`)."""
+        with self._lock:
+            return self._journal_base + len(self._journal)
+
+    def learned_since(self, mark: int) -> list[tuple[tuple[str, str], list[U8Array]]]:
+        """Views learned (not re-embedded) since `journal_mark` returned `mark`."""
+        with self._lock:
+            return list(self._journal[max(0, mark - self._journal_base):])
 
     def _file(self, root: Path, product_id: str, camera_id: str) -> Path:
         return root / _safe(product_id) / f"{_safe(camera_id)}.npz"
 
     def _read(self, unreadable: set[Path] | None = None
               ) -> tuple[dict[tuple[str, str], _Bank], dict[tuple[str, str], str | None]]:
-        """The banks on disk of this gallery's model, and those of other models (stale:
-        their model); the paths of files that could not be read go to `unreadable`."""
+        """The banks on disk with rows of this gallery's model, and the others (stale: the
+        newest model they have rows of); the paths of files that could not be read go to
+        `unreadable`."""
         banks: dict[tuple[str, str], _Bank] = {}
         stale: dict[tuple[str, str], str | None] = {}
         if self.root is None or not self.root.is_dir():
             return banks, stale
         for path in sorted(self.root.glob("*/*.npz")):
             try:
-                with np.load(path, allow_pickle=False) as data:
-                    rows = data["rows"].astype(np.float32)
-                    key = (str(data["product_id"]), str(data["camera_id"]))
-                    views = int(data["views"])
-                    # Files from before models were recorded: taken as this model's.
-                    model = str(data["model"]) if "model" in data.files else None
+                bank_file = _read_bank_file(path)
+                key, rows_by_model = bank_file.key, bank_file.rows
+                if not rows_by_model or any(r.ndim != 2 or not len(r)
+                                            for r in rows_by_model.values()):
+                    raise ValueError("no rows of any model")
             except Exception as exc:  # empty, truncated, not a zip: skip that file
                 # A half-written or half-copied file must cost its own references only, not
                 # the start of the node or a reload.
@@ -155,16 +225,15 @@ class ReferenceGallery:
                 if unreadable is not None:
                     unreadable.add(path)
                 continue
-            if rows.ndim != 2 or not len(rows):
-                log.warning("gallery_file_unreadable", path=str(path),
-                            error=f"rows of shape {rows.shape}")
-                if unreadable is not None:
-                    unreadable.add(path)
-                continue
-            if model is not None and self.model is not None and model != self.model:
-                stale[key] = model
-                continue
-            banks[key] = _bank(rows, views, model)
+            if self.model is None:  # not checked: the newest rows
+                model, rows = next(iter(rows_by_model.items()))
+                banks[key] = _bank(rows, bank_file.views, model)
+            elif self.model in rows_by_model:
+                banks[key] = _bank(rows_by_model[self.model], bank_file.views, self.model)
+            elif None in rows_by_model and self._adopt:
+                banks[key] = _bank(rows_by_model[None], bank_file.views, None)
+            else:
+                stale[key] = next(iter(rows_by_model))
         return banks, stale
 
     def _load(self) -> None:
@@ -194,6 +263,7 @@ class ReferenceGallery:
         with self._lock:
             self._learned.clear()
         unreadable: set[Path] = set()
+        self._adopt = False  # adoption is for the start only: copied-in files may be any model's
         fresh, stale = self._read(unreadable)  # outside the lock: scoring and learning go on
         root = self.root
         with self._lock:
@@ -282,6 +352,11 @@ class ReferenceGallery:
             self._stale.pop(key, None)
             self._warned.discard(key)
             self._learned.add(key)
+            if images and not replace:
+                self._journal.append((key, list(images)))
+                if len(self._journal) > JOURNAL_KEPT:  # far more than a reload ever needs
+                    del self._journal[0]
+                    self._journal_base += 1
             if self.root is not None:  # in memory only, nothing will re-embed them
                 pending, replaced = self._pending.get(key, ([], False))
                 self._pending[key] = ((list(images) if replace else pending + list(images)),
@@ -313,9 +388,14 @@ class ReferenceGallery:
                 pending, replaces = self._pending.get(key, ([], False))
             if bank is None:
                 return
+            path = self._file(root, *key)
             try:
-                kept = pending if replaces else _stored_images(self._file(root, *key)) + pending
-                self._save(root, *key, bank, kept[-MAX_VIEWS:])
+                try:
+                    on_disk: _BankFile | None = _read_bank_file(path, images=True)
+                except Exception:  # none yet, or damaged: nothing of it to keep
+                    on_disk = None
+                kept = pending if replaces or on_disk is None else on_disk.images + pending
+                self._save(path, key, bank, kept[-MAX_VIEWS:], on_disk)
             except OSError as exc:  # keep learning in memory; the next add retries the write
                 log.error("gallery_write_failed", product_id=key[0], camera=key[1],
                           root=str(root), error=str(exc))
@@ -343,23 +423,43 @@ class ReferenceGallery:
                     hint="references from another embedding model are not used; feedback "
                     "(packaging_changed) or a new gallery rebuilds them")
 
-    def _save(self, root: Path, product_id: str, camera_id: str, bank: _Bank,
-              images: Sequence[U8Array]) -> None:
-        path = self._file(root, product_id, camera_id)
+    def _save(self, path: Path, key: tuple[str, str], bank: _Bank,
+              images: Sequence[U8Array], on_disk: _BankFile | None) -> None:
+        """Write `bank` with its views, keeping the newest other model's rows and the rows
+        of older releases' format from the file it replaces."""
+        product_id, camera_id = key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         arrays: dict[str, Any] = {
-            "rows": bank.rows.astype(np.float16), "product_id": np.str_(product_id),
-            "camera_id": np.str_(camera_id), "views": np.int64(bank.views)}
+            "product_id": np.str_(product_id), "camera_id": np.str_(camera_id),
+            "views": np.int64(bank.views)}
+        models: list[str] = []
         if bank.model is not None:
-            arrays["model"] = np.str_(bank.model)
+            models.append(bank.model)
+            arrays[_rows_key(bank.model)] = bank.rows.astype(np.float16)
+        else:  # not checked (no model given): written as older releases read it
+            arrays["rows"] = bank.rows.astype(np.float16)
+        if on_disk is not None:
+            for model, rows in on_disk.rows.items():
+                if model is not None and model not in models and len(models) < MODELS_KEPT:
+                    models.append(model)
+                    arrays[_rows_key(model)] = rows.astype(np.float16)
+            if bank.model is not None:
+                arrays.update(on_disk.legacy)
+        arrays["models"] = np.array(models, dtype=np.str_)
         for i, img in enumerate(images):
             arrays[f"{_VIEW_KEY}{i:03d}"] = np.ascontiguousarray(img, dtype=np.uint8)
-        with tmp.open("wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())  # a power cut must not leave an empty file under the name
-        tmp.replace(path)
+        # A name of its own: another gallery (a reload's, a doctor's) may write this bank too.
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())  # a power cut must not leave an empty file under the name
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def score(self, product_id: str, camera_id: str, patches: F32Array) -> AnomalyResult | None:
         """Anomaly of one crop's (C, H, W) patches; None without references."""

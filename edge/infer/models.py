@@ -118,6 +118,8 @@ class PreparedModels:
     damage: Backend
     report: GoldenReport
     gallery: ReferenceGallery | None = None
+    #: the running gallery's learning journal when the new one was read (see `switch_to`)
+    journal_mark: int = 0
 
 
 def embedding_identity(manifest: Manifest) -> str:
@@ -159,18 +161,21 @@ class ItemInspector:
 
     @classmethod
     def load(cls, cfg: ModelsConfig, catalogue: Catalogue,
-             manifest_path: Path | None = None) -> ItemInspector:
-        """Verify the manifest, open both models, open (and seed) the gallery."""
+             manifest_path: Path | None = None, *, read_only: bool = False) -> ItemInspector:
+        """Verify the manifest, open both models, open (and seed) the gallery; `read_only`
+        (the doctor, beside a running node) re-embeds and seeds in memory only."""
         manifest = load_manifest(manifest_path or cfg.manifest)
         embedding = open_backend(manifest.model(EMBEDDING), cfg)
         damage = open_backend(manifest.model(DAMAGE), cfg)
-        gallery = ReferenceGallery(cfg.gallery_dir, model=embedding_identity(manifest))
+        gallery = ReferenceGallery(cfg.gallery_dir, model=embedding_identity(manifest),
+                                   adopt_unrecorded=True)
         inspector = cls(manifest, embedding, damage, gallery=gallery, catalogue=catalogue,
                         cfg=cfg)
-        inspector.refresh_gallery()
+        inspector.refresh_gallery(persist=not read_only)
         if inspector.gallery.is_empty():
-            inspector.seed_gallery()
-        gallery.flush()  # banks from before models were recorded now say whose they are
+            inspector.seed_gallery(persist=not read_only)
+        if not read_only:
+            gallery.flush()  # banks from before models were recorded now say whose they are
         return inspector
 
     def _seed_views(self) -> dict[tuple[str, str], list[np.ndarray]]:
@@ -243,17 +248,28 @@ class ItemInspector:
 
     def learn_views(self, product_id: str, camera_id: str, colors: Sequence[np.ndarray]) -> None:
         """Add BGR crops of one camera as references (in every orientation of the long side)."""
-        self._learn(self.gallery, product_id, camera_id, colors)
+        self._learn(None, product_id, camera_id, colors)
 
-    def _learn(self, gallery: ReferenceGallery, product_id: str, camera_id: str,
+    def _learn(self, gallery: ReferenceGallery | None, product_id: str, camera_id: str,
                colors: Sequence[np.ndarray], *, persist: bool = True,
                replace: bool = False) -> None:
+        """Embed `colors` and add them to `gallery` (None: the one in use, taken under the
+        lock so that a reload switching models cannot pair one model's features with the
+        other's gallery). Written to disk after the lock: inference does not wait on it."""
+        with self._lock:
+            target = self.gallery if gallery is None else gallery
+            self._add_views(target, product_id, camera_id, colors, replace=replace)
+        if persist:
+            target.flush()
+
+    def _add_views(self, gallery: ReferenceGallery, product_id: str, camera_id: str,
+                   colors: Sequence[np.ndarray], *, replace: bool = False) -> None:
+        """Embed and add, unwritten; the caller holds `_lock`."""
         variants = [np.ascontiguousarray(c[::-1 if fy else 1, ::-1 if fx else 1])
                     for c in colors for fx, fy in _VARIANTS]
-        with self._lock:
-            patches, _ = self.embed(variants)
+        patches, _ = self.embed(variants)
         gallery.add(product_id, camera_id, patches, views=len(colors), images=colors,
-                    persist=persist, replace=replace)
+                    persist=False, replace=replace)
 
     def learn_reference(self, product_id: str, colors: Mapping[str, np.ndarray]) -> None:
         """Add an item's views (its BGR crop per camera) as pristine references of
@@ -348,7 +364,9 @@ class ItemInspector:
     def reload(self, manifest_path: Path | None = None) -> GoldenReport:
         """Re-read manifest and models; switch to them only if the golden self-test passes
         (`prepare_reload`, then `switch_to`)."""
-        return self.switch_to(self.prepare_reload(manifest_path))
+        report = self.switch_to(self.prepare_reload(manifest_path))
+        self.persist_gallery()
+        return report
 
     def prepare_reload(self, manifest_path: Path | None = None) -> PreparedModels:
         """Open the manifest's models beside the running ones and run the golden self-test
@@ -369,6 +387,7 @@ class ItemInspector:
                                 "valid thresholds and fusion sections") from None
         identity = embedding_identity(manifest)
         new_embedding = identity != self.gallery.model and self.gallery.model is not None
+        mark = self.gallery.journal_mark()  # learned after this: caught up at the switch
         gallery = self.gallery.for_model(identity) if new_embedding else self.gallery
         candidate = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), self.cfg),
                                   open_backend(manifest.model(DAMAGE), self.cfg),
@@ -377,12 +396,14 @@ class ItemInspector:
         if not report.passed:
             candidate.close()
             raise ModelRejectedError(report)
-        if new_embedding:  # the running gallery's features mean nothing to the new model
-            candidate.refresh_gallery(persist=False)
-            if gallery.is_empty():
-                candidate.seed_gallery(persist=False)  # `switch_to` writes it
+        # Stale banks (all of them for a new embedding model; else copied in from a node
+        # with another model) are re-embedded here, with the candidate's own backends: the
+        # running inspector goes on inferring meanwhile. Written after the switch.
+        candidate.refresh_gallery(persist=False)
+        if new_embedding and gallery.is_empty():
+            candidate.seed_gallery(persist=False)
         return PreparedModels(manifest, candidate.embedding, candidate.damage, report,
-                              gallery if new_embedding else None)
+                              gallery if new_embedding else None, mark)
 
     def switch_to(self, prepared: PreparedModels) -> GoldenReport:
         """Run on prepared models from now on (quick: they are open and tested)."""
@@ -390,15 +411,24 @@ class ItemInspector:
         with self._lock:
             self._configure(prepared.manifest, prepared.embedding, prepared.damage)
             if prepared.gallery is not None:
+                # Feedback learned by the running gallery while the new one was prepared:
+                # a view or two, embedded now with the new model.
+                caught_up = self.gallery.learned_since(prepared.journal_mark)
+                for (pid, cam), views in caught_up:
+                    self._add_views(prepared.gallery, pid, cam, views)
                 self.gallery = prepared.gallery
+                log.info("gallery_switched", model=prepared.gallery.model,
+                         caught_up=len(caught_up))
         for backend in old:
             backend.close()
-        if prepared.gallery is not None:
-            unwritten = prepared.gallery.flush()  # the re-embedded banks, now theirs on disk
-            log.info("gallery_switched", model=prepared.gallery.model, unwritten=unwritten)
         log.info("models_reloaded", versions=prepared.manifest.model_versions(),
                  thresholds=prepared.manifest.threshold_version)
         return prepared.report
+
+    def persist_gallery(self) -> int:
+        """Write what the gallery holds unwritten (after a reload's switch, which must not
+        wait on the disk); returns how many banks could not be written."""
+        return self.gallery.flush()
 
     def model_versions(self) -> dict[str, str]:
         return self.manifest.model_versions()

@@ -214,7 +214,11 @@ def test_banks_of_another_embedding_model_are_set_aside_with_their_views(
     again = ReferenceGallery(tmp_path, model="model-b")
     assert again.views("P", "top") == 2
     assert len(again.stored_views("P", "top")) == 2
-    assert ReferenceGallery(tmp_path, model="model-a").stale() == {("P", "top"): "model-b"}
+    # The old model's rows stay beside the new ones: a rollback scores as before.
+    rolled_back = ReferenceGallery(tmp_path, model="model-a")
+    assert rolled_back.stale() == {}
+    assert rolled_back.has("P", "top")
+    assert ReferenceGallery(tmp_path, model="model-c").stale() == {("P", "top"): "model-b"}
 
 
 def test_kept_views_are_capped_to_the_latest(tmp_path: Path) -> None:
@@ -230,8 +234,9 @@ def test_kept_views_are_capped_to_the_latest(tmp_path: Path) -> None:
 
 
 def test_a_bank_from_before_models_were_recorded_is_adopted(tmp_path: Path) -> None:
-    """Files without a model are taken as the loading model's and say so once flushed, so
-    that the next model change finds them stale instead of scoring against them."""
+    """Files without a model are taken as the starting node's model's and say so once
+    flushed, so that the next model change finds them stale instead of scoring against them;
+    their rows stay as older releases read them."""
     rng = np.random.default_rng(12)
     (tmp_path / "P").mkdir()
     rows = ReferenceGallery(None)
@@ -239,10 +244,13 @@ def test_a_bank_from_before_models_were_recorded_is_adopted(tmp_path: Path) -> N
     bank = rows._banks[("P", "top")]
     np.savez(tmp_path / "P" / "top.npz", rows=bank.rows.astype(np.float16),
              product_id=np.str_("P"), camera_id=np.str_("top"), views=np.int64(1))
-    g = ReferenceGallery(tmp_path, model="model-a")
+    assert ReferenceGallery(tmp_path, model="model-a").stale() == {("P", "top"): None}
+    g = ReferenceGallery(tmp_path, model="model-a", adopt_unrecorded=True)
     assert g.has("P", "top")
     assert g.flush() == 0
     assert ReferenceGallery(tmp_path, model="model-b").stale() == {("P", "top"): "model-a"}
+    with np.load(tmp_path / "P" / "top.npz") as data:
+        np.testing.assert_array_equal(data["rows"], bank.rows.astype(np.float16))
 
 
 def test_a_gallery_prepared_for_another_model_writes_nothing_until_flushed(
@@ -260,3 +268,19 @@ def test_a_gallery_prepared_for_another_model_writes_nothing_until_flushed(
     assert prepared.flush() == 0
     assert ReferenceGallery(tmp_path, model="model-b").has("P", "top")
     assert len(ReferenceGallery(tmp_path, model="model-b").stored_views("P", "top")) == 1
+
+
+def test_views_learned_while_a_reload_prepares_are_handed_over(tmp_path: Path) -> None:
+    """The running gallery's journal names what it learned after a mark, and a gallery
+    opened for another model carries over views the running one could not write yet."""
+    rng = np.random.default_rng(14)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("file in the way")
+    running = ReferenceGallery(blocker, model="model-a")  # every write fails
+    running.add("P", "top", _patches(rng), images=[np.zeros((4, 4, 3), np.uint8)])
+    mark = running.journal_mark()
+    prepared = running.for_model("model-b")
+    assert prepared.stale() == {("P", "top"): "model-a"}
+    assert len(prepared.stored_views("P", "top")) == 1  # unwritten, carried over
+    running.add("Q", "top", _patches(rng), images=[np.ones((4, 4, 3), np.uint8)])
+    assert [key for key, _ in running.learned_since(mark)] == [("Q", "top")]

@@ -215,12 +215,37 @@ def test_a_reload_to_another_embedding_model_switches_the_gallery_with_it(
     assert prepared.gallery is not None
     assert ReferenceGallery(models_cfg.gallery_dir, model=old_model).stale() == {}
     assert running.infer([_repacked(golden)])[0].anomaly_raw < 0.05  # type: ignore[operator]
+    # Feedback while the new gallery was being prepared is not lost at the switch.
+    rec = _repacked(golden)
+    running.learn_reference("P-REPACKED", {cam: c.color for cam, c in rec.crops.items()})
     running.switch_to(prepared)
     assert running.gallery.model == prepared.gallery.model != old_model
-    assert running.infer([_repacked(golden)])[0].anomaly_raw < 0.05  # type: ignore[operator]
+    assert running.gallery.views("P-REPACKED", "angled") == 2
+    assert running.infer([rec])[0].anomaly_raw < 0.05  # type: ignore[operator]
+    assert running.persist_gallery() == 0  # after the switch: inference never waits on it
     on_disk = ReferenceGallery(models_cfg.gallery_dir, model=prepared.gallery.model)
     assert on_disk.stale() == {}
-    assert on_disk.views("P-REPACKED", "angled") == 1
+    assert on_disk.views("P-REPACKED", "angled") == 2
+    # The old model's features stay on disk beside the new ones: a rollback finds them.
+    assert ReferenceGallery(models_cfg.gallery_dir, model=old_model).stale() == {}
+
+
+def test_the_doctor_loads_the_gallery_without_writing_it(
+        models_cfg: ModelsConfig, golden: GoldenSet, other_embedding_manifest: Path) -> None:
+    """`edge-node check` with a new model beside a node running the old one: the stale banks
+    are re-embedded in memory for its test, the files are left as they are."""
+    _learned_repacked(models_cfg, golden)
+    assert models_cfg.gallery_dir is not None
+    before = {p: p.read_bytes() for p in sorted(models_cfg.gallery_dir.rglob("*"))
+              if p.is_file()}
+    doctor = ItemInspector.load(dataclasses.replace(models_cfg,
+                                                    manifest=other_embedding_manifest),
+                                load_catalogue(), read_only=True)
+    assert doctor.gallery.stale() == {}
+    assert doctor.infer([_repacked(golden)])[0].anomaly_raw < 0.05  # type: ignore[operator]
+    after = {p: p.read_bytes() for p in sorted(models_cfg.gallery_dir.rglob("*"))
+             if p.is_file()}
+    assert after == before
 
 
 def test_stale_banks_without_views_are_reseeded_or_left_out(models_cfg: ModelsConfig) -> None:
