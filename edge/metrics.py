@@ -219,8 +219,8 @@ _MQTT_OUTCOMES = ("published", "acked", "resent", "refused", "dropped_expired",
 
 def _mqtt_families(m: Mapping[str, int]) -> Iterator[Metric]:
     verdicts = CounterMetricFamily(
-        "cv_mqtt_verdicts", "Verdicts by delivery outcome: published = acked + dropped_* + "
-        "outbox depth; resent and acks_not_recorded count events, not verdicts",
+        "cv_mqtt_verdicts", "Verdicts by delivery outcome: published = acked + refused + "
+        "dropped_* + outbox depth; resent and acks_not_recorded count events, not verdicts",
         labels=["outcome"])
     for outcome in _MQTT_OUTCOMES:
         verdicts.add_metric([outcome], m.get(outcome, 0))

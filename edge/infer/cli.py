@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO, cast
 
 import numpy as np
@@ -51,7 +52,8 @@ def _config(args: argparse.Namespace) -> Config:
 def memory_inspector(models: ModelsConfig, gallery_dir: Path | None = None) -> ItemInspector:
     """An inspector whose gallery lives in memory (seeded from the shipped references)."""
     manifest = load_manifest(models.manifest)
-    gallery = ReferenceGallery(gallery_dir, model=embedding_identity(manifest))
+    gallery = ReferenceGallery(gallery_dir, model=embedding_identity(manifest),
+                               adopt_unrecorded=True)
     inspector = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), models),
                               open_backend(manifest.model(DAMAGE), models),
                               gallery=gallery, catalogue=load_catalogue(), cfg=models)
@@ -138,7 +140,7 @@ def _thresholds_fit(args: argparse.Namespace) -> int:
     expected, golden = _refitted_golden(inspector, raw)
     if not args.dry_run:
         _write_fit(inspector.manifest, raw, expected)
-    golden["sha256"] = dict(raw.get("golden") or {}).get("sha256")
+    golden.update({k: dict(raw.get("golden") or {}).get(k) for k in ("file", "sha256")})
     summary = {"version": thresholds.version, "target_fpr": args.target_fpr,
                "fused": dict(thresholds.fused), "items": len(data.items),
                "nominal_items": int((~table.damaged).sum()), "written": not args.dry_run,
@@ -170,20 +172,47 @@ def _refitted_golden(inspector: ItemInspector, raw: dict[str, Any]
 
 
 def _write_fit(manifest: Manifest, raw: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
-    """Write the manifest and, if its expectations changed, the golden set it names."""
+    """Write the manifest and, if its expectations changed, the golden set it names.
+
+    The new golden set gets a new, content-named file, renamed into place before the
+    manifest names it and the old one deleted only after: a crash at any point leaves a
+    manifest whose golden file exists with the sha256 it names."""
     if not expected:
         write_manifest(manifest.path, raw)
         return
-    path = manifest.path.parent / str(manifest.golden["file"])
+    old_file = str(manifest.golden["file"])
+    path = manifest.path.parent / old_file
     staged = stage_expectations(path, expected)
+    final: Path | None = None
     try:
-        raw["golden"] = {**raw["golden"], "sha256": sha256_file(staged)}
+        sha = sha256_file(staged)
+        final = path.with_name(f"golden-{sha[:12]}.npz")
+        staged.replace(final)
+        _fsync_dir(final.parent)  # the new file is there before any manifest names it
+        raw["golden"] = {**raw["golden"], "sha256": sha,
+                         "file": str(PurePosixPath(old_file).with_name(final.name))}
         write_manifest(manifest.path, raw)
     except BaseException:
         staged.unlink(missing_ok=True)
+        if final is not None and final != path:  # the old manifest still names `path`
+            final.unlink(missing_ok=True)
         raise
-    # Renamed last: until here a failure leaves the old manifest and golden set, which match.
-    staged.replace(path)
+    # write_manifest does not fsync: make the new manifest durable before the old golden
+    # file goes, or a power cut could bring back the old manifest without its file.
+    with manifest.path.open("rb") as fh:
+        os.fsync(fh.fileno())
+    _fsync_dir(manifest.path.parent)
+    if final != path:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames and deletions in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _engines(args: argparse.Namespace) -> int:

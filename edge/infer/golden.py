@@ -101,9 +101,9 @@ def golden_scores(inspector: ItemInspector, golden: GoldenSet) -> list[ItemInfer
 
 def stage_expectations(path: Path, expected: Mapping[str, np.ndarray]) -> Path:
     """Write the golden set at `path` with `expected` (COMPARED keys) replacing its stored
-    expectations to a temporary file beside it, and return that file: the caller renames
-    it over `path` once the manifest names its sha256. Items, references and the other
-    expectations are copied unchanged."""
+    expectations to a temporary file beside it (written and fsynced), and return that file
+    for the caller to rename into place before a manifest names its sha256. Items,
+    references and the other expectations are copied unchanged."""
     unknown = set(expected) - set(COMPARED)
     if unknown:
         raise ValueError(f"unknown golden expectations {sorted(unknown)}; expected {COMPARED}")

@@ -2,7 +2,9 @@
 
 paho calls `on_publish` with its own message lock held, so the callback only
 queues the PUBACK; the ``mqtt-acks`` thread marks the outbox row done (and only
-then forgets the mid, so a top-up never re-sends an acknowledged row).
+then forgets the mid, so a top-up never re-sends an acknowledged row). A PUBACK
+the outbox cannot book (disk full) is kept in memory and booked at a later top-up:
+the broker has the verdict, so it is not sent again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from paho.mqtt.properties import Properties
 from edge.publish.metrics import AckedVerdict
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from edge.clock import Clock
     from edge.publish.outbox import Outbox, OutboxRow
@@ -32,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 #: Messages paho may hold in memory; the outbox holds the rest and tops paho up.
 MAX_QUEUED = 10_000
+# `_acks` entries with these mids are orders to the booking thread, not PUBACKs.
+_STOP, _RETRY = -1, -2
 
 
 def properties(packet_type: int) -> Properties:
@@ -58,6 +62,11 @@ class Delivery:
         self._sent: set[int] = set()
         self._first_seq = outbox.stats().next_seq
         self._acks: queue.Queue[tuple[int, bool, str, float]] = queue.Queue()
+        # PUBACKs the outbox could not book yet: seq -> (failed, reason, acked_ms). One per
+        # verdict sent, at most: bounded by the outbox's rows plus what paho holds.
+        self._unbooked: dict[int, tuple[bool, str, float]] = {}
+        self._retry_queued = False
+        outbox.on_dropped = self._forget
         self.counts: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
 
@@ -66,7 +75,7 @@ class Delivery:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._acks.put((-1, False, "", 0.0))
+        self._acks.put((_STOP, False, "", 0.0))
         if self._thread is not None:
             self._thread.join(timeout_s)
 
@@ -108,24 +117,38 @@ class Delivery:
 
     def resend_pending(self, *, reconnected: bool) -> None:
         """Hand paho every unacknowledged row it does not hold (after a restart, a full
-        queue or a client rebuild); paho re-sends what it holds itself on reconnect."""
+        queue or a client rebuild); paho re-sends what it holds itself on reconnect. Rows
+        whose PUBACK waits to be booked reached the broker: they are not sent again."""
         with self._lock:
             held = set(self._seq_mid)
+            waiting = set(self._unbooked)
             if reconnected:
                 # paho sends all it holds now, but a verdict that only waited there while we
                 # were offline goes out for the first time: not a re-send.
                 self.counts["resent"] += sum(map(self._went_out, held))
                 self._sent |= held
         room = max(0, MAX_QUEUED - len(held))
-        sent = sum(self.send(row) for row in self._outbox.pending(exclude=held, limit=room))
+        rows = self._outbox.pending(exclude=held | waiting, limit=room)
+        sent = sum(self.send(row) for row in rows)
         if sent or (reconnected and held):
             log.info("mqtt.resending", from_outbox=sent, in_flight=len(held))
 
     def top_up(self) -> None:
+        """Every TOP_UP_INTERVAL_S: book PUBACKs the disk refused, re-send what paho lost."""
         with self._lock:
-            held = len(self._seq_mid)
-        if self._outbox.unacked > held:
+            accounted = len(self._seq_mid) + len(self._unbooked)
+            retry = bool(self._unbooked) and not self._retry_queued
+            self._retry_queued |= retry
+        if retry:  # on the booking thread: this one runs the network loop
+            self._acks.put((_RETRY, False, "", 0.0))
+        if self._outbox.unacked > accounted:
             self.resend_pending(reconnected=False)
+
+    def _forget(self, seqs: Collection[int]) -> None:
+        """Rows the outbox dropped (counted in dropped_*): none will be sent or booked again,
+        so their seqs would only pile up in `_sent`. Seqs paho holds leave at their PUBACK."""
+        with self._lock:
+            self._sent.difference_update(s for s in seqs if s not in self._seq_mid)
 
     def on_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: Any,
                    _props: Any) -> None:
@@ -135,28 +158,50 @@ class Delivery:
     def _run_acks(self) -> None:
         while True:
             mid, failed, reason, acked_ms = self._acks.get()
-            if mid < 0:
+            if mid == _STOP:
+                self._book_unbooked()  # a last chance: else they are sent again after restart
                 return
+            if mid == _RETRY:
+                self._book_unbooked()
+                continue
             with self._lock:
                 seq = self._mid_seq.get(mid)
             if seq is None:
                 continue  # a status or event message
-            booked = True
             try:
                 self._record(seq, failed, reason, acked_ms)
             except (sqlite3.Error, OSError) as exc:
-                booked = False
-                # A disk too full even for the update: the row stays unacknowledged and is
-                # sent again (the controller deduplicates by seq). This thread must not die:
-                # no PUBACK would be booked after it, and the outbox would only grow.
+                # A disk too full even for the update. The broker has the verdict: keep its
+                # PUBACK and book it at a later top-up instead of sending it again. This
+                # thread must not die: no PUBACK would be booked after it.
+                log.error("mqtt.ack_not_recorded", seq=seq, error=f"{type(exc).__name__}: {exc}")
                 with self._lock:
                     self.counts["acks_not_recorded"] += 1
-                log.error("mqtt.ack_not_recorded", seq=seq, error=f"{type(exc).__name__}: {exc}")
+                    self._unbooked[seq] = (failed, reason, acked_ms)
+                    self._mid_seq.pop(mid, None)
+                    self._seq_mid.pop(seq, None)
+                continue
             with self._lock:  # only now: a top-up must not re-send an acknowledged row
                 self._mid_seq.pop(mid, None)
                 self._seq_mid.pop(seq, None)
-                if booked:  # else it went out once: the top-up that sends it re-sends it
-                    self._sent.discard(seq)
+                self._sent.discard(seq)
+
+    def _book_unbooked(self) -> None:
+        """Book the PUBACKs the outbox refused before, oldest first; stop at the first that
+        still fails (the disk is still full: try again at the next top-up)."""
+        with self._lock:
+            self._retry_queued = False
+            waiting = sorted(self._unbooked.items())
+        for seq, (failed, reason, acked_ms) in waiting:
+            try:
+                self._record(seq, failed, reason, acked_ms)
+            except (sqlite3.Error, OSError) as exc:  # logged once, at its first failure
+                log.debug("mqtt.ack_still_not_recorded", seq=seq, error=str(exc))
+                return
+            with self._lock:
+                del self._unbooked[seq]
+                self._sent.discard(seq)
+            log.info("mqtt.ack_recorded_late", seq=seq)
 
     def _record(self, seq: int, failed: bool, reason: str, acked_ms: float) -> None:
         row = self._outbox.mark_acked(seq, acked_ms, f"refused: {reason}" if failed else "acked")

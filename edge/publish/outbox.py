@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: Verdicts the database could not take, kept in memory until their PUBACK. One whose
+#: message paho dropped (client rebuilt, queue full) never gets one and stays until
+#: evicted, so keep this small: as many as paho may hold (delivery.MAX_QUEUED), a few MB.
+MAX_UNSTORED = 10_000
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
@@ -105,6 +110,9 @@ class Outbox:
         # Those rows until their PUBACK: it must not be mistaken for one for a dropped row.
         self._unstored: dict[int, OutboxRow] = {}
         self.write_failing = False  # the last append could not be stored
+        # Told (without the lock) the seqs of unacknowledged rows it dropped: the size bound,
+        # or unstored rows evicted. They will not be pending again.
+        self.on_dropped: Callable[[list[int]], None] | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -115,9 +123,10 @@ class Outbox:
                render: Callable[[int], bytes]) -> OutboxRow:
         """Allocate the next seq, store `render(seq)` durably and return the row."""
         failure: str | None = None  # why the database could not take the row
+        dropped: list[int] = []
         with self._lock:
             try:
-                self._enforce_bound(now_ms)
+                self._enforce_bound(now_ms, dropped)
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 seq, failure = self._last_seq + 1, str(exc)
@@ -153,9 +162,13 @@ class Outbox:
             row = OutboxRow(seq, item_id, topic, payload, deadline_ms, captured_ms, decided_ms,
                             published_ms)
             if failure is not None:
-                if len(self._unstored) >= self.max_rows:  # never acknowledged: forget the oldest
-                    del self._unstored[next(iter(self._unstored))]
+                if len(self._unstored) >= min(self.max_rows, MAX_UNSTORED):
+                    oldest = next(iter(self._unstored))  # never acknowledged: forget it
+                    del self._unstored[oldest]
+                    dropped.append(oldest)
                 self._unstored[seq] = row
+        if dropped and self.on_dropped is not None:
+            self.on_dropped(dropped)
         return row
 
     def _next_seq_locked(self) -> int:
@@ -169,11 +182,14 @@ class Outbox:
         """Record the PUBACK (or a broker refusal); the row (stored or not), or None if already
         done: acknowledged before, or dropped by the size bound before its PUBACK came."""
         with self._lock:
+            unstored = self._unstored.pop(seq, None)
+            if unstored is not None:  # not in the database: nothing to write on a full disk
+                return unstored
             cur = self._db.execute(
                 "UPDATE outbox SET acked_ms = ?, outcome = ? WHERE seq = ? AND acked_ms IS NULL",
                 (acked_ms, outcome, seq))
             if cur.rowcount == 0:
-                return self._unstored.pop(seq, None)
+                return None
             self._unacked -= 1
             found = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?",
                                      (seq,)).fetchone()
@@ -202,33 +218,35 @@ class Outbox:
             return OutboxStats(self._rows, self._unacked, self._next_seq_locked(),
                                self.dropped_expired, self.dropped_actionable)
 
-    def _enforce_bound(self, now_ms: float) -> None:
+    def _enforce_bound(self, now_ms: float, dropped: list[int]) -> None:
+        """Apply the size bound; the seqs of unacknowledged rows deleted go to `dropped`."""
         if self._rows < self.max_rows:
             return
         target = max(self.max_rows * 9 // 10, 1)
         self._delete("acked_ms IS NOT NULL", self._rows - target)
         if self._rows >= self.max_rows:
-            n = self._delete(f"acked_ms IS NULL AND deadline_ms < {float(now_ms)!r}",
-                             self._rows - self.max_rows + 1, unacked=True)
-            self.dropped_expired += n
-            if n:
-                log.warning("outbox.dropped_expired", rows=n, total=self.dropped_expired)
+            seqs = self._delete(f"acked_ms IS NULL AND deadline_ms < {float(now_ms)!r}",
+                                self._rows - self.max_rows + 1, unacked=True)
+            dropped += seqs
+            self.dropped_expired += len(seqs)
+            if seqs:
+                log.warning("outbox.dropped_expired", rows=len(seqs), total=self.dropped_expired)
         if self._rows >= self.max_rows:
-            n = self._delete("acked_ms IS NULL", self._rows - self.max_rows + 1, unacked=True)
-            self.dropped_actionable += n
-            log.error("outbox.dropped_actionable", rows=n, total=self.dropped_actionable)
+            seqs = self._delete("acked_ms IS NULL", self._rows - self.max_rows + 1, unacked=True)
+            dropped += seqs
+            self.dropped_actionable += len(seqs)
+            log.error("outbox.dropped_actionable", rows=len(seqs), total=self.dropped_actionable)
 
-    def _delete(self, where: str, count: int, *, unacked: bool = False) -> int:
+    def _delete(self, where: str, count: int, *, unacked: bool = False) -> list[int]:
         if count <= 0:
-            return 0
-        cur = self._db.execute(
+            return []
+        seqs = [int(r[0]) for r in self._db.execute(
             f"DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE {where} "
-            "ORDER BY seq LIMIT ?)", (count,))
-        n = max(cur.rowcount, 0)
-        self._rows -= n
+            "ORDER BY seq LIMIT ?) RETURNING seq", (count,)).fetchall()]
+        self._rows -= len(seqs)
         if unacked:
-            self._unacked -= n
-        return n
+            self._unacked -= len(seqs)
+        return seqs
 
 
 def _row(r: Any) -> OutboxRow:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import subprocess
@@ -17,6 +18,7 @@ from edge.catalogue import load_catalogue
 from edge.config import ModelsConfig
 from edge.infer.cli import main
 from edge.infer.golden import GoldenSet, golden_scores, golden_self_test, load_golden
+from edge.infer.manifest import sha256_file
 from edge.infer.models import ItemInspector
 
 
@@ -129,6 +131,15 @@ def test_thresholds_fit_writes_a_versioned_threshold(small_dataset: Path, engine
     assert summary["golden"]["recomputed"] == []
 
 
+def _golden_named_by(manifest: Path) -> Path:
+    """The golden file `manifest` names, checked against the sha256 it records."""
+    golden = yaml.safe_load(manifest.read_text())["golden"]
+    path = manifest.parent / str(golden["file"])
+    assert path.is_file(), path
+    assert sha256_file(path) == golden["sha256"], path
+    return path
+
+
 def _arrays(npz: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(npz), allow_pickle=False) as d:
         return {k: d[k] for k in d.files}
@@ -138,20 +149,24 @@ def test_thresholds_fit_refit_fusion_keeps_the_golden_self_test_passing(
         small_dataset: Path, engines_copy: Path, models_cfg: ModelsConfig,
         capsys: pytest.CaptureFixture[str]) -> None:
     """After `--refit-fusion` the node accepts the refitted manifest: the golden set expects
-    the fused scores of the new weights (and says so); its items, references and model-score
+    the fused scores of the new weights (and says so), in a new file named for its content
+    that the manifest names (the old file is gone); its items, references and model-score
     expectations are kept; a dry run leaves it alone."""
     manifest = engines_copy / "manifest.yaml"
-    golden_file = engines_copy / "golden" / "golden.npz"
-    golden_before, fusion_before = golden_file.read_bytes(), yaml.safe_load(
+    old_file = engines_copy / "golden" / "golden.npz"
+    golden_before, fusion_before = old_file.read_bytes(), yaml.safe_load(
         manifest.read_text())["fusion"]
     argv = ["thresholds", "fit", "--data", str(small_dataset), "--target-fpr", "0.05",
             "--manifest", str(manifest), "--refit-fusion"]
     assert main([*argv, "--dry-run"]) == 0
-    assert golden_file.read_bytes() == golden_before
+    assert old_file.read_bytes() == golden_before
     capsys.readouterr()
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     data = yaml.safe_load(manifest.read_text())
+    golden_file = _golden_named_by(manifest)
+    assert data["golden"]["file"] == f"golden/golden-{data['golden']['sha256'][:12]}.npz"
+    assert sorted(p.name for p in golden_file.parent.iterdir()) == [golden_file.name]
     assert data["fusion"]["weights"] != fusion_before["weights"]
     assert data["fusion"]["geometry"] == fusion_before["geometry"]
 
@@ -165,7 +180,8 @@ def test_thresholds_fit_refit_fusion_keeps_the_golden_self_test_passing(
     before, after = _arrays(golden_before), _arrays(golden_file.read_bytes())
     assert np.abs(after["expected_fused"] - before["expected_fused"]).max() > 1e-3
     assert summary["golden"]["recomputed"] == ["fused"]
-    assert summary["golden"]["sha256"] == data["golden"]["sha256"]
+    assert (summary["golden"]["file"], summary["golden"]["sha256"]) == (
+        data["golden"]["file"], data["golden"]["sha256"])
     for key in before.keys() - {"expected_fused"}:
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     assert after.keys() == before.keys()
@@ -183,7 +199,32 @@ def test_refit_whose_manifest_cannot_be_written_leaves_the_golden_set(
         main(["thresholds", "fit", "--data", str(small_dataset), "--manifest", str(manifest),
               "--refit-fusion"])
     assert manifest.read_bytes() == manifest_before
-    assert (golden_dir / "golden.npz").read_bytes() == golden_before
+    assert _golden_named_by(manifest).read_bytes() == golden_before
+    assert sorted(p.name for p in golden_dir.iterdir()) == ["golden.npz"]
+
+
+def test_refit_whose_golden_file_cannot_be_renamed_leaves_a_matching_manifest(
+        small_dataset: Path, engines_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refitted golden set cannot be renamed into place (the disk fails, or the tool dies
+    there): the manifest is left as it was, naming a golden file with the sha256 it records,
+    so the node still starts (it used to name the new sha256 already, for the old file);
+    no temporary file is left."""
+    manifest = engines_copy / "manifest.yaml"
+    golden_dir = engines_copy / "golden"
+    manifest_before = manifest.read_bytes()
+    real_replace = Path.replace
+
+    def replace(self: Path, target: str | Path) -> Path:
+        if self.parent == golden_dir:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["thresholds", "fit", "--data", str(small_dataset), "--manifest", str(manifest),
+              "--refit-fusion"])
+    assert manifest.read_bytes() == manifest_before
+    assert _golden_named_by(manifest).name == "golden.npz"
     assert sorted(p.name for p in golden_dir.iterdir()) == ["golden.npz"]
 
 

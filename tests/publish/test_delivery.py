@@ -12,17 +12,23 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import paho.mqtt.client as paho
 import pytest
 import structlog.testing
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from edge.clock import WallClock
 from edge.config import MqttConfig, NodeConfig
 from edge.publish.broker import MosquittoBroker
+from edge.publish.delivery import Delivery
+from edge.publish.outbox import Outbox
 from edge.types import Decision
 from tests.publish.helpers import Collector, Received, make_verdict, validator, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from edge.publish.outbox import OutboxRow
     from tests.publish.conftest import NodeSide
 
 REPO = Path(__file__).resolve().parents[2]
@@ -396,27 +402,100 @@ def test_a_verdict_dropped_from_the_full_outbox_is_not_also_counted_acked(
                                  + metrics.dropped_expired + metrics.outbox_depth)
 
 
-def test_a_puback_the_outbox_cannot_book_does_not_stop_later_ones(
-        mosquitto_factory: Callable[..., MosquittoBroker],
-        node_factory: Callable[..., NodeSide]) -> None:
-    """A disk so full that marking a row acknowledged fails: that verdict is counted and sent
-    again, and the PUBACKs after it are still booked (the booking thread used to die, and
-    the outbox then only grew)."""
-    broker = mosquitto_factory()
-    node = node_factory(broker)
+def _disk_full_for_acks(node: NodeSide) -> threading.Event:
+    """Make marking outbox rows acknowledged fail while the returned event is set (a disk
+    too full even for that update); appends still work."""
     outbox = node.publisher._outbox
     real = outbox.mark_acked
-    failures = [sqlite3.OperationalError("database or disk is full")]
+    full = threading.Event()
+    full.set()
 
-    def mark_acked(seq: int, acked_ms: float, outcome: str = "acked") -> object:
-        if failures:
-            raise failures.pop()
+    def mark_acked(seq: int, acked_ms: float, outcome: str = "acked") -> OutboxRow | None:
+        if full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
         return real(seq, acked_ms, outcome)
 
     outbox.mark_acked = mark_acked  # type: ignore[method-assign]
-    seqs = [node.publisher.publish_verdict(make_verdict(f"disk-{i}")) for i in range(5)]
-    assert wait_until(lambda: node.publisher.outbox_depth == 0, 20), node.publisher.metrics()
+    return full
+
+
+def test_a_puback_the_outbox_cannot_book_does_not_stop_later_ones(
+        mosquitto_factory: Callable[..., MosquittoBroker],
+        node_factory: Callable[..., NodeSide]) -> None:
+    """A disk so full that marking a row acknowledged fails once: the PUBACKs after it are
+    still booked (the booking thread used to die, and the outbox then only grew), and the
+    one that failed is booked at the next top-up without sending its verdict again."""
+    broker = mosquitto_factory()
+    node = node_factory(broker)
+    full = _disk_full_for_acks(node)
+    seqs = [node.publisher.publish_verdict(make_verdict("disk-0"))]
+    assert wait_until(lambda: node.publisher.metrics().acks_not_recorded == 1, 5)
+    full.clear()
+    seqs += [node.publisher.publish_verdict(make_verdict(f"disk-{i}")) for i in range(1, 5)]
+    assert wait_until(lambda: node.publisher.metrics().acked == len(seqs), 20), (
+        node.publisher.metrics())
     metrics = node.publisher.metrics()
-    assert metrics.acks_not_recorded == 1
-    assert metrics.acked == len(seqs)
-    assert metrics.resent >= 1  # the one whose PUBACK was lost on the way to the disk
+    assert (metrics.acked, metrics.acks_not_recorded, metrics.resent) == (5, 1, 0)
+    assert metrics.outbox_depth == 0
+    assert sorted(a.seq for a in node.acked) == seqs
+
+
+def test_a_verdict_whose_puback_cannot_be_booked_is_not_sent_again(
+        mosquitto: MosquittoBroker, node_factory: Callable[..., NodeSide],
+        collector_factory: Callable[..., Collector]) -> None:
+    """The disk stays too full to book a PUBACK for 3 s: the broker has the verdict, so the
+    controller gets it once (it used to get it again at every top-up, each second), the
+    failure is logged once, and the PUBACK is booked (acked, on_acked) once the disk has
+    room."""
+    collector = collector_factory(mosquitto, "+/+/+/verdict")
+    node = node_factory(mosquitto)
+    full = _disk_full_for_acks(node)
+    with structlog.testing.capture_logs() as logs:
+        seq = node.publisher.publish_verdict(make_verdict("stuck"))
+        assert wait_until(lambda: node.publisher.metrics().acks_not_recorded == 1, 5)
+        threading.Event().wait(3.0)  # three top-ups
+        metrics = node.publisher.metrics()
+        assert (metrics.acked, metrics.resent, metrics.outbox_depth) == (0, 0, 1)
+        assert node.acked == []
+        full.clear()
+        assert wait_until(lambda: node.publisher.metrics().acked == 1, 5), (
+            node.publisher.metrics())
+    assert collector.verdict_seqs() == [seq]
+    metrics = node.publisher.metrics()
+    assert (metrics.resent, metrics.acks_not_recorded, metrics.outbox_depth) == (0, 1, 0)
+    assert [a.seq for a in node.acked] == [seq]
+    assert [e["event"] for e in logs].count("mqtt.ack_not_recorded") == 1
+
+
+def test_verdicts_the_full_outbox_drops_are_no_longer_tracked(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """Verdicts that went out, were lost with a rebuilt client (no PUBACK will ever come) and
+    were then dropped from the full outbox are forgotten: their seqs used to stay in memory
+    for as long as the node ran, one more for every verdict lost that way."""
+    outbox = Outbox(tmp_path / "o.db", max_rows=10)
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         protocol=MQTTProtocolVersion.MQTTv5)
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    try:
+        assert connected.wait(5)
+        delivery = Delivery(outbox, WallClock(), lambda: client, lambda: False, None)
+
+        def append(i: int) -> OutboxRow:
+            return outbox.append(item_id=f"i{i}", topic="t/verdict", deadline_ms=1e15,
+                                 captured_ms=None, decided_ms=0.0, published_ms=0.0,
+                                 now_ms=0.0, render=lambda seq: f'{{"seq":{seq}}}'.encode())
+
+        lost = [append(i) for i in range(10)]
+        assert all(delivery.send(row) for row in lost)  # PUBACKs are never booked here
+        delivery.forget_in_flight(lambda: None)  # a rebuilt client: paho's copies are gone
+        for i in range(10, 20):
+            append(i)
+        assert outbox.stats().dropped_actionable == 10
+        assert not delivery._sent & {row.seq for row in lost}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        outbox.close()

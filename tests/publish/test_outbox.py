@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from edge.publish.outbox import Outbox
+from edge.publish.outbox import MAX_UNSTORED, Outbox
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -151,3 +151,40 @@ def test_a_verdict_the_disk_cannot_take_is_still_handed_out_with_the_next_seq(
     assert box.write_failing is False
     box.close()
     assert _append(Outbox(tmp_path / "o.db"), "d") == 4
+
+
+def test_verdicts_the_disk_cannot_take_wait_for_their_puback_in_a_small_bound(
+        tmp_path: Path) -> None:
+    """A long stretch of full disk: only the newest MAX_UNSTORED verdicts are kept in memory
+    for their PUBACK, not as many as the outbox's 100,000 rows (a PUBACK that never comes,
+    for a message paho dropped, used to keep one for good); the forgotten ones are
+    reported dropped, and a PUBACK for one of them finds nothing to book."""
+    box = Outbox(tmp_path / "o.db")
+    box._db = _FullDisk(box._db)  # type: ignore[assignment]
+    told: list[int] = []
+    box.on_dropped = told.extend
+    seqs = [_append(box, f"i{i}") for i in range(MAX_UNSTORED + 3)]
+    assert box.unpersisted == len(seqs)
+    assert told == seqs[:3]
+    assert box.mark_acked(seqs[2], 1.0) is None
+    kept = box.mark_acked(seqs[3], 1.0)
+    assert kept is not None
+    assert kept.item_id == "i3"
+
+
+def test_rows_dropped_by_the_size_bound_are_reported(tmp_path: Path) -> None:
+    """The seqs of unacknowledged rows the size bound drops are reported (so the publisher
+    stops tracking them); pruned acknowledged rows are not."""
+    box = Outbox(tmp_path / "o.db", max_rows=10)
+    told: list[int] = []
+    box.on_dropped = told.extend
+    box.mark_acked(_append(box, "acked"), 1.0)
+    expired = [_append(box, f"old{i}", deadline_ms=100.0) for i in range(2)]
+    live = [_append(box, f"live{i}") for i in range(7)]
+    _append(box, "new", now_ms=500.0)  # the acknowledged row goes first
+    assert told == []
+    _append(box, "newer", now_ms=500.0)
+    assert told == expired[:1]
+    for i in range(2):
+        _append(box, f"more{i}", now_ms=500.0)
+    assert told == [*expired, live[0]]

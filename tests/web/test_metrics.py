@@ -59,7 +59,7 @@ def test_verdict_counters_match_the_verdicts_the_controller_received(
     # Delivery adds up: every verdict handed to MQTT is acknowledged, dropped or still queued.
     mqtt = {labels["outcome"]: value for labels, value in m["cv_mqtt_verdicts_total"]}
     assert mqtt["published"] >= sum(published.values())
-    assert mqtt["published"] == (mqtt["acked"] + mqtt["dropped_expired"]
+    assert mqtt["published"] == (mqtt["acked"] + mqtt["refused"] + mqtt["dropped_expired"]
                                  + mqtt["dropped_actionable"] + m["cv_outbox_depth"][0][1])
     assert mqtt["acks_not_recorded"] == 0
 
