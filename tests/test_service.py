@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
 from calibration.check import BeltChecker
 from calibration.files import CameraCalibration
 from calibration.render import DepthNoise, render_belt_depth
@@ -22,6 +21,7 @@ from edge.service import BeltMonitor, NodeService
 from edge.sources import SourceError
 from edge.systemd import SystemdNotifier
 from edge.types import Frame, FrameSet, Intrinsics, Pose
+from tests.calibration.conftest import belt_calibration_of
 
 
 @dataclass
@@ -103,11 +103,7 @@ RAISED_12MM = Pose(POSE.rotation, POSE.translation_mm + np.array([0.0, 0.0, 12.0
 @pytest.fixture(scope="module")
 def belt_calibration() -> CameraCalibration:
     """A belt calibration of CAMERA at POSE, made from a noisy frame of the empty belt."""
-    depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=11)
-    fit = fit_belt_plane(depth, 0.001, CAMERA)
-    pose, region = inspection_region(fit, CAMERA, travel_from_image(fit.plane, "up"),
-                                     size_mm=(600.0, 500.0))
-    return CameraCalibration("C1", CAMERA, pose=pose, region=region)
+    return belt_calibration_of(CAMERA, POSE)
 
 
 def _bursty_frames(pose: Pose, count: int = 20) -> list[Frame]:

@@ -8,9 +8,17 @@ import cv2
 import numpy as np
 import pytest
 
+from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
 from calibration.boards import BoardSpec, parse_board
-from calibration.render import board_views, render_board, undistorted_rays
-from edge.types import Frame, Intrinsics
+from calibration.files import CameraCalibration
+from calibration.render import (
+    DepthNoise,
+    board_views,
+    render_belt_depth,
+    render_board,
+    undistorted_rays,
+)
+from edge.types import Frame, Intrinsics, Pose
 
 #: The camera the boards are rendered with (truth for the intrinsics tests).
 TRUE_CAMERA = Intrinsics(640, 480, 600.0, 605.0, 322.5, 236.0,
@@ -51,3 +59,13 @@ def still_frames(color: np.ndarray, depth: np.ndarray, intr: Intrinsics, count: 
     """`count` frames of a still scene, numbered and 1/30 s apart (for .db3 recordings)."""
     return [Frame(camera_id, i, 1000.0 + i * 1000.0 / 30, color, depth, 0.001, intr)
             for i in range(count)]
+
+
+def belt_calibration_of(camera: Intrinsics, pose: Pose) -> CameraCalibration:
+    """A belt calibration of `camera` at `pose`, made from a noisy frame of the empty belt
+    (serial C1, a 600 x 500 mm region, belt travelling up the image)."""
+    depth = render_belt_depth(camera, pose, noise=DepthNoise(), seed=11)
+    fit = fit_belt_plane(depth, 0.001, camera)
+    belt_pose, region = inspection_region(fit, camera, travel_from_image(fit.plane, "up"),
+                                          size_mm=(600.0, 500.0))
+    return CameraCalibration("C1", camera, pose=belt_pose, region=region)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
 from calibration.check import (
     BeltChecker,
     BeltCheckThresholds,
@@ -23,7 +22,7 @@ from calibration.render import Box, DepthNoise, board_views, render_belt_depth, 
 from edge.sources.recording import write_recording
 from edge.types import Frame, Intrinsics, Pose
 
-from .conftest import CHARUCO, TRUE_CAMERA, still_frames
+from .conftest import CHARUCO, TRUE_CAMERA, belt_calibration_of, still_frames
 
 CAMERA = Intrinsics(640, 480, 610.0, 610.0, 318.0, 243.0)
 POSE = Pose.look_at(np.array([-200.0, 0.0, 1000.0]), np.array([0.0, 0.0, 0.0]))
@@ -38,11 +37,7 @@ def _tilted(pose: Pose, degrees: float) -> Pose:
 @pytest.fixture(scope="module")
 def calibration() -> CameraCalibration:
     """A belt calibration of CAMERA at POSE made from a noisy empty-belt frame."""
-    depth = render_belt_depth(CAMERA, POSE, noise=DepthNoise(), seed=11)
-    fit = fit_belt_plane(depth, 0.001, CAMERA)
-    pose, region = inspection_region(fit, CAMERA, travel_from_image(fit.plane, "up"),
-                                     size_mm=(600.0, 500.0))
-    return CameraCalibration("C1", CAMERA, pose=pose, region=region)
+    return belt_calibration_of(CAMERA, POSE)
 
 
 def test_unchanged_camera_passes(calibration: CameraCalibration) -> None:
