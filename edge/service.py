@@ -128,7 +128,9 @@ class NodeService:
 
         catalogue = load_catalogue()
         self.notifier.extend_timeout(STARTUP_STEP_USEC, "loading models")
-        inspector = ItemInspector.load(self.cfg.models, catalogue)
+        inspector = ItemInspector.load(  # each re-embedded bank (a model update) extends it
+            self.cfg.models, catalogue,
+            on_progress=lambda what: self.notifier.extend_timeout(STARTUP_STEP_USEC, what))
         self.notifier.extend_timeout(STARTUP_STEP_USEC, "golden self-test")
         # Models that do not reproduce their golden scores on this device never go READY (an
         # update with such models is then rolled back); the run also warms the backends up.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,9 +161,12 @@ class ItemInspector:
 
     @classmethod
     def load(cls, cfg: ModelsConfig, catalogue: Catalogue,
-             manifest_path: Path | None = None, *, read_only: bool = False) -> ItemInspector:
+             manifest_path: Path | None = None, *, read_only: bool = False,
+             on_progress: Callable[[str], object] | None = None) -> ItemInspector:
         """Verify the manifest, open both models, open (and seed) the gallery; `read_only`
-        (the doctor, beside a running node) re-embeds and seeds in memory only."""
+        (the doctor, beside a running node) re-embeds and seeds in memory only.
+        `on_progress` hears of each bank re-embedded after a model update (a large gallery
+        takes a while: the service extends systemd's start timeout with it)."""
         manifest = load_manifest(manifest_path or cfg.manifest)
         embedding = open_backend(manifest.model(EMBEDDING), cfg)
         damage = open_backend(manifest.model(DAMAGE), cfg)
@@ -171,7 +174,7 @@ class ItemInspector:
                                    adopt_unrecorded=True)
         inspector = cls(manifest, embedding, damage, gallery=gallery, catalogue=catalogue,
                         cfg=cfg)
-        inspector.refresh_gallery(persist=not read_only)
+        inspector.refresh_gallery(persist=not read_only, on_progress=on_progress)
         if inspector.gallery.is_empty():
             inspector.seed_gallery(persist=not read_only)
         if not read_only:
@@ -205,7 +208,8 @@ class ItemInspector:
         return added
 
     def refresh_gallery(self, gallery: ReferenceGallery | None = None, *,
-                        persist: bool = True) -> dict[str, int]:
+                        persist: bool = True,
+                        on_progress: Callable[[str], object] | None = None) -> dict[str, int]:
         """Re-embed the gallery's stale banks (another embedding model's) with this
         inspector's model, from the views each bank keeps, or else from the shipped views
         of that product. A bank with neither is left out (logged: the product is judged
@@ -214,7 +218,10 @@ class ItemInspector:
         counts = {"rebuilt": 0, "reseeded": 0, "lost": 0}
         stale = g.stale()
         seed = self._seed_views() if stale else {}
-        for (pid, cam), old_model in sorted(stale.items()):
+        for done, ((pid, cam), old_model) in enumerate(sorted(stale.items()), start=1):
+            if on_progress is not None:
+                on_progress(f"re-embedding the gallery for the new model: bank {done} of "
+                            f"{len(stale)}")
             views = g.stored_views(pid, cam)
             how = "rebuilt"
             if not views and (pid, cam) in seed:

@@ -194,9 +194,12 @@ def test_an_updated_embedding_model_re_embeds_the_gallery_at_start(
     keep. Scored against the old model's features, an item that matches its own
     references exactly read as a raw anomaly distance of ~1.0."""
     _learned_repacked(models_cfg, golden)
+    progress: list[str] = []  # the service extends systemd's start timeout on each
     updated = ItemInspector.load(dataclasses.replace(models_cfg,
                                                      manifest=other_embedding_manifest),
-                                 load_catalogue())
+                                 load_catalogue(), on_progress=progress.append)
+    assert len(progress) == 18  # the 16 shipped banks and P-REPACKED's two
+    assert progress[-1].endswith("bank 18 of 18")
     assert updated.gallery.stale() == {}
     after = updated.infer([_repacked(golden)])[0]
     assert after.anomaly_raw is not None
