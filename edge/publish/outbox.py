@@ -240,9 +240,11 @@ class Outbox:
     def _delete(self, where: str, count: int, *, unacked: bool = False) -> list[int]:
         if count <= 0:
             return []
-        seqs = [int(r[0]) for r in self._db.execute(
-            f"DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE {where} "
-            "ORDER BY seq LIMIT ?) RETURNING seq", (count,)).fetchall()]
+        # Selected, then deleted by the same query, not `DELETE … RETURNING`: that needs
+        # SQLite 3.35, and JetPack 5 (Ubuntu 20.04) has 3.31. One writer holds the lock.
+        chosen = f"SELECT seq FROM outbox WHERE {where} ORDER BY seq LIMIT ?"
+        seqs = [int(r[0]) for r in self._db.execute(chosen, (count,)).fetchall()]
+        self._db.execute(f"DELETE FROM outbox WHERE seq IN ({chosen})", (count,))
         self._rows -= len(seqs)
         if unacked:
             self._unacked -= len(seqs)
