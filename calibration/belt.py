@@ -7,6 +7,7 @@ the camera's height above the plane and ``n . p + d`` is a point's height.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -247,3 +248,16 @@ def region_mask(pose: Pose, region: InspectionRegion, intr: Intrinsics,
         x, y = c[0] + t * d[..., 0], c[1] + t * d[..., 1]
         return np.asarray(region.contains(x, y) & np.isfinite(t), dtype=bool)
 
+
+
+def median_depth(depths: Sequence[U16Array]) -> U16Array:
+    """Per-pixel median of the valid depth over several frames (0 where valid in fewer than
+    half of them: unreliable). What `edge-calibrate belt` fits and the belt check judges."""
+    stack = np.stack(depths).astype(np.float64)
+    stack[stack == 0] = np.nan
+    valid_count = np.sum(np.isfinite(stack), axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: set to 0 below
+        med = np.nanmedian(stack, axis=0)
+    med[valid_count * 2 < stack.shape[0]] = 0
+    return np.nan_to_num(med).round().astype(np.uint16)

@@ -22,6 +22,7 @@ from calibration.belt import (
     Plane,
     angle_deg,
     deproject,
+    median_depth,
     pixel_rays,
     ransac_plane,
     region_mask,
@@ -29,8 +30,6 @@ from calibration.belt import (
 from calibration.boards import BoardSpec
 from calibration.files import CameraCalibration
 from calibration.intrinsics import detect_board
-from calibration.realsense import RgbdFrame
-from calibration.run_belt import median_depth
 from edge.types import BoolArray, FloatArray, U8Array, U16Array
 
 #: Depth frames the node combines per check: `edge-calibrate belt --frames` by default.
@@ -173,7 +172,7 @@ class BeltChecker:
         own `median_depth`): a dropout burst or a noisy pixel in one frame does not count."""
         if not depths:
             raise ValueError("no depth frames to check the belt with")
-        return self.check(median_depth([RgbdFrame(None, d) for d in depths]), depth_scale_m)
+        return self.check(median_depth(depths), depth_scale_m)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,27 +16,14 @@ from calibration.belt import (
     fit_belt_plane,
     inspection_region,
     intersect_plane,
+    median_depth,
     travel_from_image,
     travel_from_track,
 )
 from calibration.files import CameraCalibration, InspectionRegion, Quality, load_camera_calibration
 from calibration.realsense import RgbdFrame, StreamInfo
 from calibration.report import belt_overlay, residual_heatmap, write_summary
-from edge.types import FloatArray, Intrinsics, Pose, U16Array
-
-
-def median_depth(frames: list[RgbdFrame]) -> U16Array:
-    """Per-pixel median of the valid depth over the frames (0 where never valid)."""
-    stack = np.stack([f.depth for f in frames if f.depth is not None]).astype(np.float64)
-    stack[stack == 0] = np.nan
-    valid_count = np.sum(np.isfinite(stack), axis=0)
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(stack, axis=0)
-    med[valid_count * 2 < stack.shape[0]] = 0  # valid in under half of the frames: unreliable
-    return np.nan_to_num(med).round().astype(np.uint16)
+from edge.types import FloatArray, Intrinsics, Pose
 
 
 def _frames(args: argparse.Namespace) -> tuple[StreamInfo, list[RgbdFrame]]:
@@ -125,7 +112,7 @@ def run_belt(args: argparse.Namespace) -> int:
     if not any(f.depth is not None for f in frames):
         raise BeltFitError(f"{args.recording or args.camera}: no depth stream; the belt "
                            "calibration needs depth")
-    depth = median_depth(frames)
+    depth = median_depth([f.depth for f in frames if f.depth is not None])
     intr, source, rms = _intrinsics(args, info, depth.shape)
     fit = fit_belt_plane(depth, info.depth_scale_m, intr)
     travel, markers, travel_how = _travel(args, frames, intr, fit)
