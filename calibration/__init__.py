@@ -1,27 +1,6 @@
-"""Camera calibration for conveyor-vision: the `edge-calibrate` tool and the node's health check.
+"""The field engineer's toolkit, `edge-calibrate`: intrinsics, extrinsics, belt pose and checks.
 
-The node uses three things from here: `CameraCalibration` and
-`load_camera_calibration` (the per-camera YAML file), and `check_belt` (a pure
-function comparing a depth frame with the calibrated belt plane).
+It builds on the node (`edge`): the calibration file format the node reads lives in
+`edge.capture.calibration`, and the belt check the node runs in `edge.perception.belt_check`.
+Nothing in `edge` imports this package.
 """
-
-from calibration.check import BeltChecker, BeltCheckResult, BeltCheckThresholds, check_belt
-from calibration.files import (
-    CalibrationError,
-    CameraCalibration,
-    InspectionRegion,
-    Quality,
-    load_camera_calibration,
-)
-
-__all__ = [
-    "BeltCheckResult",
-    "BeltCheckThresholds",
-    "BeltChecker",
-    "CalibrationError",
-    "CameraCalibration",
-    "InspectionRegion",
-    "Quality",
-    "check_belt",
-    "load_camera_calibration",
-]

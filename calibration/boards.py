@@ -57,13 +57,6 @@ class BoardSpec:
         return f"charuco:{size}:{_fmt(self.marker_mm or 0.0)}:{self.dictionary}"
 
     @property
-    def corner_count(self) -> int:
-        """Number of corners a full detection yields."""
-        if self.kind == "chessboard":
-            return self.cols * self.rows
-        return (self.cols - 1) * (self.rows - 1)
-
-    @property
     def size_mm(self) -> tuple[float, float]:
         """Outer size of the printed pattern (width, height) in mm."""
         if self.kind == "chessboard":

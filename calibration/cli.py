@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
 from calibration.boards import BoardSpec, BoardSpecError, parse_board
-from calibration.files import CalibrationError
 from calibration.intrinsics import CalibrationInputError
+from calibration.outcome import EXIT_FAILED, EXIT_INPUT, Refused
+from calibration.run_belt import run_belt
+from calibration.run_check import run_check
+from calibration.run_extrinsics import run_extrinsics
+from calibration.run_intrinsics import run_intrinsics
+from edge.capture.calibration import CalibrationError
+from edge.capture.source import SourceError
 from edge.config import ConfigError
-from edge.sources import SourceError
 
 log = structlog.get_logger(__name__)
-
-EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
-
-
-class Refused(RuntimeError):  # noqa: N818 - an outcome, not a bug
-    """The command ran but its result is not good enough to save or pass (exit 1)."""
-
 
 def _board(text: str) -> BoardSpec:
     try:
@@ -168,22 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report_dir(args: argparse.Namespace, default: Path) -> Path:
-    return Path(args.report) if args.report else default
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "intrinsics": run_intrinsics, "belt": run_belt, "extrinsics": run_extrinsics,
+    "check": run_check,
+}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "intrinsics":
-        from calibration.run_intrinsics import run_intrinsics
-        return run_intrinsics(args)
-    if args.command == "belt":
-        from calibration.run_belt import run_belt
-        return run_belt(args)
-    if args.command == "extrinsics":
-        from calibration.run_extrinsics import run_extrinsics
-        return run_extrinsics(args)
-    from calibration.run_check import run_check
-    return run_check(args)
+    return _COMMANDS[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 from calibration.boards import BoardSpec
-from calibration.files import CameraCalibration
 from calibration.intrinsics import CalibrationInputError, Detection, detect_board
+from edge.capture.calibration import CameraCalibration
 from edge.types import FloatArray, Pose, U8Array
 
 

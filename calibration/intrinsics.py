@@ -16,7 +16,7 @@ import numpy as np
 import structlog
 
 from calibration.boards import BoardSpec
-from edge.types import FloatArray, Intrinsics, U8Array
+from edge.types import FloatArray, Intrinsics, U8Array, distortion
 
 log = structlog.get_logger(__name__)
 
@@ -197,7 +197,7 @@ def calibrate(dets: list[Detection], *, min_views: int = 6, outlier_factor: floa
             rvecs.append(r)
             tvecs.append(t)
     intr = Intrinsics(size[0], size[1], float(K[0, 0]), float(K[1, 1]), float(K[0, 2]),
-                      float(K[1, 2]), tuple(float(c) for c in dist[:5]))  # type: ignore[arg-type]
+                      float(K[1, 2]), distortion(dist.ravel()))
     views = []
     for i, d in enumerate(dets):
         proj, _ = cv2.projectPoints(d.object_points, rvecs[i], tvecs[i], K, dist)

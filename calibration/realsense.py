@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from edge.sources import SourceError
-from edge.sources.recording import import_realsense
-from edge.types import Intrinsics, U8Array, U16Array
+from edge.capture.realsense import RealSenseSource
+from edge.capture.recording import import_realsense
+from edge.capture.source import EndOfStream, SourceError
+from edge.types import Intrinsics, U8Array, U16Array, distortion
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +39,10 @@ class StreamInfo:
 
 
 def _intrinsics(rs_intr: Any) -> Intrinsics:
-    coeffs = tuple(float(c) for c in list(rs_intr.coeffs)[:5])
+    coeffs = distortion(rs_intr.coeffs)
     return Intrinsics(int(rs_intr.width), int(rs_intr.height), float(rs_intr.fx),
                       float(rs_intr.fy), float(rs_intr.ppx), float(rs_intr.ppy),
-                      coeffs)  # type: ignore[arg-type]
+                      coeffs)
 
 
 def _info(rs: Any, profile: Any) -> StreamInfo:
@@ -125,8 +126,6 @@ def read_recording(path: Path, count: int = 5, *, timeout_s: float = 5.0) -> tup
     Playback goes through the node's own `RealSenseSource` (not real time, so
     no frame is dropped), exactly as the node would see the file.
     """
-    from edge.sources import EndOfStream
-    from edge.sources.realsense import RealSenseSource
 
     info = recording_info(path)
     if info.color_intrinsics is None or info.depth_intrinsics is None:

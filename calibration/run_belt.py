@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from calibration.belt import (
-    BeltFitError,
     PlaneFit,
     find_markers,
     fit_belt_plane,
     inspection_region,
     intersect_plane,
-    median_depth,
     travel_from_image,
     travel_from_track,
 )
-from calibration.files import CameraCalibration, InspectionRegion, Quality, load_camera_calibration
-from calibration.realsense import RgbdFrame, StreamInfo
+from calibration.outcome import Refused, report_dir
+from calibration.realsense import RgbdFrame, StreamInfo, read_camera, read_recording
 from calibration.report import belt_overlay, residual_heatmap, write_summary
+from edge.capture.calibration import (
+    CameraCalibration,
+    InspectionRegion,
+    Quality,
+    load_camera_calibration,
+)
+from edge.perception.plane_fit import BeltFitError, median_depth
 from edge.types import FloatArray, Intrinsics, Pose
 
 
 def _frames(args: argparse.Namespace) -> tuple[StreamInfo, list[RgbdFrame]]:
-    from calibration.realsense import read_camera, read_recording
-
     if args.frames < 1:
         raise ValueError("--frames must be at least 1")
     if args.recording is not None:
@@ -38,7 +41,7 @@ def _frames(args: argparse.Namespace) -> tuple[StreamInfo, list[RgbdFrame]]:
 
 
 def _intrinsics(args: argparse.Namespace, info: StreamInfo, shape: tuple[int, int]) -> tuple[
-        Intrinsics, str, float | None]:
+        Intrinsics, Literal["calibrated", "factory"], float | None]:
     res = (shape[1], shape[0])
     if args.intrinsics is not None:
         cal = load_camera_calibration(args.intrinsics, serial=info.serial, resolution=res)
@@ -106,8 +109,6 @@ def _write_report(rdir: Path, fit: PlaneFit, frames: list[RgbdFrame], intr: Intr
 
 
 def run_belt(args: argparse.Namespace) -> int:
-    from calibration.cli import Refused, report_dir
-
     info, frames = _frames(args)
     if not any(f.depth is not None for f in frames):
         raise BeltFitError(f"{args.recording or args.camera}: no depth stream; the belt "
@@ -150,7 +151,7 @@ def run_belt(args: argparse.Namespace) -> int:
         raise Refused("; ".join(problems) + " -- not saved (--force to save anyway)")
     CameraCalibration(
         serial=info.serial, intrinsics=intr, depth_scale_m=info.depth_scale_m, pose=pose,
-        region=region, intrinsics_source=source,  # type: ignore[arg-type]
+        region=region, intrinsics_source=source,
         quality=Quality(rms, round(fit.residual_rms_mm, 3), round(fit.fill_rate, 4)),
     ).save(args.out)
     print(f"saved {args.out}")

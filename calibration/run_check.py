@@ -13,16 +13,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibration.check import (
+from calibration.check import check_board
+from calibration.outcome import report_dir
+from calibration.realsense import read_camera, read_recording
+from calibration.report import residual_heatmap, write_summary
+from edge.capture.calibration import CalibrationError, load_camera_calibration
+from edge.catalogue import load_catalogue
+from edge.config import CameraConfig, Config, load_config
+from edge.perception.belt_check import (
     CHECK_FRAMES,
     BeltChecker,
     BeltCheckThresholds,
     calibrated_thresholds,
-    check_board,
 )
-from calibration.files import CalibrationError, load_camera_calibration
-from calibration.report import residual_heatmap, write_summary
-from edge.config import CameraConfig, Config, load_config
+from edge.perception.plane_fit import deproject
+from edge.sim.conveyor import SyntheticConveyor
 from edge.types import U8Array, U16Array
 
 
@@ -32,12 +37,10 @@ def _frames(cfg: Config, cam: CameraConfig, count: int = CHECK_FRAMES
     camera's current frames."""
     if cam.source in ("recording", "realsense"):
         if cam.source == "recording":
-            from calibration.realsense import read_recording
             assert cam.recording is not None  # validated by load_config
             where = str(cam.recording)
             info, frames = read_recording(cam.recording, count=count)
         else:  # untested here: no camera in CI
-            from calibration.realsense import read_camera
             where = str(cam.serial)
             info, frames = read_camera(where, count=count, width=cam.width,
                                        height=cam.height, fps=cam.fps)
@@ -45,8 +48,6 @@ def _frames(cfg: Config, cam: CameraConfig, count: int = CHECK_FRAMES
         if not depths:
             raise CalibrationError(where, "depth", "no depth frames from this camera")
         return info.serial, frames[0].color, depths, info.depth_scale_m
-    from edge.catalogue import load_catalogue
-    from edge.sources.synthetic import SyntheticConveyor
     world = SyntheticConveyor(cfg.synthetic, cfg.belt, cfg.cameras, load_catalogue(), 0.0)
     rendered = [world.render(cam.id, k) for k in range(count)]
     return (cam.id, rendered[0].color, [f.depth for f in rendered],
@@ -54,8 +55,6 @@ def _frames(cfg: Config, cam: CameraConfig, count: int = CHECK_FRAMES
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from calibration.cli import report_dir
-
     cfg = load_config(args.config)
     cams = [c for c in cfg.cameras if c.calibration is not None]
     if not cams:
@@ -92,7 +91,6 @@ def run_check(args: argparse.Namespace) -> int:
         all_passed &= passed
         results[cam.id] = entry
         if cal.pose is not None:
-            from calibration.belt import deproject
             heights = deproject(depth, scale, cal.intrinsics) @ cal.pose.rotation[2, :] + float(
                 cal.pose.translation_mm[2])
             residual_heatmap(rdir / f"{cam.id}_belt_residuals.png", heights.astype("float32"),

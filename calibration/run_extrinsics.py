@@ -10,9 +10,10 @@ import numpy as np
 import yaml
 
 from calibration.extrinsics import ExtrinsicsResult, camera_to_camera, pose_b_in_belt
-from calibration.files import CameraCalibration, load_camera_calibration
 from calibration.intrinsics import CalibrationInputError, detect_board, find_images
+from calibration.outcome import Refused, report_dir
 from calibration.report import corners_sheet, write_summary
+from edge.capture.calibration import CameraCalibration, load_camera_calibration
 from edge.types import Pose, U8Array
 
 
@@ -64,7 +65,6 @@ def _summary(args: argparse.Namespace, cal_a: CameraCalibration, cal_b: CameraCa
 
 
 def run_extrinsics(args: argparse.Namespace) -> int:
-    from calibration.cli import Refused, report_dir
 
     path_a, path_b = args.calibrations
     cal_a, cal_b = load_camera_calibration(path_a), load_camera_calibration(path_b)

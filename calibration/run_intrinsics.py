@@ -12,12 +12,6 @@ import cv2
 import numpy as np
 
 from calibration.boards import BoardSpec
-from calibration.files import (
-    CalibrationError,
-    CameraCalibration,
-    Quality,
-    load_camera_calibration,
-)
 from calibration.intrinsics import (
     CalibrationInputError,
     Detection,
@@ -28,7 +22,15 @@ from calibration.intrinsics import (
     find_images,
     view_coverage_params,
 )
+from calibration.outcome import Refused, report_dir
+from calibration.realsense import camera_frames, recording_info
 from calibration.report import corners_sheet, reprojection_vectors, write_summary
+from edge.capture.calibration import (
+    CalibrationError,
+    CameraCalibration,
+    Quality,
+    load_camera_calibration,
+)
 from edge.types import Intrinsics, U8Array
 
 
@@ -109,7 +111,6 @@ def _live_views(args: argparse.Namespace, spec: BoardSpec) -> tuple[
     (x, y, size, skew) differ from every view so far; progress per parameter
     is printed after each view until all are covered or --views are taken.
     """
-    from calibration.realsense import camera_frames
 
     dets: list[Detection] = []
     images: list[U8Array] = []
@@ -150,15 +151,12 @@ def _live_views(args: argparse.Namespace, spec: BoardSpec) -> tuple[
 def _factory(args: argparse.Namespace, live_factory: Intrinsics | None) -> tuple[
         Intrinsics | None, str | None]:
     if args.factory_from is not None:
-        from calibration.realsense import recording_info
         info = recording_info(args.factory_from)
         return info.color_intrinsics or info.depth_intrinsics, info.serial
     return live_factory, None
 
 
 def run_intrinsics(args: argparse.Namespace) -> int:
-    from calibration.cli import Refused, report_dir
-
     spec: BoardSpec = args.board
     out: Path = args.out
     live_factory = None

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from edge.workers import WorkerThread
+
 log = structlog.get_logger(__name__)
 
 
@@ -41,8 +43,7 @@ class HeapTrimmer:
                  trim: Callable[[], int] | None = None) -> None:
         self.interval_s = interval_s
         self._trim = trim if trim is not None else glibc_malloc_trim()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cv-heap-trim", daemon=True)
+        self._worker = WorkerThread("cv-heap-trim", self._run)
         self.trims = 0
         self.released = 0  # trims after which the C library reported memory handed back
         self._metrics: tuple[Counter, Counter] | None = None
@@ -56,12 +57,10 @@ class HeapTrimmer:
         if self._trim is None:
             log.info("heap_trim_unavailable", why="not glibc")
             return
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        self._worker.stop(timeout_s)
 
     def trim_now(self) -> bool:
         """One trim; True when memory was handed back."""
@@ -77,6 +76,6 @@ class HeapTrimmer:
             self._metrics[1].inc(spent)
         return released
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
             self.trim_now()

@@ -16,8 +16,9 @@ Geometry conventions (used everywhere, including `calibration/` output):
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, SupportsFloat
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +32,23 @@ U8Array = npt.NDArray[np.uint8]
 U16Array = npt.NDArray[np.uint16]
 BoolArray = npt.NDArray[np.bool_]
 I32Array = npt.NDArray[np.int32]
+
+
+Distortion = tuple[float, float, float, float, float]
+Box3 = tuple[float, float, float]
+
+
+def distortion(values: Iterable[SupportsFloat]) -> Distortion:
+    """Brown-Conrady k1, k2, p1, p2, k3 from the first five of `values` (missing: 0)."""
+    c = [float(v) for v in values][:5]
+    c += [0.0] * (5 - len(c))
+    return (c[0], c[1], c[2], c[3], c[4])
+
+
+def box3(values: Iterable[SupportsFloat]) -> Box3:
+    """A 3-D box's length, width and height (mm) from exactly three numbers."""
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,8 @@ def engines_with_another_embedding(folder: Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
+    from edge.commands.models import memory_inspector
     from edge.config import ModelsConfig
-    from edge.infer.cli import memory_inspector
     from edge.infer.golden import golden_scores, load_golden, stage_expectations
 
     engines = folder / "engines"

@@ -73,7 +73,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`edge-node synth record --config BAD` prints the error and exits 2."""
-    from edge.cli import main
+    from edge.commands.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("belt: {speed_mps: 0}\n")

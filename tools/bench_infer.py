@@ -30,11 +30,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from edge.commands.models import memory_inspector  # noqa: E402
 from edge.config import DEFAULT_MANIFEST, ModelsConfig  # noqa: E402
-from edge.infer.cli import memory_inspector  # noqa: E402
 from edge.infer.gallery import ReferenceGallery  # noqa: E402
 from edge.infer.golden import load_golden  # noqa: E402
-from edge.infer.models import ItemInspector  # noqa: E402
+from edge.infer.inspector import ItemInspector  # noqa: E402
 
 
 def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:

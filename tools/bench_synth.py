@@ -19,7 +19,7 @@ import numpy as np
 
 from edge.catalogue import load_catalogue
 from edge.config import load_config
-from edge.sources.synthetic import SyntheticConveyor
+from edge.sim.conveyor import SyntheticConveyor
 
 
 def main() -> int:

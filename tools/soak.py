@@ -64,7 +64,7 @@ def role(pid: int) -> str:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return f"child {pid}"
-    if "edge.item_workers" in cmd:
+    if "edge.perception.segmentation_child" in cmd:
         return f"item worker {pid}"
     return f"broker {pid}" if "mosquitto" in cmd else f"child {pid}"
 
@@ -94,7 +94,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         summary_path = Path(tmp) / "summary.json"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "demo", "--seconds", str(seconds), "--quiet",
+            [sys.executable, "-m", "edge", "demo", "--seconds", str(seconds), "--quiet",
              "--items-per-second", str(args.items_per_second), "--damage-rate", "0.01",
              "--summary-json", str(summary_path)],
             stdout=subprocess.DEVNULL)

@@ -7,4 +7,5 @@ py="$(bash tools/setup.sh)"
 bin="$(dirname "$py")"
 echo "== ruff"; "$bin/ruff" check edge calibration tools tests
 echo "== mypy"; "$bin/mypy"
+echo "== lint-imports"; "$bin/lint-imports"
 echo "== pytest"; "$bin/pytest" -q "$@"

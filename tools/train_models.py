@@ -36,13 +36,13 @@ from training.heads import DamageHead, export_damage, export_embedding  # noqa: 
 
 from edge.catalogue import load_catalogue  # noqa: E402
 from edge.config import ModelsConfig  # noqa: E402
-from edge.decide import Fusion, Thresholds  # noqa: E402
 from edge.infer.dataset import Dataset, load_dataset  # noqa: E402
 from edge.infer.fit import fit_fusion, fit_thresholds, thresholds_to_mapping  # noqa: E402
-from edge.infer.geometry import fill_ratio  # noqa: E402
+from edge.infer.fusion import Fusion, Thresholds  # noqa: E402
 from edge.infer.golden import golden_scores, load_golden  # noqa: E402
+from edge.infer.inspector import ItemInspector  # noqa: E402
 from edge.infer.manifest import sha256_file, write_manifest  # noqa: E402
-from edge.infer.models import ItemInspector  # noqa: E402
+from edge.infer.size_check import fill_ratio  # noqa: E402
 
 SIZE = 128
 SPLITS = {"train": (11, 2400, 0.5), "val": (22, 1500, 0.3), "test": (33, 2000, 0.3)}
@@ -53,7 +53,7 @@ def generate(root: Path, references: int) -> dict[str, Path]:
     for split, (seed, items, rate) in SPLITS.items():
         path = root / split
         if not (path / "index.jsonl").exists():
-            subprocess.run([sys.executable, "-m", "edge.cli", "synth", "dataset", "--out",
+            subprocess.run([sys.executable, "-m", "edge", "synth", "dataset", "--out",
                             str(path), "--items", str(items), "--seed", str(seed),
                             "--damage-rate", str(rate), "--references", str(references)],
                            check=True)

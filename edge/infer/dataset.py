@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.types import DamageType, ItemCrop, ItemRecord, ItemTruth
+from edge.types import DamageType, ItemCrop, ItemRecord, ItemTruth, box3
 
 #: The height PNGs store tenths of a millimetre.
 HEIGHT_UNIT_MM = 0.1
@@ -70,14 +70,14 @@ def _record(n: int, rows: list[dict[str, Any]], crops: dict[str, ItemCrop]) -> I
     first = rows[0]
     # The node measures the box from the top-down view when it has one.
     box_row = next((r for r in rows if r["camera"] == "top"), first)
-    box = tuple(float(v) for v in box_row["measured_box_mm"])
+    box = box3(box_row["measured_box_mm"])
     damage = DamageType(first["damage"]) if first.get("damage") else None
     truth = ItemTruth(str(first["item_id"]), str(first["product_id"]), damage,
-                      tuple(float(v) for v in first["box_mm"]),  # type: ignore[arg-type]
+                      box3(first["box_mm"]),
                       bool(first.get("confounder", False)))
     return ItemRecord(track_id=n, item_id=str(first["item_id"]),
                       product_id=str(first["product_id"]), first_seen_ms=0.0, captured_ms=0.0,
-                      deadline_ms=1e12, box_mm=box, centre_mm=(0.0, 0.0),  # type: ignore[arg-type]
+                      deadline_ms=1e12, box_mm=box, centre_mm=(0.0, 0.0),
                       crops=crops, truth=truth)
 
 

@@ -13,80 +13,28 @@ they are accepted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
+from edge.durable import fsync_dir, write_atomic
 from edge.infer.backend import BackendError, Tensor
 from edge.infer.manifest import ModelSpec, sha256_file
+from edge.infer.plans import (
+    DEFAULT_PROFILE,
+    PRECISIONS,
+    EngineBuilder,
+    EngineKey,
+    Progress,
+)
 
 log = structlog.get_logger(__name__)
-
-Progress = Callable[[str], None]
-PRECISIONS = ("fp16", "int8")
-DEFAULT_PROFILE = (1, 8, 16)  # min, opt, max batch
-
-
-@dataclass(frozen=True, slots=True)
-class EngineKey:
-    onnx_sha256: str
-    tensorrt: str
-    l4t: str | None
-    compute_capability: str
-    precision: str
-    profile: tuple[int, int, int]
-    dla_core: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["profile"] = list(self.profile)
-        return d
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> EngineKey:
-        p = d["profile"]
-        return EngineKey(str(d["onnx_sha256"]), str(d["tensorrt"]), d.get("l4t"),
-                         str(d["compute_capability"]), str(d["precision"]),
-                         (int(p[0]), int(p[1]), int(p[2])), d.get("dla_core"))
-
-    def digest(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@dataclass(frozen=True, slots=True)
-class Environment:
-    tensorrt: str
-    compute_capability: str
-    l4t: str | None
-
-
-class EngineBuilder(Protocol):
-    """What the cache needs from TensorRT (a fake in tests where TensorRT is absent)."""
-
-    def environment(self) -> Environment: ...
-
-    def build(self, onnx: Path, out: Path, key: EngineKey, *, progress: Progress,
-              calibration: Sequence[Mapping[str, Tensor]] | None,
-              calibration_cache: Path | None) -> None: ...
-
-    def loads(self, plan: Path) -> bool: ...
-
-
-def read_l4t(path: Path = Path("/etc/nv_tegra_release")) -> str | None:
-    """The JetPack/L4T release line of a Jetson (None elsewhere)."""
-    try:
-        first = path.read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    return " ".join(first.split()[:5]).strip("# ,") or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +63,7 @@ class EngineCache:
     def builder(self) -> EngineBuilder:
         if self._builder is None:
             try:
-                from edge.infer.tensorrt import TensorRTBuilder
+                from edge.infer.tensorrt import TensorRTBuilder  # imports TensorRT itself
             except ImportError as exc:
                 raise BackendError(f"TensorRT is not installed here ({exc}); engines can only "
                                    "be built on a machine with TensorRT and a CUDA GPU") from None
@@ -182,23 +130,28 @@ class EngineCache:
                 tmp.replace(st.plan.with_name(f"{spec.name}.{precision}.rejected.plan"))
                 raise BackendError(f"{spec.name} {precision}: plan rejected by the golden-set "
                                    "check against FP16; not used")
+            self._install(st.plan, tmp, key, time.monotonic() - started)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._install(st.plan, tmp, key, time.monotonic() - started)
         return st.plan
 
     def _install(self, plan: Path, tmp: Path, key: EngineKey, seconds: float) -> None:
+        """Rename the built plan into place and write its sidecar.
+
+        The plan is renamed, not copied (hundreds of MB): the builder wrote `tmp` durably
+        (TensorRTBuilder through edge.durable) and the folder is fsynced after the renames.
+        Any crash between the steps leaves a plan whose sha256 the sidecar does not name:
+        `status` calls it stale or corrupt and it is rebuilt, never loaded."""
         sidecar = plan.with_name(plan.name + ".json")
-        if plan.is_file():
-            os.replace(plan, plan.with_name(plan.name.replace(".plan", ".prev.plan")))
         meta = {"key": key.to_dict(), "key_digest": key.digest(),
                 "plan_sha256": sha256_file(tmp), "build_seconds": round(seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        side_tmp = sidecar.with_name(sidecar.name + ".tmp")
-        side_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if plan.is_file():
+            os.replace(plan, plan.with_name(plan.name.replace(".plan", ".prev.plan")))
         os.replace(tmp, plan)
-        os.replace(side_tmp, sidecar)
+        fsync_dir(plan.parent)  # the plan is in place before a sidecar names it
+        write_atomic(sidecar, json.dumps(meta, indent=2))
         self.progress(f"{plan.name}: built in {seconds:.1f} s")
 
     def plan_for(self, spec: ModelSpec, precision: str = "fp16") -> Path:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge.decide import COMBOS, Fusion, Thresholds, logit
-from edge.infer.models import ItemInference
+from edge.infer.fusion import COMBOS, Fusion, Thresholds, logit
+from edge.infer.inspector import ItemInference
 from edge.types import ItemRecord
 
 Vector = npt.NDArray[np.float64]

@@ -15,7 +15,7 @@ controller reports "false positive: packaging changed".
 
 Patch features only mean something to the embedding model that computed
 them, so a bank file holds rows per model (`rows__<model>`, the models
-listed in `models`, the newest first; up to `MODELS_KEPT`) and the reference
+listed in `models`, the newest first; up to `bank_file.MODELS_KEPT`) and the reference
 views it was built from (up to `MAX_VIEWS` crops). A gallery opened for a
 model the file has no rows of sets the bank aside (`stale`): it is not
 scored, and the inspector re-embeds its views with the model in use. A model
@@ -27,19 +27,22 @@ their `rows` as they were (older releases read only those).
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
+from edge.infer.bank_file import (
+    BankFile,
+    read_bank_file,
+    safe_name,
+    stored_images,
+    write_bank_file,
+)
 from edge.types import F32Array, U8Array
 
 log = structlog.get_logger(__name__)
@@ -51,17 +54,8 @@ MAX_PATCHES = 6144
 TOP_K = 6
 #: Reference views (crops) kept per product and camera for re-embedding; the latest win.
 MAX_VIEWS = 32
-#: Embedding models whose rows a bank file keeps: the one in use and the one before it (a
-#: rollback of a model update finds its features without re-embedding).
-MODELS_KEPT = 2
 #: Learning steps remembered for a reload prepared meanwhile (see `learned_since`).
 JOURNAL_KEPT = 64
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-_VIEW_KEY = "view_"
-
-
-def _safe(name: str) -> str:
-    return _SAFE.sub("_", name) or "_"
 
 
 def with_position(patches: F32Array) -> F32Array:
@@ -92,46 +86,6 @@ class _Bank:
 
 def _bank(rows: F32Array, views: int, model: str | None) -> _Bank:
     return _Bank(rows, np.einsum("ij,ij->i", rows, rows), views, model)
-
-
-def _rows_key(model: str) -> str:
-    return f"rows__{_safe(model)}"
-
-
-@dataclass(slots=True)
-class _BankFile:
-    """What a bank file holds (see the module docstring)."""
-
-    key: tuple[str, str]
-    views: int
-    rows: dict[str | None, F32Array]  # per model, the newest first; None: not recorded
-    legacy: dict[str, np.ndarray]  # `rows` (and `model`) as older releases wrote them
-    images: list[U8Array]
-
-
-def _read_bank_file(path: Path, *, images: bool = False) -> _BankFile:
-    """Parse a bank file (raises on a damaged one); views only with `images`."""
-    with np.load(path, allow_pickle=False) as data:
-        files = set(data.files)
-        key = (str(data["product_id"]), str(data["camera_id"]))
-        rows: dict[str | None, F32Array] = {}
-        for model in (data["models"].tolist() if "models" in files else []):
-            rows[str(model)] = data[_rows_key(str(model))].astype(np.float32)
-        legacy = {k: data[k] for k in ("rows", "model") if k in files}
-        if "rows" in legacy:
-            old_model = str(legacy["model"]) if "model" in legacy else None
-            rows.setdefault(old_model, legacy["rows"].astype(np.float32))
-        kept = [np.asarray(data[k], dtype=np.uint8)
-                for k in sorted(k for k in files if k.startswith(_VIEW_KEY))] if images else []
-        return _BankFile(key, int(data["views"]), rows, legacy, kept)
-
-
-def _stored_images(path: Path) -> list[U8Array]:
-    """The reference views kept in a bank file ([] if none or unreadable)."""
-    try:
-        return _read_bank_file(path, images=True).images
-    except Exception:  # missing or damaged: its views are gone, the caller says what then
-        return []
 
 
 class ReferenceGallery:
@@ -199,7 +153,7 @@ class ReferenceGallery:
             return list(self._journal[max(0, mark - self._journal_base):])
 
     def _file(self, root: Path, product_id: str, camera_id: str) -> Path:
-        return root / _safe(product_id) / f"{_safe(camera_id)}.npz"
+        return root / safe_name(product_id) / f"{safe_name(camera_id)}.npz"
 
     def _read(self, unreadable: set[Path] | None = None
               ) -> tuple[dict[tuple[str, str], _Bank], dict[tuple[str, str], str | None]]:
@@ -212,7 +166,7 @@ class ReferenceGallery:
             return banks, stale
         for path in sorted(self.root.glob("*/*.npz")):
             try:
-                bank_file = _read_bank_file(path)
+                bank_file = read_bank_file(path)
                 key, rows_by_model = bank_file.key, bank_file.rows
                 if not rows_by_model or any(r.ndim != 2 or not len(r)
                                             for r in rows_by_model.values()):
@@ -298,7 +252,7 @@ class ReferenceGallery:
             pending, replaces = self._pending.get(key, ([], False))
         if replaces or self.root is None:
             return list(pending)
-        return _stored_images(self._file(self.root, *key)) + pending
+        return stored_images(self._file(self.root, *key)) + pending
 
     def forget_stale(self, product_id: str, camera_id: str) -> None:
         """Stop listing a stale bank that cannot be rebuilt (its file stays for an operator)."""
@@ -391,11 +345,12 @@ class ReferenceGallery:
             path = self._file(root, *key)
             try:
                 try:
-                    on_disk: _BankFile | None = _read_bank_file(path, images=True)
+                    on_disk: BankFile | None = read_bank_file(path, images=True)
                 except Exception:  # none yet, or damaged: nothing of it to keep
                     on_disk = None
                 kept = pending if replaces or on_disk is None else on_disk.images + pending
-                self._save(path, key, bank, kept[-MAX_VIEWS:], on_disk)
+                write_bank_file(path, key, bank.rows, bank.views, bank.model, kept[-MAX_VIEWS:],
+                                on_disk)
             except OSError as exc:  # keep learning in memory; the next add retries the write
                 log.error("gallery_write_failed", product_id=key[0], camera=key[1],
                           root=str(root), error=str(exc))
@@ -422,44 +377,6 @@ class ReferenceGallery:
                     bank_dim=bank_dim, model_dim=model_dim,
                     hint="references from another embedding model are not used; feedback "
                     "(packaging_changed) or a new gallery rebuilds them")
-
-    def _save(self, path: Path, key: tuple[str, str], bank: _Bank,
-              images: Sequence[U8Array], on_disk: _BankFile | None) -> None:
-        """Write `bank` with its views, keeping the newest other model's rows and the rows
-        of older releases' format from the file it replaces."""
-        product_id, camera_id = key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, Any] = {
-            "product_id": np.str_(product_id), "camera_id": np.str_(camera_id),
-            "views": np.int64(bank.views)}
-        models: list[str] = []
-        if bank.model is not None:
-            models.append(bank.model)
-            arrays[_rows_key(bank.model)] = bank.rows.astype(np.float16)
-        else:  # not checked (no model given): written as older releases read it
-            arrays["rows"] = bank.rows.astype(np.float16)
-        if on_disk is not None:
-            for model, rows in on_disk.rows.items():
-                if model is not None and model not in models and len(models) < MODELS_KEPT:
-                    models.append(model)
-                    arrays[_rows_key(model)] = rows.astype(np.float16)
-            if bank.model is not None:
-                arrays.update(on_disk.legacy)
-        arrays["models"] = np.array(models, dtype=np.str_)
-        for i, img in enumerate(images):
-            arrays[f"{_VIEW_KEY}{i:03d}"] = np.ascontiguousarray(img, dtype=np.uint8)
-        # A name of its own: another gallery (a reload's, a doctor's) may write this bank too.
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())  # a power cut must not leave an empty file under the name
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def score(self, product_id: str, camera_id: str, patches: F32Array) -> AnomalyResult | None:
         """Anomaly of one crop's (C, H, W) patches; None without references."""

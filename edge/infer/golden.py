@@ -2,29 +2,27 @@
 
 The scores must match the expectations stored with the set (written when
 the models were trained) within the manifest's tolerance. The node runs it
-at start, after any model or engine change and periodically; a mismatch is
-reported in status and the new model is refused.
+at start and on every reload (SIGHUP, update); a mismatch refuses the new
+models and is reported in the log and on `…/events`.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import structlog
 
+from edge.durable import atomic_file
 from edge.infer.dataset import HEIGHT_UNIT_MM
 from edge.infer.gallery import ReferenceGallery
+from edge.infer.inspector import ItemInference, ItemInspector
 from edge.infer.manifest import ManifestError, sha256_file
-from edge.types import ItemCrop, ItemRecord
-
-if TYPE_CHECKING:
-    from edge.infer.models import ItemInference, ItemInspector
+from edge.types import ItemCrop, ItemRecord, box3
 
 log = structlog.get_logger(__name__)
 
@@ -76,9 +74,9 @@ def load_golden(path: Path, sha256: str | None = None) -> GoldenSet:
                                    d["heights"][i, v].astype(np.float32) * HEIGHT_UNIT_MM,
                                    d["masks"][i, v], has_depth=bool(d["heights"][i, v].any()))
                      for v, cam in enumerate(cams)}
-            box = tuple(float(x) for x in d["box_mm"][i])
+            box = box3(d["box_mm"][i])
             records.append(ItemRecord(i, f"golden-{i}", str(d["product_ids"][i]), 0.0, 0.0, 1e12,
-                                      box, (0.0, 0.0), crops))  # type: ignore[arg-type]
+                                      box, (0.0, 0.0), crops))
         refs = tuple((str(p), str(c), d["ref_colors"][k]) for k, (p, c) in
                      enumerate(zip(d["ref_products"], d["ref_cameras"], strict=True)))
         expected = {k: d[f"expected_{k}"].astype(np.float64) for k in COMPARED}
@@ -88,8 +86,6 @@ def load_golden(path: Path, sha256: str | None = None) -> GoldenSet:
 
 def golden_scores(inspector: ItemInspector, golden: GoldenSet) -> list[ItemInference]:
     """Scores of the golden items against a gallery of only the golden references."""
-    from edge.infer.models import ItemInspector
-
     probe = ItemInspector(inspector.manifest, inspector.embedding, inspector.damage,
                           gallery=ReferenceGallery(None), catalogue=inspector.catalogue,
                           cfg=inspector.cfg)
@@ -101,9 +97,10 @@ def golden_scores(inspector: ItemInspector, golden: GoldenSet) -> list[ItemInfer
 
 def stage_expectations(path: Path, expected: Mapping[str, np.ndarray]) -> Path:
     """Write the golden set at `path` with `expected` (COMPARED keys) replacing its stored
-    expectations to a temporary file beside it (written and fsynced), and return that file
-    for the caller to rename into place before a manifest names its sha256. Items,
-    references and the other expectations are copied unchanged."""
+    expectations to a staged file beside it (`<name>.tmp`, durable: written through
+    edge.durable), and return that file for the caller to rename into place (and fsync
+    the folder) before a manifest names its sha256. Items, references and the other
+    expectations are copied unchanged."""
     unknown = set(expected) - set(COMPARED)
     if unknown:
         raise ValueError(f"unknown golden expectations {sorted(unknown)}; expected {COMPARED}")
@@ -114,12 +111,10 @@ def stage_expectations(path: Path, expected: Mapping[str, np.ndarray]) -> Path:
         if np.shape(values) != old.shape:
             raise ValueError(f"expected_{key}: {np.shape(values)} values for {old.shape} items")
         arrays[f"expected_{key}"] = np.asarray(values, dtype=old.dtype)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:  # a file object: np.savez would append ".npz" to a name
+    staged = path.with_name(path.name + ".tmp")
+    with atomic_file(staged) as fh:  # a file object: np.savez would append ".npz" to a name
         np.savez_compressed(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return tmp
+    return staged
 
 
 def golden_self_test(inspector: ItemInspector) -> GoldenReport:

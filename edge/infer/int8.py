@@ -16,8 +16,8 @@ import structlog
 
 from edge.infer.backend import Backend, Tensor
 from edge.infer.golden import load_golden
+from edge.infer.inspector import DAMAGE, EMBEDDING, depth_channels, rgb_channels
 from edge.infer.manifest import Manifest, ModelSpec
-from edge.infer.models import DAMAGE, EMBEDDING, depth_channels, rgb_channels
 from edge.infer.onnxruntime import OnnxRuntimeBackend
 
 log = structlog.get_logger(__name__)

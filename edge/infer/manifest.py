@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from edge.durable import write_atomic
+
 SCHEMA = 1
 #: Symbolic dimension names accepted for the batch axis.
 BATCH_DIMS = ("batch", "N", -1)
@@ -178,8 +180,5 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
 
 
 def write_manifest(path: Path, data: Mapping[str, Any]) -> None:
-    """Write atomically (temporary file + rename), keeping key order."""
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=None),
-                   encoding="utf-8")
-    tmp.replace(path)
+    """Write atomically and durably (edge.durable), keeping key order."""
+    write_atomic(path, yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=None))

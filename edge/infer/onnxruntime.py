@@ -33,7 +33,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, spec: ModelSpec, *, intra_op_threads: int = 1,
                  providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # loaded with the first model, not with the package
 
         verify_file(spec)
         opts = ort.SessionOptions()

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from edge.catalogue import Product
-from edge.crops import rectify_item
+from edge.perception.crops import rectify_item
 from edge.types import BoolArray, F32Array, ItemRecord, U8Array
 
 MIN_HEIGHT_MM = 12.0

@@ -31,8 +31,10 @@ import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
 if not hasattr(trt, "Runtime"):  # the stubs alone leave an empty `tensorrt` namespace package
     raise ImportError("TensorRT is not installed (only its type stubs are)")
 
+from edge.durable import write_atomic
 from edge.infer.backend import BackendError, Tensor
 from edge.infer.manifest import ModelSpec, verify_io
+from edge.infer.plans import EngineKey, Environment, Progress, read_l4t
 
 log = structlog.get_logger(__name__)
 
@@ -188,7 +190,7 @@ class TensorRTBackend:
         self._slots = []
 
 
-class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]  # base untyped: see import
     """Feeds a synthetic calibration set to TensorRT; reads/writes the calibration cache."""
 
     def __init__(self, batches: Sequence[Mapping[str, Tensor]], cache: Path, cudart: Any) -> None:
@@ -219,7 +221,7 @@ class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
         return self._cache.read_bytes() if self._cache.is_file() else None
 
     def write_calibration_cache(self, cache: Any) -> None:
-        self._cache.write_bytes(bytes(cache))
+        write_atomic(self._cache, bytes(cache))
 
 
 class TensorRTBuilder:
@@ -229,13 +231,11 @@ class TensorRTBuilder:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._cudart = _cudart()
 
-    def environment(self) -> Any:
-        from edge.infer.engines import Environment, read_l4t
-
+    def environment(self) -> Environment:
         props = _check(self._cudart.cudaGetDeviceProperties(0))
         return Environment(str(trt.__version__), f"{props.major}.{props.minor}", read_l4t())
 
-    def build(self, onnx: Path, out: Path, key: Any, *, progress: Any,
+    def build(self, onnx: Path, out: Path, key: EngineKey, *, progress: Progress,
               calibration: Sequence[Mapping[str, Tensor]] | None,
               calibration_cache: Path | None) -> None:
         builder = trt.Builder(self._logger)
@@ -268,7 +268,7 @@ class TensorRTBuilder:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise BackendError(f"{onnx}: TensorRT engine build failed (see its log)")
-        out.write_bytes(bytes(serialized))
+        write_atomic(out, bytes(serialized))  # EngineCache renames it into place
 
     def loads(self, plan: Path) -> bool:
         runtime = trt.Runtime(self._logger)

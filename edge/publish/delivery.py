@@ -22,7 +22,8 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.publish.metrics import AckedVerdict
+from edge.publish.counters import AckedVerdict
+from edge.workers import WorkerThread
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
@@ -68,16 +69,15 @@ class Delivery:
         self._retry_queued = False
         outbox.on_dropped = self._forget
         self.counts: Counter[str] = Counter()
-        self._thread: threading.Thread | None = None
+        # Woken by a sentinel on its queue: it books what is queued before it stops.
+        self._worker = WorkerThread("mqtt-acks", self._run_acks,
+                                    wake=lambda: self._acks.put((_STOP, False, "", 0.0)))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_acks, name="mqtt-acks", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._acks.put((_STOP, False, "", 0.0))
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._worker.stop(timeout_s)
 
     def forget_in_flight(self, replace_client: Callable[[], None]) -> None:
         """Replace the paho client (`replace_client`): nothing is held in memory any more.
@@ -155,7 +155,7 @@ class Delivery:
         # paho holds its message lock here: hand over, do nothing else.
         self._acks.put((mid, bool(reason.is_failure), str(reason), self._clock.now_ms()))
 
-    def _run_acks(self) -> None:
+    def _run_acks(self, _stop: threading.Event) -> None:
         while True:
             mid, failed, reason, acked_ms = self._acks.get()
             if mid == _STOP:

@@ -30,12 +30,13 @@ from edge.publish.connection import (
     parse_url,
     tls_context,
 )
+from edge.publish.counters import AckedVerdict, PublisherMetrics
 from edge.publish.delivery import MAX_QUEUED, Delivery, properties
 from edge.publish.inputs import InputGate
-from edge.publish.metrics import AckedVerdict, PublisherMetrics
 from edge.publish.outbox import Outbox
 from edge.publish.payloads import dumps, event_payload, status_payload, verdict_payload
 from edge.publish.topics import Topics
+from edge.workers import WorkerThread
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping
@@ -105,16 +106,15 @@ class VerdictPublisher:
         self._fallback = False
         self._closing = False
         self._connack_seen = False
-        self._threads: list[threading.Thread] = []
+        # `_stop` is also the "stopping" flag the network loop and `stop()` read.
+        self._network = WorkerThread("mqtt-net", self._run_network, stop_event=self._stop)
         self._client = self._make_client()
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         self._delivery.start()
-        self._threads = [threading.Thread(target=self._run_network, name="mqtt-net", daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._network.start()
         log.info("mqtt.starting", host=self._addr.host, port=self._addr.port, tls=self._addr.tls,
                  client_id=self._client_id, root=self.topics.root,
                  credentials=repr(self._credentials) if self._credentials else None,
@@ -141,9 +141,7 @@ class VerdictPublisher:
             end = self._clock_s() + 1.0
             while self._connected.is_set() and self._clock_s() < end:
                 self._stop.wait(0.01)
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=5.0)
+        self._network.stop(5.0)
         self._delivery.stop()
         left = self._outbox.unacked
         self._outbox.close()
@@ -264,7 +262,7 @@ class VerdictPublisher:
             client.connect_async(self._addr.host, self._addr.port, self._cfg.keepalive_s)
         return client
 
-    def _run_network(self) -> None:
+    def _run_network(self, _stop: threading.Event) -> None:
         backoff = self.backoff_min_s
         while not self._stop.is_set():
             if self._fallback:

@@ -57,7 +57,7 @@ class BundleError(ValueError):
 class Verified:
     """A bundle whose signature and payload checked out."""
 
-    manifest: Manifest
+    manifest: BundleManifest
     manifest_raw: bytes  # the exact signed bytes, kept as the release's release.json
     signature: bytes
 
@@ -71,7 +71,7 @@ class FileEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class Manifest:
+class BundleManifest:
     version: str
     kind: Kind
     files: tuple[FileEntry, ...]
@@ -127,7 +127,7 @@ def check_relpath(path: object) -> str:
     return path
 
 
-def parse_manifest(raw: bytes) -> Manifest:
+def parse_manifest(raw: bytes) -> BundleManifest:
     """Parse manifest.json (call only after its signature checked out)."""
     try:
         data = json.loads(raw)
@@ -160,7 +160,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         files.append(entry)
     if kind == "models" and any(not f.path.startswith("engines/") for f in files):
         raise BundleError("a models bundle may only carry files under engines/")
-    return Manifest(version=check_version(data.get("version")), kind=kind, files=tuple(files),
+    return BundleManifest(version=check_version(data.get("version")), kind=kind, files=tuple(files),
                     base_version=None if base is None else check_version(base),
                     created_ms=float(data.get("created_ms", 0.0)))
 
@@ -301,19 +301,19 @@ def sha256_file(path: Path) -> str:
 
 
 def build_manifest(payload_dir: Path, version: str, kind: Kind,
-                   base_version: str | None = None) -> Manifest:
+                   base_version: str | None = None) -> BundleManifest:
     files = tuple(
         FileEntry(path=rel, sha256=sha256_file(p), size=p.stat().st_size,
                   mode=0o755 if p.stat().st_mode & 0o111 else 0o644)
         for rel, p in _walk_payload(payload_dir))
     release_order(check_version(version))  # devices refuse a version they cannot order
-    manifest = Manifest(version=version, kind=kind, files=files,
+    manifest = BundleManifest(version=version, kind=kind, files=files,
                         base_version=base_version, created_ms=time.time() * 1000.0)
     parse_manifest(manifest.to_json())  # same checks the device will make
     return manifest
 
 
-def write_bundle(payload_dir: Path, manifest: Manifest, private_key: Ed25519PrivateKey,
+def write_bundle(payload_dir: Path, manifest: BundleManifest, private_key: Ed25519PrivateKey,
                  out: Path) -> Path:
     """Sign `manifest` and write the bundle (gzip tar) to `out`."""
     raw = manifest.to_json()

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import structlog
 
-from edge.systemd import read_health
+from edge.health_file import read_health
 
 log = structlog.get_logger(__name__)
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import structlog
 
+from edge.durable import fsync_dir, write_atomic
 from edge.update.bundle import BundleError, release_order
 
 log = structlog.get_logger(__name__)
@@ -52,13 +53,8 @@ class ReleaseInfo:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Replace `path` with `data` as JSON, durably (see edge.durable)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_json(path: Path) -> Any:
@@ -66,14 +62,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def running_release_version(default: str, env: dict[str, str] | None = None) -> str:
@@ -127,6 +115,7 @@ class ReleaseStore:
         if version is None:
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
+                fsync_dir(self.root)
             return
         if not (self.release_dir(version) / RELEASE_FILE).exists():
             raise FileNotFoundError(f"release {version} is not installed")
@@ -134,8 +123,10 @@ class ReleaseStore:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(f"releases/{version}", tmp)
-        os.replace(tmp, link)  # atomic: readers see the old or the new target
-        _fsync_dir(self.root)
+        # A symlink, not a file: edge.durable writes files. Atomic: readers see the old or
+        # the new target; the folder fsync makes the switch survive a power cut.
+        os.replace(tmp, link)
+        fsync_dir(self.root)
 
     def switch_current(self, version: str) -> None:
         self._switch("current", version)
@@ -268,6 +259,7 @@ class ReleaseStore:
     def clear_pending(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+            fsync_dir(self.root)  # a pending update that came back would be acted on again
 
     def record_event(self, event: UpdateEvent) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ from typing import Protocol
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge.update.bundle import BundleError, Manifest, extract_verified, release_order
+from edge.durable import fsync_dir, write_atomic
+from edge.update.bundle import BundleError, BundleManifest, extract_verified, release_order
 from edge.update.health import GatePolicy, HealthProbe, wait_healthy
 from edge.update.store import (
     INSTALL_FILE,
@@ -129,8 +130,8 @@ def build_venv(release_dir: Path) -> None:
 
 def longest_apply_s(gate: GatePolicy) -> float:
     """The longest `Updater.apply` runs with `build_venv` and `SystemctlManager`; the
-    update unit's TimeoutStartSec= must stay above it (tests/test_systemd.py checks), or
-    systemd kills an update between switching and committing or rolling back.
+    update unit's TimeoutStartSec= must stay above it (tests/systemd/test_unit_files.py
+    checks), or systemd kills an update between switching and committing or rolling back.
 
     The worst path: an update a reboot interrupted is gated again and rolled back, then
     a full bundle builds its venv, is switched to, gated and rolled back. Each switch is
@@ -212,7 +213,7 @@ class Updater:
             self.services.restart(NODE_UNIT)
             return self._gate(version, previous)
 
-    def _install(self, bundle: Path, current: str | None, allow_downgrade: bool) -> Manifest:
+    def _install(self, bundle: Path, current: str | None, allow_downgrade: bool) -> BundleManifest:
         staging = self.store.staging / f"{bundle.name}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -225,16 +226,22 @@ class Updater:
             if manifest.kind == "models":
                 assert current is not None  # _check_target refused otherwise
                 self._assemble_models_release(staging, current)
-            os.rename(staging, target)
+            os.rename(staging, target)  # a whole folder (edge.durable replaces files)
+            fsync_dir(target.parent)
             if manifest.kind == "full":
                 self.env_builder(target)  # a venv must be built where it will live
-            (target / SIGNATURE_FILE).write_bytes(verified.signature)
+            write_atomic(target / SIGNATURE_FILE, verified.signature)
             base = self._venv_owner(current) if manifest.kind == "models" else None
             self.store.mark(manifest.version, "installed", installed_ms=time.time() * 1000.0,
                             base_version=base)
             # Before release.json: a release is never complete without having raised it.
             self.store.record_installed(manifest.version)
-            _write_atomic(target / RELEASE_FILE, verified.manifest_raw)  # complete from here
+            # The unpacked files, hard links and the venv pip built were written without
+            # fsync: flush them all before release.json says the release is complete, or a
+            # power cut could leave a "complete" release with empty files. One sync(2) (Linux
+            # waits for it) instead of an fsync per file: a venv holds thousands.
+            os.sync()
+            write_atomic(target / RELEASE_FILE, verified.manifest_raw)  # complete from here
         except (BundleError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if target is not None and not (target / RELEASE_FILE).exists():
@@ -245,7 +252,7 @@ class Updater:
                  files=len(manifest.files))
         return manifest
 
-    def _check_target(self, manifest: Manifest, current: str | None) -> Path:
+    def _check_target(self, manifest: BundleManifest, current: str | None) -> Path:
         target = self.store.release_dir(manifest.version)
         if target.exists():
             raise BundleError(f"release {manifest.version} is already installed")
@@ -388,15 +395,6 @@ class Updater:
                 self.store.switch_current(target)
                 self.store.set_previous(None)
             return self._emit("rolled_back", current, target, reason)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _link_or_copy(src: str, dst: str) -> str:

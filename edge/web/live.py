@@ -14,14 +14,15 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
-from edge.geometry import BeltPlane
-from edge.node import NodeHooks
-from edge.overlays import ascii_text, verdict_bgr
-from edge.stages import Decided
+from edge.audit.overlays import ascii_text, verdict_bgr
+from edge.perception.belt_plane import BeltPlane
+from edge.pipeline.node import NodeHooks
+from edge.pipeline.stages import Decided
 from edge.types import Decision, Frame, FrameSet, U8Array
 
 #: Decided items are drawn for this long after capture (they leave the view anyway).
@@ -106,6 +107,21 @@ def footprint_rect(plane: BeltPlane, centre_mm: tuple[float, float],
     return x0, y0, x1, y1
 
 
+_Seen = TypeVar("_Seen")
+
+
+def _chain(first: Callable[[_Seen], None] | None,
+           second: Callable[[_Seen], None]) -> Callable[[_Seen], None]:
+    """`second` after `first` (when there is one), both with the same value."""
+    if first is None:
+        return second
+
+    def both(value: _Seen) -> None:
+        first(value)
+        second(value)
+    return both
+
+
 class LiveFeed:
     """Newest frameset and recent verdicts, for the live page."""
 
@@ -118,20 +134,10 @@ class LiveFeed:
 
     def wrap(self, hooks: NodeHooks) -> NodeHooks:
         """`hooks` with this feed's observers chained after the existing ones."""
-        def chain(first: Callable[[object], None] | None,
-                  second: Callable[[object], None]) -> Callable[[object], None]:
-            if first is None:
-                return second
-
-            def both(value: object) -> None:
-                first(value)
-                second(value)
-            return both
-
         return NodeHooks(
-            on_decided=chain(hooks.on_decided, self.on_decided),  # type: ignore[arg-type]
+            on_decided=_chain(hooks.on_decided, self.on_decided),
             on_acked=hooks.on_acked,
-            on_frameset=chain(hooks.on_frameset, self.on_frameset))  # type: ignore[arg-type]
+            on_frameset=_chain(hooks.on_frameset, self.on_frameset))
 
     # --- hooks (stage threads): references only ----------------------------------------------
 

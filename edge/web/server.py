@@ -2,7 +2,7 @@
 
 Routes (GET and HEAD only; everything is read-only):
 
-* ``/metrics``: the Prometheus text format (`edge.metrics`).
+* ``/metrics``: the Prometheus text format (`edge.pipeline.metrics`).
 * ``/healthz``: 200 when no stage is stalled, 503 otherwise (JSON body).
 * ``/`` and ``/static/…``: the live page (only with ``http.live_page``).
 * ``/api/status``: JSON for the page: stage timings, counters, cameras, calibration,
@@ -34,7 +34,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edge.config import ConfigError, HttpConfig, check_http_token
-from edge.node import Node
+from edge.pipeline.node import Node
 from edge.web.live import LiveFeed, tracks_of
 from edge.web.status import page_status
 
@@ -103,7 +103,7 @@ def start_http(cfg: HttpConfig, node: Node, *, live: LiveFeed | None = None,
 
     `live` supplies camera images and recent verdicts (attach it to the node's
     hooks with `LiveFeed.wrap`); `calibration` returns the latest belt-check
-    results per camera (`edge.service.BeltMonitor.results`).
+    results per camera (`edge.app.service.BeltMonitor.results`).
     """
     app = _App(cfg, node, live, calibration, read_token(cfg))
     handler = type("Handler", (_Handler,), {"app": app})

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from edge import __version__
-from edge.node import Node, stage_timings
+from edge.pipeline.node import Node, stage_timings
 from edge.web.live import LiveFeed
 
 #: Recent verdicts (any decision) listed on the page.

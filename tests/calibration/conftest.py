@@ -10,7 +10,6 @@ import pytest
 
 from calibration.belt import fit_belt_plane, inspection_region, travel_from_image
 from calibration.boards import BoardSpec, parse_board
-from calibration.files import CameraCalibration
 from calibration.render import (
     DepthNoise,
     board_views,
@@ -18,6 +17,7 @@ from calibration.render import (
     render_board,
     undistorted_rays,
 )
+from edge.capture.calibration import CameraCalibration
 from edge.types import Frame, Intrinsics, Pose
 
 #: The camera the boards are rendered with (truth for the intrinsics tests).

@@ -11,23 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calibration.belt import (
-    BeltFitError,
-    Plane,
-    angle_deg,
     find_markers,
     fit_belt_plane,
     inspection_region,
     intersect_plane,
-    ransac_plane,
     travel_from_track,
 )
 from calibration.cli import main
-from calibration.files import load_camera_calibration
 from calibration.render import DepthNoise, render_belt_color, render_belt_depth
+from edge.capture.calibration import load_camera_calibration
+from edge.capture.recording import write_recording
 from edge.catalogue import load_catalogue
 from edge.config import config_from_mapping
-from edge.sources.recording import write_recording
-from edge.sources.synthetic import SyntheticConveyor
+from edge.perception.plane_fit import BeltFitError, Plane, angle_deg, ransac_plane
+from edge.sim.conveyor import SyntheticConveyor
 from edge.types import Frame, Intrinsics, Pose
 
 CAMERA = Intrinsics(640, 480, 610.0, 610.0, 318.0, 243.0)
@@ -151,7 +148,7 @@ def test_belt_command_with_markers_and_calibrated_intrinsics(tmp_path: Path) -> 
                                                                seed=i), 0.001, CAMERA)
               for i in range(3)]
     write_recording(tmp_path / "m.db3", frames, 30, serial="M1")
-    from calibration.files import CameraCalibration, Quality
+    from edge.capture.calibration import CameraCalibration, Quality
     CameraCalibration("M1", CAMERA, quality=Quality(0.2)).save(tmp_path / "intr.yaml")
     out = tmp_path / "m.yaml"
     assert main(["belt", "--recording", str(tmp_path / "m.db3"), "--out", str(out),
@@ -224,7 +221,7 @@ def test_edge_node_synth_record_then_edge_calibrate_belt(tmp_path: Path) -> None
     import subprocess
     import sys
 
-    from edge.sources.synthetic import default_pose
+    from edge.sim.conveyor import default_pose
 
     bin_dir = Path(sys.executable).parent
     rec = tmp_path / "top.db3"

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.check import (
+from calibration.check import check_board
+from calibration.cli import main
+from calibration.render import Box, DepthNoise, board_views, render_belt_depth, render_board
+from edge.capture.calibration import CameraCalibration, Quality, load_camera_calibration
+from edge.capture.recording import write_recording
+from edge.perception.belt_check import (
     BeltChecker,
     BeltCheckThresholds,
     calibrated_thresholds,
     check_belt,
-    check_board,
 )
-from calibration.cli import main
-from calibration.files import CameraCalibration, Quality, load_camera_calibration
-from calibration.render import Box, DepthNoise, board_views, render_belt_depth, render_board
-from edge.sources.recording import write_recording
 from edge.types import Frame, Intrinsics, Pose
 
 from .conftest import CHARUCO, TRUE_CAMERA, belt_calibration_of, still_frames
@@ -228,7 +228,7 @@ def test_check_command_on_the_synthetic_conveyor(tmp_path: Path) -> None:
     synthetic conveyor (items running) through the node's own config: both pass."""
     from edge.catalogue import load_catalogue
     from edge.config import config_from_mapping
-    from edge.sources.synthetic import SyntheticConveyor
+    from edge.sim.conveyor import SyntheticConveyor
 
     empty = config_from_mapping({"synthetic": {"items_per_second": 0, "seed": 3}})
     world = SyntheticConveyor(empty.synthetic, empty.belt, empty.cameras, load_catalogue(), 0.0)

@@ -12,8 +12,8 @@ import yaml
 from calibration.boards import parse_board
 from calibration.cli import main
 from calibration.extrinsics import pose_difference
-from calibration.files import CameraCalibration, load_camera_calibration
 from calibration.render import render_board, undistorted_rays
+from edge.capture.calibration import CameraCalibration, load_camera_calibration
 from edge.types import Intrinsics, Pose
 
 BOARD = "charuco:7x5:40:30:DICT_4X4_50"

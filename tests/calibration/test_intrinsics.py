@@ -15,9 +15,9 @@ import yaml
 
 from calibration.boards import parse_board
 from calibration.cli import main
-from calibration.files import load_camera_calibration
 from calibration.render import board_views, render_board
-from edge.sources.recording import write_recording
+from edge.capture.calibration import load_camera_calibration
+from edge.capture.recording import write_recording
 from edge.types import Intrinsics
 
 from .conftest import CHARUCO, CHESSBOARD, TRUE_CAMERA, render_views, still_frames
@@ -175,7 +175,7 @@ def test_real_photographs_match_the_published_reference(tmp_path: Path) -> None:
 def test_recalibrating_keeps_the_belt_pose(chessboard_dir: Path, tmp_path: Path) -> None:
     """Re-running intrinsics into a file that already holds this camera's belt pose keeps the
     pose and region (the node keeps working) and updates the intrinsics."""
-    from calibration.files import CameraCalibration, InspectionRegion
+    from edge.capture.calibration import CameraCalibration, InspectionRegion
     from edge.types import Pose
     out = tmp_path / "cam.yaml"
     pose = Pose.look_at(np.array([0.0, 0.0, 900.0]), np.array([0.0, 0.0, 0.0]))

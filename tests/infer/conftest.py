@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from edge.commands.models import memory_inspector
 from edge.config import DEFAULT_MANIFEST, ModelsConfig
-from edge.infer.cli import memory_inspector
 from edge.infer.golden import GoldenSet, load_golden
-from edge.infer.models import ItemInspector
+from edge.infer.inspector import ItemInspector
 
 ENGINES = DEFAULT_MANIFEST.parent
 

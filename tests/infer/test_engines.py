@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from edge.infer.backend import BackendError, Tensor
-from edge.infer.engines import EngineCache, EngineKey, Environment, read_l4t
+from edge.infer.engines import EngineCache
 from edge.infer.manifest import ModelSpec, TensorSpec
+from edge.infer.plans import EngineKey, Environment, read_l4t
 
 try:
     import edge.infer.tensorrt  # noqa: F401  (raises ImportError without a real TensorRT)

@@ -6,7 +6,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.decide import COMBOS
 from edge.infer.fit import (
     ScoreTable,
     fit_fusion,
@@ -16,6 +15,7 @@ from edge.infer.fit import (
     nominal_quantile,
     roc_auc,
 )
+from edge.infer.fusion import COMBOS
 from edge.infer.manifest import TensorSpec
 
 scores_st = st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=300)

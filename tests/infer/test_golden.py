@@ -12,7 +12,8 @@ import yaml
 from edge.catalogue import load_catalogue
 from edge.config import ModelsConfig
 from edge.infer.golden import golden_self_test
-from edge.infer.models import ItemInspector, ModelRejectedError
+from edge.infer.inspector import ItemInspector
+from edge.infer.reload import ModelRejectedError, reload_models
 
 
 def _tamper_damage_model(engines: Path, delta: float) -> None:
@@ -56,10 +57,10 @@ def test_reload_refuses_a_model_that_fails_and_keeps_the_old(models_cfg: ModelsC
     """SIGHUP reload: a new model failing the golden set is refused; the old one keeps running."""
     insp = ItemInspector.load(models_cfg, load_catalogue())
     before = insp.damage
-    assert insp.reload().passed  # unchanged models reload fine
+    assert reload_models(insp).passed  # unchanged models reload fine
     _tamper_damage_model(engines_copy, 1.5)
     with pytest.raises(ModelRejectedError) as err:
-        insp.reload()
+        reload_models(insp)
     assert not err.value.report.passed
     assert insp.damage is not before  # the first (good) reload's backend stays in use
     assert golden_self_test(insp).passed

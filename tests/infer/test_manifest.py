@@ -10,8 +10,8 @@ import yaml
 from edge.catalogue import load_catalogue
 from edge.config import ModelsConfig
 from edge.infer.backend import BackendError
+from edge.infer.inspector import ItemInspector
 from edge.infer.manifest import ManifestError, TensorSpec, load_manifest
-from edge.infer.models import ItemInspector
 from edge.infer.onnxruntime import OnnxRuntimeBackend, choose_providers
 
 

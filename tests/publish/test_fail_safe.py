@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from edge.clock import WallClock
 from edge.config import DecisionConfig
-from edge.deadlines import DeadlineScheduler
 from edge.types import Announcement, Decision, Verdict
+from edge.verdicts.deadlines import DeadlineScheduler
 from tests.publish.helpers import validator
 
 if TYPE_CHECKING:

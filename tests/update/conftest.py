@@ -3,7 +3,7 @@
 `FakeNode` plays the node the way systemd would run it: on restart it resolves
 `<root>/current` (as `running_release_version` does under `$CONVEYOR_VISION_ROOT`) and
 behaves as that release's `config/behaviour` file says, writing the real health file
-through `edge.systemd.HealthFile`.
+through `edge.health_file.HealthFile`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.systemd import HealthFile
+from edge.health_file import HealthFile
 from edge.update.bundle import Kind, build_manifest, write_bundle
 from edge.update.health import GatePolicy, HealthFileProbe, HealthProbe
 from edge.update.store import ReleaseStore, running_release_version

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.update.bundle import FileEntry, Kind, Manifest, release_order, sha256_file, write_bundle
+from edge.update.bundle import (
+    BundleManifest,
+    FileEntry,
+    Kind,
+    release_order,
+    sha256_file,
+    write_bundle,
+)
 from edge.update.store import ReleaseStore
 from edge.update.updater import ENGINES_UNIT, NODE_UNIT, UpdateError
 
@@ -86,7 +93,7 @@ def _signed_bundle(payload: Path, rel: str, content: bytes, version: str, kind: 
     write (a version or a payload the device must refuse)."""
     (payload / rel).parent.mkdir(parents=True)
     (payload / rel).write_bytes(content)
-    manifest = Manifest(version, kind, (FileEntry(rel, sha256_file(payload / rel),
+    manifest = BundleManifest(version, kind, (FileEntry(rel, sha256_file(payload / rel),
                                                   len(content)),))
     return write_bundle(payload, manifest, key, payload.with_suffix(".cvb"))
 

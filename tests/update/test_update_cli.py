@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from edge.commands.update import main
 from edge.update import updater
 from edge.update.bundle import BundleError
-from edge.update.cli import main
 from edge.update.store import ReleaseStore
 from edge.update.updater import build_venv
 

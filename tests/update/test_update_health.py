@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.systemd import HealthFile
-from edge.update.cli import main
+from edge.commands.update import main
+from edge.health_file import HealthFile
 from edge.update.health import (
     AllOf,
     GatePolicy,

@@ -23,17 +23,16 @@ from typing import Any
 
 import pytest
 
+from edge.app.build import build_node
+from edge.app.service import BeltMonitor
+from edge.audit.store import SnapshotStore
 from edge.clock import WallClock
 from edge.config import Config, HttpConfig, load_config
-from edge.controller import ControllerSimulator
-from edge.demo import build_synthetic_node
-from edge.node import Node, NodeHooks
+from edge.pipeline.node import Node, NodeHooks
 from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
-from edge.service import BeltMonitor
-from edge.snapshots import SnapshotStore
-from edge.sources.synthetic import SyntheticConveyor
-from edge.types import FrameSet
+from edge.sim.controller import ControllerSimulator
+from edge.sim.conveyor import SyntheticConveyor
 from edge.web.live import LiveFeed
 from edge.web.server import HttpServer, start_http
 
@@ -119,11 +118,13 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     clock = WallClock()
     live = LiveFeed()
     store = SnapshotStore(tmp / "snapshots", cfg.storage)
-    latest: dict[str, FrameSet] = {}  # what the service's BeltMonitor keeps
-    hooks = live.wrap(NodeHooks(on_frameset=lambda fs: latest.__setitem__("last", fs)))
-    node, world = build_synthetic_node(cfg, clock, tmp / "outbox.sqlite", hooks=hooks,
-                                       snapshots=store)
-    monitor = BeltMonitor(node.cameras, latest)  # the belt check, as the page shows it
+    monitor = BeltMonitor()  # the belt check, as the page shows it
+    hooks = live.wrap(NodeHooks(on_frameset=monitor.on_frameset))
+    built = build_node(cfg, clock, outbox_path=tmp / "outbox.sqlite", hooks=hooks,
+                       snapshots=store, belt_start_delay_ms=300.0)
+    node, world = built.node, built.world
+    assert world is not None
+    monitor.watch(built.cameras.calibrations)
     http = start_http(HttpConfig(port=0, live_page=True), node, live=live,
                       calibration=lambda: monitor.results)
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)

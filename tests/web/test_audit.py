@@ -8,7 +8,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.overlays import hot_area
+from edge.audit.overlays import hot_area
 from tests.web.conftest import LiveNode
 
 #: Damaged items (with damage visible in the anomaly map's view) to judge.

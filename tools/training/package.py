@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from edge.decide import COMBOS, Fusion, Thresholds
+from edge.infer.fusion import COMBOS, Fusion, Thresholds
 
 __all__ = ["COMBOS", "evaluate", "manifest_data", "neutral_fusion", "pick_golden", "score",
            "write_gallery_seed", "write_golden"]
 from edge.infer.dataset import HEIGHT_UNIT_MM, Dataset
 from edge.infer.fit import ScoreTable, fused_scores, recall_at_fpr, roc_auc
+from edge.infer.inspector import ItemInference, ItemInspector
 from edge.infer.manifest import SCHEMA, sha256_file
-from edge.infer.models import ItemInference, ItemInspector
 from edge.types import ItemRecord
 from training.effnet import MEAN_RGB, STD_RGB
 from training.features import HEIGHT_SCALE_MM

@@ -1,0 +1,58 @@
+"""Where items go between the stages and the deadline scheduler.
+
+`Admission` takes the controller's announcements to the scheduler (which owns each item's
+divert deadline) and to the induct associator (which ties the physical item to it).
+`Completion` takes each decided item from the inference stage to everything that needs it:
+latency metrics, the recent views kept for feedback, the audit snapshots, the observers, and
+finally the scheduler, which publishes the verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edge.audit.store import SnapshotStore
+from edge.perception.induct import InductAssociator
+from edge.pipeline.feedback import RecentViews
+from edge.pipeline.stages import Decided
+from edge.types import Announcement
+from edge.verdicts.deadlines import DeadlineScheduler
+
+
+class Admission:
+    """Announcements in: an item the scheduler admits is then looked for on the belt."""
+
+    def __init__(self, scheduler: DeadlineScheduler, associator: InductAssociator) -> None:
+        self._scheduler = scheduler
+        self._associator = associator
+
+    def __call__(self, announcement: Announcement) -> None:
+        # The associator's belt speed and the item's position at induct, as for tracking.
+        deadline = self._associator.divert_deadline_ms(announcement)
+        if self._scheduler.announce(announcement, deadline):
+            self._associator.announce(announcement)
+
+
+class Completion:
+    """A decided item out: observed, remembered, snapshotted, then handed to the scheduler."""
+
+    def __init__(self, scheduler: DeadlineScheduler, recent: RecentViews,
+                 snapshots: SnapshotStore | None, observe_latency_s: Callable[[float], None],
+                 on_decided: Callable[[Decided], None] | None = None) -> None:
+        self._scheduler = scheduler
+        self._recent = recent
+        self._snapshots = snapshots
+        self._observe_latency_s = observe_latency_s
+        self._on_decided = on_decided
+
+    def __call__(self, decided: Decided) -> None:
+        verdict = decided.verdict
+        if verdict.captured_ms is not None:
+            self._observe_latency_s(max(0.0, verdict.decided_ms - verdict.captured_ms) / 1000.0)
+        self._recent.remember(decided.record)
+        if self._snapshots is not None:  # assigns the ID; files are written off this thread
+            verdict = self._snapshots.offer(decided.record, verdict)
+            decided = Decided(decided.record, verdict)
+        if self._on_decided is not None:
+            self._on_decided(decided)
+        self._scheduler.complete(verdict)
