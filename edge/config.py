@@ -4,23 +4,35 @@ Every section is a frozen dataclass; `load_config` turns a YAML mapping into
 them and raises `ConfigError` (key path, bad value, what was expected) for
 anything it cannot accept: unknown keys, wrong types, out-of-range values,
 files that do not exist. Defaults run the demo: synthetic cameras, ONNX
-Runtime on the CPU, a broker on loopback.
+Runtime on the CPU, a broker on loopback. The sections of the node's links
+beyond its line (`mqtt`, `opcua`, `sparkplug`, `site`) live in
+`edge.config_sections` and are imported from here.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 
 from edge.config_schema import ConfigError, build_section, config_to_mapping, setting
+from edge.config_sections import (
+    MqttConfig,
+    OpcUaConfig,
+    SiteConfig,
+    SparkplugConfig,
+    TlsConfig,
+    is_loopback,
+)
 
 # Re-exported: callers know these as parts of the node's configuration.
-__all__ = ["ConfigError", "config_to_mapping"]
+__all__ = ["ConfigError", "MqttConfig", "OpcUaConfig", "SiteConfig", "SparkplugConfig",
+           "TlsConfig", "config_to_mapping", "is_loopback"]
 
 #: The largest batch the TensorRT engines' optimisation profile accepts (`edge.infer.engines`).
 TENSORRT_MAX_BATCH = 16
@@ -62,6 +74,9 @@ class CameraConfig:
     sync_mode: Literal["default", "master", "slave"] = setting(
         "default", doc="RealSense inter_cam_sync_mode for hardware-synced rigs")
     filters: DepthFilters = setting(factory=DepthFilters, doc="depth post-processing")
+    required: bool = setting(
+        True, doc="the node goes READY only once this camera streams, and reports itself "
+        "degraded while it does not; false: a view the line may run without")
     realtime: bool = setting(True, doc="recordings/synthetic: pace frames in real time; false: as "
                         "fast as the node takes them, recordings kept abreast of each other")
 
@@ -133,12 +148,18 @@ class ModelsConfig:
                             doc="TensorRT plans are built here")
     gallery_dir: Path = setting(Path("/var/lib/conveyor-vision/gallery"),
                            doc="reference gallery (learns at run time)")
+    gallery_learn_per_hour: int = setting(
+        20, lo=0, hi=10_000, doc="views of one product the gallery may learn from "
+        "packaging_changed feedback in an hour; more are held for review")
     onnx_providers: tuple[str, ...] = setting(
         factory=tuple, doc="ONNX Runtime providers to try before the CPU, e.g. "
         "[CUDAExecutionProvider]; ones not installed are skipped")
     tensorrt_precision: Literal["fp16", "int8"] = setting(
         "fp16", doc="plan precision; int8 only once `engines build --precision int8` passed "
         "its golden check, else fp16 is used")
+    dla_core: int | None = setting(
+        None, lo=0, hi=1, doc="backend tensorrt: build and run the plans on this DLA core "
+        "(Jetson Orin AGX/NX), GPU fallback for unsupported layers; null: the GPU")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,29 +174,6 @@ class DecisionConfig:
         "judge", doc="judge on the views that saw the item, or sideline when one is missing")
     finding_min_probability: float = setting(0.5, lo=0.0, hi=1.0,
                                         doc="per-type probability reported as a finding")
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    ca_file: Path | None = setting(
-        None, doc="CA bundle that signed the broker", path_must_exist=True)
-    cert_file: Path | None = setting(None, doc="client certificate", path_must_exist=True)
-    key_file: Path | None = setting(None, doc="client key", path_must_exist=True)
-
-
-@dataclass(frozen=True, slots=True)
-class MqttConfig:
-    url: str = setting("mqtt://127.0.0.1:1883", doc="broker URL: mqtt://HOST:PORT or mqtts://")
-    topic_prefix: str = setting("conveyor-vision", doc="root of the topic tree")
-    client_id: str | None = setting(None, doc="default: cv-<node_id>")
-    credentials_file: Path | None = setting(
-        None, doc="file with 'username:password'; or $CV_MQTT_USERNAME/$CV_MQTT_PASSWORD, or "
-        "the systemd credential 'mqtt'", path_must_exist=True)
-    tls: TlsConfig = setting(factory=TlsConfig, doc="TLS settings (mqtts://)")
-    keepalive_s: int = setting(10, lo=1, hi=3600, doc="MQTT keepalive")
-    protocol: Literal["auto", "5", "3.1.1"] = setting("auto", doc="MQTT protocol version")
-    status_interval_s: float = setting(30.0, lo=0.1, hi=3600.0,
-                                  doc="re-publish the retained status with fresh health this often")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +198,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpTlsConfig:
+    cert_file: Path | None = setting(None, doc="server certificate (PEM, any chain after it)",
+                                path_must_exist=True)
+    key_file: Path | None = setting(None, doc="its private key (PEM, unencrypted)",
+                               path_must_exist=True)
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConfig:
     port: int = setting(0, lo=0, hi=65535, doc="metrics and live page port (0 = off)")
     bind: str = setting("127.0.0.1", doc="address to bind")
     live_page: bool = setting(False, doc="serve the live page besides /metrics")
-    token_file: Path | None = setting(None, doc="token required when bound beyond localhost",
-                                 path_must_exist=True)
+    token_file: Path | None = setting(
+        None, doc="token required when bound beyond localhost, sent as 'Authorization: Bearer "
+        "<token>'", path_must_exist=True)
+    tls: HttpTlsConfig = setting(factory=HttpTlsConfig, doc="serve HTTPS with this certificate "
+                            "and key; required when bound beyond loopback")
+    allow_plaintext: bool = setting(
+        False, doc="bound beyond loopback, serve plain HTTP without http.tls (the token and "
+        "pages cross the network in clear text); false: refused")
     live_recent: int = setting(12, lo=1, hi=200, doc="sidelined items shown on the live page")
 
 
@@ -223,16 +235,11 @@ class Config:
     storage: StorageConfig = setting(factory=StorageConfig, doc="local state")
     logging: LoggingConfig = setting(factory=LoggingConfig, doc="logs")
     http: HttpConfig = setting(factory=HttpConfig, doc="metrics and live page")
-
-
-def is_loopback(bind: str) -> bool:
-    """Whether an HTTP bind address is reachable from this machine only."""
-    if bind == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bind).is_loopback
-    except ValueError:
-        return False
+    opcua: OpcUaConfig = setting(factory=OpcUaConfig, doc="OPC UA for PLCs (off unless enabled)")
+    sparkplug: SparkplugConfig = setting(factory=SparkplugConfig,
+                                         doc="Sparkplug B for SCADA (off unless enabled)")
+    site: SiteConfig = setting(factory=SiteConfig, doc="what the nodes of one site share "
+                               "through the broker (off unless site.share_gallery)")
 
 
 def check_http_token(http: HttpConfig) -> None:
@@ -242,7 +249,108 @@ def check_http_token(http: HttpConfig) -> None:
                           f"a token file: http.bind {http.bind!r} is not a loopback address")
 
 
+def check_http_tls(http: HttpConfig) -> None:
+    """ConfigError for half a TLS setting, or for plain HTTP bound beyond loopback without
+    `http.allow_plaintext`."""
+    tls = http.tls
+    if (tls.cert_file is None) != (tls.key_file is None):
+        missing, given = (("key_file", "cert_file") if tls.key_file is None
+                          else ("cert_file", "key_file"))
+        raise ConfigError(f"http.tls.{missing}", None, f"a file, set with http.tls.{given}")
+    if tls.cert_file is None and not http.allow_plaintext and not is_loopback(http.bind):
+        raise ConfigError(
+            "http.tls.cert_file", None,
+            f"a certificate and key (http.tls.cert_file, http.tls.key_file) to serve HTTPS, as "
+            f"http.bind {http.bind!r} is not a loopback address and plain HTTP would send the "
+            "token across the network in clear text (http.allow_plaintext: true accepts that)")
+
+
+# scheme://user[:password]@ at the start of a URL
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def _shown_url(url: str) -> str:
+    """`url` fit for an error message: a 'user:password@' in it becomes '***@'."""
+    return _URL_USERINFO.sub(r"\1***@", url)
+
+
+def check_mqtt_credentials(mqtt: MqttConfig, source: str) -> None:
+    """ConfigError when credentials (from `source`) would go to the broker over plain
+    mqtt:// without `mqtt.allow_plaintext_credentials`.
+
+    A broker on loopback is exempt: the password never leaves this machine, and whoever can
+    read its loopback traffic can read the credential file as well.
+    """
+    for key, url in _keyed_urls(mqtt):
+        if mqtt.allow_plaintext_credentials or not url.startswith("mqtt://"):
+            continue
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:  # a malformed URL: not this check's to report
+            host = None
+        if host and is_loopback(host):
+            continue
+        raise ConfigError(
+            key, _shown_url(url),
+            f"an mqtts:// URL, as MQTT credentials are set ({source}) and over mqtt:// the "
+            "password would cross the network in clear text (mqtt.allow_plaintext_credentials: "
+            "true accepts that; a loopback broker needs neither)")
+
+
+def _keyed_urls(mqtt: MqttConfig) -> list[tuple[str, str]]:
+    """(config key, URL) of every broker: `mqtt.url`, or `mqtt.url[i]` for a list."""
+    if isinstance(mqtt.url, str):
+        return [("mqtt.url", mqtt.url)]
+    return [(f"mqtt.url[{i}]", u) for i, u in enumerate(mqtt.url)]
+
+
+def _check_mqtt(mqtt: MqttConfig) -> None:
+    """What the config alone shows of the broker connection (credentials from the
+    environment or systemd are checked by `edge.publish.connection.load_credentials`)."""
+    if not mqtt.urls:
+        raise ConfigError("mqtt.url", [], "a broker URL, or a list of at least one")
+    for key, url in _keyed_urls(mqtt):
+        if not url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError(key, _shown_url(url), "a URL like mqtt://127.0.0.1:1883")
+        if _URL_USERINFO.match(url):
+            raise ConfigError(key, _shown_url(url),
+                              "a URL without a username or password: they belong in "
+                              "mqtt.credentials_file, $CV_MQTT_USERNAME/$CV_MQTT_PASSWORD or "
+                              "the systemd credential 'mqtt'")
+    if len({u.split("://")[0] for u in mqtt.urls}) > 1:
+        raise ConfigError("mqtt.url", list(mqtt.urls), "URLs of one scheme: all mqtts:// or "
+                          "all mqtt:// (one TLS setting serves them all)")
+    if mqtt.urls[0].startswith("mqtt://"):
+        for f in dataclasses.fields(mqtt.tls):
+            value = getattr(mqtt.tls, f.name)
+            if value is not None:
+                raise ConfigError(f"mqtt.tls.{f.name}", str(value),
+                                  "no TLS setting with a plain mqtt:// URL, where it would be "
+                                  "ignored and the connection left unencrypted (use mqtts://)")
+    if mqtt.credentials_file is not None:
+        check_mqtt_credentials(mqtt, "mqtt.credentials_file")
+
+
 _CAMERA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_dla(models: ModelsConfig) -> None:
+    """A DLA core only means something to TensorRT plans; ONNX Runtime would ignore it."""
+    if models.dla_core is not None and models.backend != "tensorrt":
+        raise ConfigError("models.dla_core", models.dla_core,
+                          "null unless models.backend is tensorrt (DLA runs TensorRT plans)")
+
+
+def _check_sparkplug(sp: SparkplugConfig) -> None:
+    """Its IDs are topic levels; a broker of its own obeys the rules of mqtt:."""
+    for key, value in (("group_id", sp.group_id), ("edge_node_id", sp.edge_node_id)):
+        if value is not None and any(ch in value for ch in "/#+"):
+            raise ConfigError(f"sparkplug.{key}", value, "no '/', '#' or '+'")
+    try:
+        _check_mqtt(sp.broker or MqttConfig())
+    except ConfigError as exc:
+        raise ConfigError("sparkplug.broker" + exc.path.removeprefix("mqtt"), exc.value,
+                          exc.expected) from None
 
 
 def _check_cross_fields(cfg: Config) -> None:
@@ -260,8 +368,7 @@ def _check_cross_fields(cfg: Config) -> None:
             raise ConfigError(f"cameras[{i}].serial", None, "a serial number for a RealSense")
         if cam.source == "recording" and cam.recording is None:
             raise ConfigError(f"cameras[{i}].recording", None, "a .db3 or .bag file")
-    if not cfg.mqtt.url.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError("mqtt.url", cfg.mqtt.url, "a URL like mqtt://127.0.0.1:1883")
+    _check_mqtt(cfg.mqtt)
     if "#" in cfg.mqtt.topic_prefix or "+" in cfg.mqtt.topic_prefix:
         raise ConfigError("mqtt.topic_prefix", cfg.mqtt.topic_prefix, "no MQTT wildcards")
     for key in ("node_id", "line_id"):
@@ -273,9 +380,12 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError("models.max_batch", cfg.models.max_batch,
                           f"at most {TENSORRT_MAX_BATCH} with backend tensorrt (the "
                           "engines' optimisation profile)")
+    _check_dla(cfg.models)
+    _check_sparkplug(cfg.sparkplug)
     # Found at load time, not once the models and cameras are up (a restart loop).
     if cfg.http.port:
         check_http_token(cfg.http)
+        check_http_tls(cfg.http)
 
 
 def config_from_mapping(data: object) -> Config:

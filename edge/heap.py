@@ -1,13 +1,12 @@
 """Handing freed heap memory back to the operating system, periodically.
 
-The node allocates and frees two 0.6-0.9 MB images per camera frame in a dozen threads. glibc
+The node allocates and frees two large images per camera frame in a dozen threads. glibc
 serves them from its heap arenas and keeps what is freed between live blocks for the life of
 the process. `malloc_trim(0)` returns the free pages of every arena (since glibc 2.8, not
-only the top of the heap). In 10-minute soaks the node process grew 424 -> 460 MB without it
-while the memory Python tracks stayed flat (tracemalloc: 217 -> 217 MB); with it, once
-420 -> 409 MB and once 433 -> 457 MB: it bounds what glibc holds, not every kind of growth
-(BENCHMARKS.md). One trim takes 2-7 ms in the demo here (0.05 % of a core at 10 s), holding
-each arena's lock in turn. Elsewhere than glibc there is nothing to trim and this does nothing.
+only the top of the heap). In soaks the node process grew without it while the memory Python
+tracks stayed flat; with it, what glibc holds is bounded, though not every kind of growth
+(BENCHMARKS.md, soak). A trim takes a few milliseconds, holding each arena's lock in turn.
+Elsewhere than glibc there is nothing to trim and this does nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +15,11 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.workers import WorkerThread
 
@@ -46,12 +46,12 @@ class HeapTrimmer:
         self._worker = WorkerThread("cv-heap-trim", self._run)
         self.trims = 0
         self.released = 0  # trims after which the C library reported memory handed back
-        self._metrics: tuple[Counter, Counter] | None = None
+        self.trim_seconds = 0.0
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        self._metrics = (
-            Counter("cv_heap_trims", "Periodic malloc_trim calls", registry=registry),
-            Counter("cv_heap_trim_seconds", "Time spent in malloc_trim", registry=registry))
+        """Add the trimmer's counters to a node's Prometheus registry (read at scrape time,
+        as every component's are)."""
+        registry.register(_TrimCollector(self))
 
     def start(self) -> None:
         if self._trim is None:
@@ -71,11 +71,20 @@ class HeapTrimmer:
         spent = time.perf_counter() - t0
         self.trims += 1
         self.released += released
-        if self._metrics is not None:
-            self._metrics[0].inc()
-            self._metrics[1].inc(spent)
+        self.trim_seconds += spent
         return released
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval_s):
             self.trim_now()
+
+
+class _TrimCollector(Collector):
+    def __init__(self, trimmer: HeapTrimmer) -> None:
+        self._trimmer = trimmer
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("cv_heap_trims", "Periodic malloc_trim calls",
+                                  value=self._trimmer.trims)
+        yield CounterMetricFamily("cv_heap_trim_seconds", "Time spent in malloc_trim",
+                                  value=self._trimmer.trim_seconds)

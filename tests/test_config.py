@@ -130,3 +130,46 @@ def test_a_tensorrt_batch_beyond_the_engines_profile_is_refused() -> None:
         config_from_mapping({"models": {"backend": "tensorrt", "max_batch": 32}})
     assert config_from_mapping({"models": {"backend": "tensorrt", "max_batch": 16}})
     assert config_from_mapping({"models": {"backend": "onnxruntime", "max_batch": 32}})
+
+
+@pytest.mark.parametrize("url", ["mqtt://broker.site.example:1883", "mqtt://10.0.0.5"])
+def test_a_credentials_file_over_plain_mqtt_to_a_remote_broker_is_refused(
+        tmp_path: Path, url: str) -> None:
+    """A credentials file with a plain mqtt:// broker beyond loopback stops the node at load:
+    the password would cross the network in clear text."""
+    creds = tmp_path / "creds"
+    creds.write_text("user:hunter2-XYZZY\n")
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping({"mqtt": {"url": url, "credentials_file": str(creds)}})
+    assert err.value.path == "mqtt.url"
+    assert "clear text" in str(err.value)
+    assert "mqtt.allow_plaintext_credentials" in str(err.value)
+    assert "XYZZY" not in str(err.value)
+    opted_in = config_from_mapping({"mqtt": {"url": url, "credentials_file": str(creds),
+                                             "allow_plaintext_credentials": True}})
+    assert opted_in.mqtt.allow_plaintext_credentials
+    secure = url.replace("mqtt://", "mqtts://")
+    assert config_from_mapping({"mqtt": {"url": secure, "credentials_file": str(creds)}})
+
+
+@pytest.mark.parametrize("url", ["mqtt://127.0.0.1:1883", "mqtt://127.0.0.53", "mqtt://[::1]:1883",
+                                 "mqtt://localhost"])
+def test_a_credentials_file_over_plain_mqtt_to_a_loopback_broker_is_accepted(
+        tmp_path: Path, url: str) -> None:
+    """A broker on this machine may take credentials over mqtt://: they never leave it."""
+    creds = tmp_path / "creds"
+    creds.write_text("user:pw\n")
+    cfg = config_from_mapping({"mqtt": {"url": url, "credentials_file": str(creds)}})
+    assert cfg.mqtt.url == url
+
+
+def test_credentials_in_the_broker_url_are_refused_without_showing_the_password() -> None:
+    """A username and password in mqtt.url are refused at load; the error masks them."""
+    for url in ("mqtt://edge:hunter2-XYZZY@broker.site.example:1883",
+                "mqtts://edge:hunter2-XYZZY@broker.site.example", "mqtt://edge@127.0.0.1"):
+        with pytest.raises(ConfigError) as err:
+            config_from_mapping({"mqtt": {"url": url}})
+        assert err.value.path == "mqtt.url"
+        assert "mqtt.credentials_file" in str(err.value)
+        assert "XYZZY" not in str(err.value)
+        assert "***@" in str(err.value)

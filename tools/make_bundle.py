@@ -10,6 +10,13 @@
     cp systemd/conveyor-vision.example.yaml stage/config/
     tools/make_bundle.py build --version 1.4.0 --key signing.pem --out dist/cv-1.4.0.cvb stage
 
+    # a full release for `models.backend: tensorrt` (JetPack 6): TensorRT comes from JetPack
+    # (the venv sees the system site-packages), cuda-python for CUDA 12 from the bundle
+    pip wheel --wheel-dir stage/wheels '.[realsense]' \
+        $(tools/make_bundle.py requirements --backend tensorrt)
+    tools/make_bundle.py build --backend tensorrt --version 1.4.0 --key signing.pem \
+        --out dist/cv-1.4.0-trt.cvb stage
+
     # a models-only release (only engines/ files; the device keeps its venv)
     tools/make_bundle.py build --kind models --base-version 1.4.0 --version 1.4.0+m1 \
         --key signing.pem --out dist/cv-1.4.0+m1.cvb models-stage
@@ -24,6 +31,10 @@ import os
 import sys
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+from edge.infer.plans import CUDA_PYTHON_REQUIREMENT
 from edge.update.bundle import (
     BundleError,
     build_manifest,
@@ -31,6 +42,37 @@ from edge.update.bundle import (
     load_private_key,
     write_bundle,
 )
+
+#: What a full bundle's wheels/ must hold beyond the node and its own dependencies, per
+#: `models.backend` (the device installs every wheel offline, so nothing else gets there).
+BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": (),
+    "tensorrt": (CUDA_PYTHON_REQUIREMENT,),
+}
+
+
+def check_backend_wheels(wheels: Path, backend: str) -> None:
+    """BundleError unless `wheels` holds a wheel satisfying each of the backend's requirements."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
+        try:
+            name, version, _build, _tags = parse_wheel_filename(path.name)
+        except InvalidWheelFilename:
+            continue
+        found.setdefault(name, []).append(str(version))
+    for line in BACKEND_REQUIREMENTS[backend]:
+        req = Requirement(line)
+        have = found.get(canonicalize_name(req.name), [])
+        if not any(req.specifier.contains(v, prereleases=True) for v in have):
+            seen = f" (found {', '.join(have)})" if have else ""
+            raise BundleError(f"{wheels}: backend {backend} needs a wheel for {line!r}{seen}: "
+                              f"pip wheel --wheel-dir {wheels} '{line}'")
+
+
+def _requirements(args: argparse.Namespace) -> int:
+    for line in BACKEND_REQUIREMENTS[args.backend]:
+        print(line)
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -52,6 +94,8 @@ def _build(args: argparse.Namespace) -> int:
         manifest = build_manifest(args.payload, args.version, args.kind, args.base_version)
         if not manifest.files:
             raise BundleError(f"{args.payload} holds no files")
+        if manifest.kind == "full":
+            check_backend_wheels(args.payload / "wheels", args.backend)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_bundle(args.payload, manifest, load_private_key(args.key), args.out)
     except (BundleError, OSError, ValueError) as exc:
@@ -80,7 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="models bundles: only apply on top of this release")
     build.add_argument("--key", type=Path, required=True, help="private signing key (PEM)")
     build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--backend", choices=sorted(BACKEND_REQUIREMENTS), default="onnxruntime",
+                       help="the devices' models.backend: full bundles for tensorrt must carry "
+                       f"a {CUDA_PYTHON_REQUIREMENT} wheel (JetPack 6 is CUDA 12)")
     build.set_defaults(func=_build)
+    reqs = sub.add_parser("requirements",
+                          help="print the extra requirements a backend's wheels/ must hold")
+    reqs.add_argument("--backend", choices=sorted(BACKEND_REQUIREMENTS), required=True)
+    reqs.set_defaults(func=_requirements)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

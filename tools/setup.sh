@@ -33,7 +33,19 @@ if [ ! -f "$stamp" ]; then
   # tensorrt-stubs declares TensorRT itself as a dependency, which cannot be fetched here:
   # install the stubs alone for mypy.
   .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs>=10.0" >&2
+  # pysparkplug (Sparkplug B payloads and topics) pins paho-mqtt<2 for a client the node does not
+  # use: installed alone, beside paho-mqtt 2.
+  .venv/bin/python -m pip install -q --no-deps "pysparkplug==0.6.*" >&2
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+# node-opcua, the independent OPC UA client of the interop tests (skipped without Node.js):
+# about 15 s and 33 MB; again only when its lock file changes.
+js=tests/interop/opcua
+js_stamp=$js/node_modules/.installed-$(sha256sum "$js/package-lock.json" | cut -c1-16)
+if command -v npm >/dev/null 2>&1 && [ ! -f "$js_stamp" ]; then
+  echo "setup: installing node-opcua for the OPC UA interop tests" >&2
+  (cd "$js" && npm ci --omit=dev --no-audit --no-fund --loglevel=error >&2)
+  touch "$js_stamp"
 fi
 echo "$here/.venv/bin/python"

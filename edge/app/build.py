@@ -9,11 +9,12 @@ they take to load.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.app.cameras import open_cameras
+from edge.app.channels import controller_channels, watch_node
 from edge.audit.store import SnapshotStore
 from edge.capture.source import FrameSource
 from edge.catalogue import Catalogue, load_catalogue
@@ -24,6 +25,7 @@ from edge.infer.inspector import ItemInspector
 from edge.infer.reload import ModelRejectedError
 from edge.perception.cameras import Cameras
 from edge.pipeline.node import STALL_AFTER_S, Node, NodeHooks
+from edge.pipeline.routing import VerdictChannel
 from edge.sim.conveyor import SyntheticConveyor
 
 #: Told what start-up is doing: a step begins, or a gallery bank is re-embedded (the service
@@ -52,13 +54,15 @@ def build_node(cfg: Config, clock: Clock, *, outbox_path: Path | None = None,
                hooks: NodeHooks | None = None, snapshots: SnapshotStore | None = None,
                on_progress: Progress | None = None, golden_test: bool = True,
                belt_start_delay_ms: float = 0.0, wrap_source: SourceWrapper | None = None,
-               stall_after_s: float = STALL_AFTER_S) -> BuiltNode:
+               stall_after_s: float = STALL_AFTER_S,
+               channels: Sequence[VerdictChannel] | None = None) -> BuiltNode:
     """Load and test the models, open the cameras and wire the node.
 
     Raises `ModelRejectedError` when the models miss their golden scores (`golden_test`:
     on for every node that inspects real items). The synthetic belt starts moving
     `belt_start_delay_ms` from now unless the config fixes its start. `snapshots` is
-    started and closed by the caller.
+    started and closed by the caller; `channels` (other ways verdicts reach the controller
+    side; default: those the config enables) are started and stopped with the node.
     """
     progress = on_progress or _ignore
     catalogue = load_catalogue()
@@ -86,6 +90,9 @@ def build_node(cfg: Config, clock: Clock, *, outbox_path: Path | None = None,
     state.mkdir(parents=True, exist_ok=True)
     outbox = outbox_path or state / "outbox.sqlite"
     outbox.parent.mkdir(parents=True, exist_ok=True)
+    if channels is None:
+        channels = controller_channels(cfg, clock)
     node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=outbox, hooks=hooks,
-                snapshots=snapshots, stall_after_s=stall_after_s)
+                snapshots=snapshots, stall_after_s=stall_after_s, channels=channels)
+    watch_node(node)
     return BuiltNode(node, cameras, catalogue, world)

@@ -50,6 +50,7 @@ class DemoOptions:
     quiet: bool = False
     http_port: int | None = None  # serve /metrics and the live page on 127.0.0.1 (0: any port)
     snapshots_dir: Path | None = None  # keep the audit snapshots here (default: temporary)
+    opcua_port: int | None = None  # serve OPC UA on 127.0.0.1:PORT, no security, anonymous
 
 
 @dataclass(slots=True)
@@ -81,6 +82,11 @@ def demo_config(base: Config, opts: DemoOptions, broker_url: str, state_dir: Pat
     return dataclasses.replace(
         base, synthetic=syn,
         mqtt=dataclasses.replace(base.mqtt, url=broker_url),
+        # Every result shown as it comes: a client that only watches (UaExpert) acknowledges
+        # nothing, and the handshake would count each result missed.
+        opcua=base.opcua if opts.opcua_port is None else dataclasses.replace(
+            base.opcua, enabled=True, bind="127.0.0.1", port=opts.opcua_port,
+            security=("none",), allow_anonymous=True, handshake=False),
         storage=dataclasses.replace(base.storage, state_dir=state_dir),
         models=dataclasses.replace(base.models, gallery_dir=state_dir / "gallery",
                                    engine_cache=state_dir / "engines"))
@@ -132,7 +138,11 @@ def summarize(node: Node, controller: ControllerSimulator, world: SyntheticConve
         "items_announced": len(controller.announced),
         "items_seen": seen,
         "unannounced_items": stats.unannounced,
-        "verdicts_published": controller.verdict_count(),
+        # The node's own delivery accounting, and what the reference consumer received:
+        # equal unless the broker lost verdicts it had acknowledged.
+        "verdicts_published": node.publisher.metrics().published,
+        "verdicts_acked": node.publisher.metrics().acked,
+        "verdicts_received_by_controller": controller.verdict_count(),
         "actuation_verdicts": len(actuations),
         "decisions": decisions,
         "reasons": reasons,
@@ -226,8 +236,29 @@ class LiveView:
             return
         timings = " ".join(f"{k}={v:.1f}ms" for k, v in stage_timings(node).items())
         with self._lock:
-            print(f"[{elapsed_s:5.1f}s] {node.summary_line()} | {timings}", file=self._out,
-                  flush=True)
+            print(f"[{elapsed_s:5.1f}s] {node.summary_line()}{_opcua_status(node)} | {timings}",
+                  file=self._out, flush=True)
+
+
+def _opcua_status(node: Node) -> str:
+    """' opcua_clients=N' when the node serves OPC UA (asyncua imported only then)."""
+    if not node.cfg.opcua.enabled:
+        return ""
+    from edge.publish.opcua.channel import OpcUaChannel
+    clients = sum(c.clients for c in node.channels if isinstance(c, OpcUaChannel))
+    return f" opcua_clients={clients}"
+
+
+def _announce_opcua(node: Node, out: TextIO) -> None:
+    """Say where OPC UA clients connect, once the server listens (a few seconds)."""
+    if not node.cfg.opcua.enabled:
+        return
+    from edge.publish.opcua.channel import OpcUaChannel
+    for channel in (c for c in node.channels if isinstance(c, OpcUaChannel)):
+        ok = channel.wait_ready(30.0)
+        print(f"OPC UA: {channel.endpoint_url} (no security, anonymous, no handshake; "
+              f"namespace {channel.cfg.namespace_uri})" if ok else
+              f"OPC UA server failed: {channel.failed}", file=out, flush=True)
 
 
 def run_demo(base: Config, opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, object]:
@@ -235,6 +266,8 @@ def run_demo(base: Config, opts: DemoOptions, out: TextIO = sys.stdout) -> dict[
 
     if opts.seconds <= 0:
         raise ConfigError("--seconds", opts.seconds, "a positive number of seconds")
+    if opts.opcua_port is not None and not 1 <= opts.opcua_port <= 65535:
+        raise ConfigError("--opcua-port", opts.opcua_port, "a TCP port, 1 to 65535")
     with tempfile.TemporaryDirectory(prefix="cv-demo-") as tmp:
         state = Path(tmp)
         broker = None if opts.broker else MosquittoBroker(state / "broker")
@@ -262,7 +295,7 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
     if world is None:
         raise ConfigError("cameras", None, "the demo needs synthetic cameras")
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
-    controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
+    controller = ControllerSimulator(cfg.mqtt.urls[0], topics, clock,
                                      world.due_announcements,
                                      on_verdict=view.verdict)
     belt = cfg.belt
@@ -278,6 +311,7 @@ def _run(cfg: Config, opts: DemoOptions, state: Path, out: TextIO) -> dict[str, 
     try:
         if not node.publisher.wait_connected(10.0):
             raise RuntimeError(f"no MQTT connection to {cfg.mqtt.url}")
+        _announce_opcua(node, out)
         controller.start()
         # The first items are inducted only once the controller can announce them.
         world.start_ms = max(world.start_ms, clock.now_ms() + 100.0)

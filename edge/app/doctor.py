@@ -108,18 +108,24 @@ def _connected_serials() -> set[str]:
 
 
 def _broker(cfg: Config, timeout_s: float) -> list[Finding]:
-    try:  # the node's own reading of the URL: what it refuses, the check refuses
-        address = parse_url(cfg.mqtt.url)
-    except BrokerConfigError as exc:
-        return [Finding("broker", False, str(exc), "fix mqtt.url")]
-    host, port = address.host, address.port
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        return [Finding("broker", False, f"{host}:{port}: {exc}",
-                        "start the broker or fix mqtt.url; check firewall and TLS port")]
-    return [Finding("broker", True, f"{host}:{port} accepts connections")]
+    """Every configured broker (a failover list: each of them) accepts connections."""
+    out = []
+    for url in cfg.mqtt.urls:
+        try:  # the node's own reading of the URL: what it refuses, the check refuses
+            address = parse_url(url)
+        except BrokerConfigError as exc:
+            out.append(Finding("broker", False, str(exc), "fix mqtt.url"))
+            continue
+        host, port = address.host, address.port
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                pass
+        except OSError as exc:
+            out.append(Finding("broker", False, f"{host}:{port}: {exc}",
+                               "start the broker or fix mqtt.url; check firewall and TLS port"))
+            continue
+        out.append(Finding("broker", True, f"{host}:{port} accepts connections"))
+    return out
 
 
 def run_checks(cfg: Config, *, broker_timeout_s: float = 5.0, out: TextIO = sys.stdout) -> int:

@@ -201,21 +201,29 @@ class NodeService:
 
     def _wait_ready(self, node: Node, stop: threading.Event) -> None:
         """Until the broker is connected and every camera has delivered a frame or given up.
-        A camera that gave up does not hold READY back (the others inspect; the status and
-        health say which failed); when every camera gave up, the node fails, so that
-        systemd restarts it and tries the cameras anew."""
+        READY means: every required camera (`cameras[].required`) streams. A required camera
+        that gave up, or every camera giving up, fails the start, so that systemd restarts
+        the node and tries the cameras anew; an optional camera that gave up does not hold
+        READY back (the node reports itself degraded)."""
+        required = {c.id for c in self.cfg.cameras if c.required}
         while not stop.is_set():
             states = node.camera_states()
             waiting = [cid for cid, state in states.items() if state == "waiting"]
             if node.publisher.connected and not waiting:
                 failed = {cid: state for cid, state in states.items() if state != "streaming"}
+                missing = {cid: state for cid, state in failed.items() if cid in required}
                 if len(failed) == len(states):
-                    raise SourceError("no camera streams: " + "; ".join(
-                        f"{cid} {state}" for cid, state in failed.items()))
+                    raise SourceError("no camera streams: " + _listed(failed))
+                if missing:
+                    raise SourceError("required camera not streaming: " + _listed(missing))
                 if failed:
-                    log.error("ready_without_cameras", failed=failed)
+                    log.error("ready_without_optional_cameras", failed=failed)
                 return
             self.notifier.extend_timeout(STARTUP_STEP_USEC, "waiting for " + ", ".join(
                 what for what, ok in (("broker", node.publisher.connected),
                                       ("cameras " + ", ".join(waiting), not waiting)) if not ok))
             stop.wait(0.2)
+
+
+def _listed(states: Mapping[str, str]) -> str:
+    return "; ".join(f"{cid} {state}" for cid, state in states.items())

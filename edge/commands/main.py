@@ -18,6 +18,8 @@ _COMMAND_GROUPS = (
     ("edge.commands.models", "add_model_commands"),
     ("edge.commands.update", "add_update_commands"),
     ("edge.commands.snapshots", "add_snapshot_commands"),
+    ("edge.commands.opcua", "add_opcua_commands"),
+    ("edge.commands.fleet", "add_fleet_commands"),
 )
 
 

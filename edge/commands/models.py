@@ -23,7 +23,7 @@ from edge.infer.fit import ScoreTable, fit_fusion, fit_thresholds, thresholds_to
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import golden_path, golden_scores, load_golden, stage_expectations
 from edge.infer.inspector import DAMAGE, EMBEDDING, ItemInspector, embedding_identity
-from edge.infer.int8 import calibration_batches, int8_acceptance
+from edge.infer.int8 import Int8Sets, int8_acceptance, int8_sets
 from edge.infer.manifest import (
     Manifest,
     ManifestError,
@@ -202,17 +202,24 @@ def _write_fit(manifest: Manifest, raw: dict[str, Any], expected: dict[str, np.n
 
 def _engines(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if args.action == "build" and cfg.models.backend == "onnxruntime":
+        # The engines unit runs this before every start; the node Requires= it to succeed.
+        _emit("edge-node: nothing to build for ONNX Runtime (models.backend: onnxruntime); "
+              "engines are TensorRT plans")
+        return 0
     manifest = load_manifest(cfg.models.manifest)
-    cache = EngineCache(args.cache or cfg.models.engine_cache,
+    cache = EngineCache(args.cache or cfg.models.engine_cache, dla_core=cfg.models.dla_core,
                         progress=lambda msg: _emit(f"  {msg}", err=True))
     rows = []
-    calibration = None
-    if args.action == "build" and "int8" in args.precision:
-        calibration = calibration_batches(manifest)
+    sets = None
+    if args.action == "build":
+        _ = cache.builder  # no TensorRT or cuda-python: say so before minutes of preparation
+        if "int8" in args.precision:
+            sets = int8_sets(manifest)
     for spec in manifest.models.values():
         for precision in args.precision:
             if args.action == "build":
-                _build(cache, spec, precision, calibration, cfg.models.max_batch)
+                _build(cache, spec, precision, sets, cfg.models)
             st = cache.verify(spec, precision) if args.action == "verify" else cache.status(
                 spec, precision)
             rows.append({"model": spec.name, "precision": precision, "state": st.state,
@@ -232,17 +239,23 @@ class _Stderr(io.TextIOBase):
         return sys.stderr.isatty()
 
 
-def _build(cache: Any, spec: Any, precision: str, calibration: Any, max_batch: int) -> None:
-    if precision == "fp16" or calibration is None:
+def _open_plan(models: ModelsConfig) -> Any:
+    def open_plan(spec: Any, plan: Path) -> Any:
+        from edge.infer.tensorrt import TensorRTBackend  # imports TensorRT: only where it runs
+
+        return TensorRTBackend(spec, plan, max_batch=models.max_batch, dla_core=models.dla_core)
+    return open_plan
+
+
+def _build(cache: Any, spec: Any, precision: str, sets: Int8Sets | None,
+           models: ModelsConfig) -> None:
+    if precision == "fp16" or sets is None:
         cache.ensure(spec, precision)
         return
-    from edge.infer.tensorrt import TensorRTBackend  # imports TensorRT: only where it runs
-
     fp16 = cache.ensure(spec, "fp16")  # the reference INT8 must match
-    batches = calibration[spec.name]
-    accept = int8_acceptance(spec, fp16, batches,
-                             lambda s, p: TensorRTBackend(s, p, max_batch=max_batch))
-    cache.ensure(spec, "int8", calibration=batches, accept=accept)
+    # Judged on held-out inputs, never on the ones it was calibrated on.
+    accept = int8_acceptance(spec, fp16, sets.check[spec.name], _open_plan(models))
+    cache.ensure(spec, "int8", calibration=sets.calibration[spec.name], accept=accept)
 
 
 def _guarded(func: Any, log_level: str = "warning") -> Any:

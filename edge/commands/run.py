@@ -17,6 +17,7 @@ from edge.app.doctor import run_checks
 from edge.app.service import NodeService
 from edge.config import Config, load_config
 from edge.logs import configure_logging
+from edge.publish.connection import load_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,8 @@ def add_node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                       help="serve /metrics and the live page on 127.0.0.1:PORT (0: any port)")
     demo.add_argument("--snapshots-dir", type=Path, default=None,
                       help="keep the audit snapshots here (default: deleted after the run)")
+    demo.add_argument("--opcua-port", type=int, default=None,
+                      help="serve OPC UA on opc.tcp://127.0.0.1:PORT (no security, anonymous)")
     demo.set_defaults(handler=_demo)
 
     check = sub.add_parser("check", help="doctor: config, calibration, models, cameras, broker")
@@ -61,7 +64,8 @@ def _demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(seconds=args.seconds, items_per_second=args.items_per_second,
                        seed=args.seed, broker=args.broker, summary_json=args.summary_json,
                        damage_rate=args.damage_rate, quiet=args.quiet,
-                       http_port=args.http_port, snapshots_dir=args.snapshots_dir)
+                       http_port=args.http_port, snapshots_dir=args.snapshots_dir,
+                       opcua_port=args.opcua_port)
     run_demo(cfg, opts)
     return 0
 
@@ -116,6 +120,11 @@ def _take_no_lock(_sig: int, _frame: FrameType | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    # Refused now (a ConfigError: exit 2), not after the models and cameras have loaded.
+    load_credentials(cfg.mqtt)
+    if cfg.opcua.enabled:  # imported only then, as asyncua takes a while to import
+        from edge.publish.opcua.security import load_users
+        load_users(cfg.opcua)
     _logging(cfg)
     signals = _Signals()
     signals.install()

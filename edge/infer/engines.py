@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import structlog
@@ -35,6 +36,28 @@ from edge.infer.plans import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+def tensorrt_module() -> ModuleType:
+    """`edge.infer.tensorrt`, or BackendError in one line naming what is missing: the
+    `tensorrt` package or what it needs."""
+    try:
+        import edge.infer.tensorrt as module  # imports TensorRT itself
+    except ImportError as exc:
+        detail = " ".join(str(exc).split())  # one line
+        if exc.name is not None and not exc.name.startswith("tensorrt"):
+            raise BackendError(f"the TensorRT backend cannot be imported: {detail}") from None
+        raise BackendError(f"TensorRT is not installed here (Python package `tensorrt`: "
+                           f"{detail}); engines are built and run only on a machine with "
+                           f"TensorRT and a CUDA GPU (JetPack 6)") from None
+    return module
+
+
+def tensorrt_builder() -> EngineBuilder:
+    """The TensorRT builder, or BackendError in one line naming what is missing: the
+    `tensorrt` package, `cuda-python`, or a TensorRT this node supports."""
+    builder: EngineBuilder = tensorrt_module().TensorRTBuilder()  # BackendError: see there
+    return builder
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +85,7 @@ class EngineCache:
     @property
     def builder(self) -> EngineBuilder:
         if self._builder is None:
-            try:
-                from edge.infer.tensorrt import TensorRTBuilder  # imports TensorRT itself
-            except ImportError as exc:
-                raise BackendError(f"TensorRT is not installed here ({exc}); engines can only "
-                                   "be built on a machine with TensorRT and a CUDA GPU") from None
-            self._builder = TensorRTBuilder()
+            self._builder = tensorrt_builder()
         return self._builder
 
     def plan_path(self, model: str, precision: str) -> Path:

@@ -262,6 +262,24 @@ class ItemInspector:
         for camera_id, color in colors.items():
             self.learn_views(product_id, camera_id, [color])
 
+    def judge_views(self, colors: Sequence[np.ndarray]) -> tuple[Tensor, list[float]]:
+        """Patch features (N, C, H, W) of BGR crops and the classifier's damage score of each
+        on its own (no depth, no gallery), under the lock that inference holds: for views
+        that come from elsewhere (the site's shared gallery)."""
+        patches, scores = [], []
+        step = self.cfg.max_batch
+        with self._lock:
+            for start in range(0, len(colors), step):
+                chunk = colors[start:start + step]
+                if len(chunk) > len(self._depth):
+                    self._allocate(len(chunk))
+                p, trunk = self.embed(chunk)
+                self._depth[:len(chunk)] = 0.0  # as for a crop without depth
+                dmg = self.damage.run({"trunk": trunk, "depth": self._depth[:len(chunk)]})
+                patches.append(p)
+                scores += [float(row[0]) for row in dmg["probs"]]
+        return np.concatenate(patches), scores
+
     def infer(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
         """Scores for each record, batching up to `max_batch` items per model call."""
         out: list[ItemInference] = []

@@ -3,12 +3,14 @@
 The calibration inputs are the shipped reference views and golden items,
 preprocessed exactly as at run time (the damage model's `trunk` input comes
 from the embedding model on ONNX Runtime). An INT8 plan is accepted only if
-its outputs on the golden items stay within a tolerance of the FP16 plan's.
+its outputs on held-out golden items and views (disjoint from the calibration
+set: `int8_sets`) stay within a tolerance of the FP16 plan's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,28 +26,55 @@ log = structlog.get_logger(__name__)
 
 #: Largest output difference INT8 may show against FP16, relative to the output's range.
 INT8_TOLERANCE = 0.05
+#: Every CHECK_EVERY-th golden item (both its views) and shipped reference view is held out
+#: of calibration for the acceptance check; the rest calibrate.
+CHECK_EVERY = 3
 Batches = list[dict[str, Tensor]]
 
 
-def calibration_batches(manifest: Manifest, batch: int = 8) -> dict[str, Batches]:
-    """Model inputs for calibration, per model name, in batches of `batch`."""
+@dataclass(frozen=True, slots=True)
+class Int8Sets:
+    """Per model name: batches to calibrate on, and disjoint batches to check INT8 against FP16."""
+
+    calibration: dict[str, Batches]
+    check: dict[str, Batches]
+
+
+def _batched(arrays: Mapping[str, np.ndarray], keep: np.ndarray, batch: int) -> Batches:
+    picked = {k: v[keep] for k, v in arrays.items()}
+    n = int(keep.sum())
+    return [{k: v[i:i + batch] for k, v in picked.items()} for i in range(0, n, batch)]
+
+
+def int8_sets(manifest: Manifest, batch: int = 8) -> Int8Sets:
+    """Model inputs for calibration and for the acceptance check, in batches of `batch`.
+
+    Split deterministically and disjointly: golden item i (both its views) and reference
+    view k go to the check when i (k) % CHECK_EVERY == CHECK_EVERY - 1, else to calibration;
+    a plan is never judged on the inputs it was calibrated on."""
     size = int(manifest.model(EMBEDDING).preprocessing.get("size", 128))
     scale = float(manifest.model(DAMAGE).preprocessing.get("height_scale_mm", 200.0))
     golden = load_golden(manifest.path.parent / str(manifest.golden["file"]))
-    crops = [c for r in golden.records for c in r.crops.values()]
-    colors = [c.color for c in crops] + [img for _, _, img in golden.references]
+    crops = [(i, c) for i, r in enumerate(golden.records) for c in r.crops.values()]
+    held = np.array([i % CHECK_EVERY == CHECK_EVERY - 1 for i, _ in crops], bool)
+    ref_held = np.array([k % CHECK_EVERY == CHECK_EVERY - 1
+                         for k in range(len(golden.references))], bool)
+    colors = [c.color for _, c in crops] + [img for _, _, img in golden.references]
     rgb = np.zeros((len(colors), 3, size, size), np.float32)
     for i, color in enumerate(colors):
         rgb_channels(color, size, rgb[i])
     depth = np.zeros((len(crops), 3, size, size), np.float32)
-    for i, crop in enumerate(crops):
+    for i, (_, crop) in enumerate(crops):
         depth_channels(crop, size, scale, depth[i])
     trunk = OnnxRuntimeBackend(manifest.model(EMBEDDING)).run({"rgb": rgb[:len(crops)]})["trunk"]
-    return {
-        EMBEDDING: [{"rgb": rgb[i:i + batch]} for i in range(0, len(rgb), batch)],
-        DAMAGE: [{"trunk": trunk[i:i + batch], "depth": depth[i:i + batch]}
-                 for i in range(0, len(crops), batch)],
-    }
+    color_held = np.concatenate([held, ref_held])
+    embedding = {"rgb": rgb}
+    damage = {"trunk": trunk, "depth": depth}
+    return Int8Sets(
+        calibration={EMBEDDING: _batched(embedding, ~color_held, batch),
+                     DAMAGE: _batched(damage, ~held, batch)},
+        check={EMBEDDING: _batched(embedding, color_held, batch),
+               DAMAGE: _batched(damage, held, batch)})
 
 
 def output_disagreement(a: Backend, b: Backend, batches: Sequence[Mapping[str, Tensor]]) -> float:

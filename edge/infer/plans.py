@@ -21,6 +21,33 @@ PRECISIONS = ("fp16", "int8")
 
 DEFAULT_PROFILE = (1, 8, TENSORRT_MAX_BATCH)  # min, opt, max batch
 
+#: What the TensorRT backend supports, at the least. JetPack 5.1 (TensorRT 8.5/8.6) ships
+#: Python 3.8, older than the node's `requires-python` (>= 3.10): it cannot run the node.
+SUPPORTED_PLATFORMS = ("JetPack 6.x: TensorRT 8.6 on 6.0, 10.3 on 6.1/6.2; CUDA 12; Python 3.10 "
+                       "(JetPack 5.1 cannot run the node: Python 3.8)")
+#: The oldest TensorRT the builder and backend accept (JetPack 6.0's).
+TENSORRT_MIN_VERSION = (8, 6)
+#: cuda-python for the CUDA major of JetPack 6; the `tensorrt` extra and TensorRT release
+#: bundles (tools/make_bundle.py --backend tensorrt) carry it.
+CUDA_PYTHON_REQUIREMENT = "cuda-python>=12,<13"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor, ...) of a version string like '10.3.0.30' (digits up to the first other
+    character per part)."""
+    parts = []
+    for part in version.split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineKey:
     onnx_sha256: str

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from edge.config import ModelsConfig
 from edge.infer.backend import Backend, BackendError
-from edge.infer.engines import EngineCache
+from edge.infer.engines import EngineCache, tensorrt_module
 from edge.infer.manifest import ModelSpec
 from edge.infer.onnxruntime import OnnxRuntimeBackend
 
@@ -21,8 +21,10 @@ def open_backend(spec: ModelSpec, cfg: ModelsConfig) -> Backend:
         return OnnxRuntimeBackend(spec, intra_op_threads=cfg.intra_op_threads,
                                   providers=[*cfg.onnx_providers, "CPUExecutionProvider"])
     if cfg.backend == "tensorrt":
-        from edge.infer.tensorrt import TensorRTBackend  # imports TensorRT itself
-
-        plan = EngineCache(cfg.engine_cache).plan_for(spec, cfg.tensorrt_precision)
-        return TensorRTBackend(spec, plan, max_batch=cfg.max_batch)
+        tensorrt = tensorrt_module()  # BackendError in one line where TensorRT is missing
+        plan = EngineCache(cfg.engine_cache, dla_core=cfg.dla_core).plan_for(
+            spec, cfg.tensorrt_precision)
+        backend: Backend = tensorrt.TensorRTBackend(spec, plan, max_batch=cfg.max_batch,
+                                                    dla_core=cfg.dla_core)
+        return backend
     raise BackendError(f"backend {cfg.backend!r} is unknown; expected one of {BACKENDS}")

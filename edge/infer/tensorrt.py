@@ -1,8 +1,21 @@
-"""TensorRT 10 backend: a deserialized plan run with cuda-python streams.
+"""TensorRT backend and builder: plans built from ONNX, run with cuda-python streams.
+
+Supported: JetPack 6.x (TensorRT 8.6 on 6.0, 10.3 on 6.1/6.2; CUDA 12 with
+`cuda-python>=12,<13`; Python 3.10), i.e. TensorRT 8.6 and 10.x (`SUPPORTED_PLATFORMS`);
+an older TensorRT is refused. JetPack 5.1 cannot run the node at all (Python 3.8).
+Only APIs both 8.6 and 10 have are used: `build_serialized_network`,
+`set_memory_pool_limit`, the named-tensor API (`num_io_tensors`, `get_tensor_name`,
+`set_input_shape`, `set_tensor_address`, `execute_async_v3`; TensorRT >= 8.5),
+`IInt8EntropyCalibrator2` and the DLA settings. The one difference is the network:
+TensorRT 8.x needs the EXPLICIT_BATCH creation flag (its default, implicit batch, is
+refused by the ONNX parser); TensorRT 10 has only explicit batch and deprecates the flag
+(`network_flags`).
 
 TensorRT and a CUDA GPU are needed (a Jetson or a dGPU host); neither can be
 installed on the development machines, so this module is type-checked
-against `tensorrt-stubs` and its tests run only where `tensorrt` imports.
+against `tensorrt-stubs` and tested against fake `tensorrt` modules modelling the
+8.6 and 10 APIs (tests/infer/test_tensorrt_api.py); the real-engine tests run only
+where `tensorrt` imports.
 
 Each of two slots owns an execution context, a CUDA stream, device buffers
 and pinned host buffers sized for `max_batch`. `submit` copies a batch in,
@@ -29,12 +42,23 @@ import structlog
 import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
 
 if not hasattr(trt, "Runtime"):  # the stubs alone leave an empty `tensorrt` namespace package
-    raise ImportError("TensorRT is not installed (only its type stubs are)")
+    raise ImportError("only its type stubs are installed", name="tensorrt")
 
 from edge.durable import write_atomic
 from edge.infer.backend import BackendError, Tensor
 from edge.infer.manifest import ModelSpec, verify_io
-from edge.infer.plans import EngineKey, Environment, Progress, read_l4t
+from edge.infer.plans import (
+    CUDA_PYTHON_REQUIREMENT,
+    SUPPORTED_PLATFORMS,
+    TENSORRT_MIN_VERSION,
+    EngineKey,
+    Environment,
+    Progress,
+    read_l4t,
+    version_tuple,
+)
+
+__all__ = ["SUPPORTED_PLATFORMS", "TensorRTBackend", "TensorRTBuilder", "network_flags"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,11 +67,38 @@ _DTYPES: dict[Any, str] = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "fl
 
 
 def _cudart() -> Any:
+    """cuda-python's runtime module; BackendError (one line) where cuda-python is missing."""
     try:
         from cuda.bindings import runtime as cudart
-    except ImportError:  # cuda-python < 12.6 layout
-        from cuda import cudart
+    except ImportError:
+        try:  # cuda-python < 12.6 layout
+            from cuda import cudart
+        except ImportError:
+            raise BackendError(f"cuda-python is not installed here (the TensorRT backend needs "
+                               f"the Python package {CUDA_PYTHON_REQUIREMENT!r}, in the `tensorrt` "
+                               f"extra and in TensorRT release bundles)") from None
     return cudart
+
+
+def _require_supported() -> None:
+    """Refuse a TensorRT older than TENSORRT_MIN_VERSION (one line naming it)."""
+    version = str(getattr(trt, "__version__", "unknown"))
+    if version_tuple(version)[:2] < TENSORRT_MIN_VERSION:
+        lowest = ".".join(map(str, TENSORRT_MIN_VERSION))
+        raise BackendError(f"TensorRT {version} is too old: the node needs TensorRT >= {lowest} "
+                           f"({SUPPORTED_PLATFORMS})")
+
+
+def network_flags() -> int:
+    """`Builder.create_network` flags for an explicit-batch network (the ONNX parser's only kind).
+
+    TensorRT 8.x makes an implicit-batch network from 0, so it needs EXPLICIT_BATCH; in
+    TensorRT 10 every network is explicit batch and EXPLICIT_BATCH is deprecated and ignored:
+    0 there (also where a build lacks the flag)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    if flag is None or version_tuple(str(trt.__version__))[:1] >= (10,):
+        return 0
+    return 1 << int(flag)
 
 
 def _check(result: Any) -> Any:
@@ -129,12 +180,16 @@ class _Slot:
 class TensorRTBackend:
     """A TensorRT plan built from the manifest's ONNX (see `edge.infer.engines`)."""
 
-    def __init__(self, spec: ModelSpec, plan: Path, *, max_batch: int = 8, slots: int = 2) -> None:
+    def __init__(self, spec: ModelSpec, plan: Path, *, max_batch: int = 8, slots: int = 2,
+                 dla_core: int | None = None) -> None:
+        _require_supported()
         self._spec = spec
         self._max_batch = max_batch
         self._cudart = _cudart()
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
+        if dla_core is not None:  # the core a DLA plan runs on is the runtime's
+            runtime.DLA_core = dla_core
         engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise BackendError(f"{plan}: TensorRT cannot deserialize this plan (corrupt, or "
@@ -191,29 +246,43 @@ class TensorRTBackend:
 
 
 class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]  # base untyped: see import
-    """Feeds a synthetic calibration set to TensorRT; reads/writes the calibration cache."""
+    """Feeds a calibration set to TensorRT; reads/writes the calibration cache.
+
+    TensorRT reads every input of a calibration batch in the shape of the calibration
+    profile (`TensorRTBuilder.build` sets it to `batch_size` items), whatever `get_batch`
+    copied: every batch must be exactly `batch_size` items. The set is re-cut into batches
+    of the largest batch given, device buffers sized for that, and a short last batch is
+    padded with items from the start of the set (real inputs: zeros or stale items from the
+    previous batch would skew the activation histograms).
+    """
 
     def __init__(self, batches: Sequence[Mapping[str, Tensor]], cache: Path, cudart: Any) -> None:
         super().__init__()
-        self._batches = list(batches)
+        if not batches:
+            raise BackendError("INT8 needs a calibration set")
+        names = list(batches[0])
+        self._items = {n: np.ascontiguousarray(np.concatenate([b[n] for b in batches]),
+                                               dtype=np.float32) for n in names}
+        self._count = len(self._items[names[0]])
+        self.batch_size = max(len(b[names[0]]) for b in batches)
         self._cache = cache
         self._cudart = cudart
-        self._i = 0
-        first = self._batches[0]
-        self._size = len(next(iter(first.values())))
-        self._device = {k: int(_check(cudart.cudaMalloc(v.nbytes))) for k, v in first.items()}
+        self._start = 0
+        self._device: dict[str, int] = {}
+        for name, items in self._items.items():
+            self._device[name] = int(_check(cudart.cudaMalloc(self.batch_size * items[0].nbytes)))
 
     def get_batch_size(self) -> int:
-        return self._size
+        return self.batch_size
 
     def get_batch(self, names: list[str]) -> list[int] | None:
-        if self._i >= len(self._batches):
+        if self._start >= self._count:
             return None
-        batch = self._batches[self._i]
-        self._i += 1
+        take = [(self._start + i) % self._count for i in range(self.batch_size)]
+        self._start += self.batch_size
         h2d = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         for name in names:
-            arr = np.ascontiguousarray(batch[name], dtype=np.float32)
+            arr = np.ascontiguousarray(self._items[name][take])
             _check(self._cudart.cudaMemcpy(self._device[name], arr.ctypes.data, arr.nbytes, h2d))
         return [self._device[n] for n in names]
 
@@ -223,11 +292,17 @@ class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]  # base un
     def write_calibration_cache(self, cache: Any) -> None:
         write_atomic(self._cache, bytes(cache))
 
+    def close(self) -> None:
+        for ptr in self._device.values():
+            self._cudart.cudaFree(ptr)
+        self._device = {}
+
 
 class TensorRTBuilder:
-    """Builds plans with the TensorRT 10 builder API (used by `EngineCache`)."""
+    """Builds plans with the builder API TensorRT 8.6 and 10 share (used by `EngineCache`)."""
 
     def __init__(self) -> None:
+        _require_supported()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._cudart = _cudart()
 
@@ -239,33 +314,50 @@ class TensorRTBuilder:
               calibration: Sequence[Mapping[str, Tensor]] | None,
               calibration_cache: Path | None) -> None:
         builder = trt.Builder(self._logger)
-        network = builder.create_network(0)
+        network = builder.create_network(network_flags())
         parser = trt.OnnxParser(network, self._logger)
         progress("parsing ONNX")
         if not parser.parse(onnx.read_bytes()):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise BackendError(f"{onnx}: TensorRT cannot parse it: {'; '.join(errors)}")
+        inputs = [(t.name, tuple(int(d) for d in t.shape)[1:])
+                  for t in (network.get_input(i) for i in range(network.num_inputs))]
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
         config.set_flag(trt.BuilderFlag.FP16)
-        if key.precision == "int8":
-            if not calibration or calibration_cache is None:
-                raise BackendError("INT8 needs a calibration set")
-            config.set_flag(trt.BuilderFlag.INT8)
-            config.int8_calibrator = _Calibrator(calibration, calibration_cache, self._cudart)
         if key.dla_core is not None:
+            cores = int(builder.num_DLA_cores)
+            if not 0 <= key.dla_core < cores:
+                raise BackendError(f"models.dla_core is {key.dla_core} but this device has "
+                                   f"{cores} DLA core(s)")
             config.default_device_type = trt.DeviceType.DLA
             config.DLA_core = key.dla_core
             config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
         profile = builder.create_optimization_profile()
         lo, opt, hi = key.profile
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            item = tuple(tensor.shape)[1:]
-            profile.set_shape(tensor.name, (lo, *item), (opt, *item), (hi, *item))
+        for name, item in inputs:
+            profile.set_shape(name, (lo, *item), (opt, *item), (hi, *item))
         config.add_optimization_profile(profile)
-        progress(f"building {key.precision} engine (minutes on a Jetson)")
-        serialized = builder.build_serialized_network(network, config)
+        calibrator = None
+        if key.precision == "int8":
+            if not calibration or calibration_cache is None:
+                raise BackendError("INT8 needs a calibration set")
+            calibrator = _Calibrator(calibration, calibration_cache, self._cudart)
+        try:
+            if calibrator is not None:
+                config.set_flag(trt.BuilderFlag.INT8)
+                config.int8_calibrator = calibrator
+                # TensorRT calibrates in the calibration profile's shapes: one full batch.
+                n = calibrator.batch_size
+                calib = builder.create_optimization_profile()
+                for name, item in inputs:
+                    calib.set_shape(name, (n, *item), (n, *item), (n, *item))
+                config.set_calibration_profile(calib)
+            progress(f"building {key.precision} engine (minutes on a Jetson)")
+            serialized = builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                calibrator.close()  # its device buffers
         if serialized is None:
             raise BackendError(f"{onnx}: TensorRT engine build failed (see its log)")
         write_atomic(out, bytes(serialized))  # EngineCache renames it into place

@@ -1,6 +1,13 @@
 """Learning from the controller's feedback: labels for the audit trail, and a changed
 packaging's look taught to the reference gallery.
 
+The gallery is what the anomaly model calls pristine, so it must not be taught damage: a
+`packaging_changed` item's views are learned only when the item's own damage score was under
+the damage threshold, its product is the one announced, and its product has not had more
+than `gallery_learn_per_hour` views learned in the last hour. Otherwise they are held for
+review: an event on `…/events` and a note on the item's snapshot (`edge-node snapshots
+list --held`), never learned.
+
 Feedback arrives on the MQTT client's network thread, which also hands over PUBACKs: the
 embedding and the bank file written for a `packaging_changed` run on a thread of their own.
 """
@@ -8,15 +15,17 @@ embedding and the bank file written for a `packaging_changed` run on a thread of
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 
 from edge.audit.store import SnapshotStore
 from edge.infer.inspector import ItemInspector
-from edge.types import Feedback, ItemRecord, U8Array
+from edge.types import Feedback, ItemRecord, U8Array, Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +36,19 @@ RECENT_ITEMS = 256
 
 #: Publishes an event on `…/events`: (kind, body).
 PublishEvent = Callable[[str, Mapping[str, object]], object]
+#: What a snapshot's feedback note starts with when its views were held for review.
+HELD_NOTE = "held for review: "
+#: Told of each item's views once the gallery learned them: (product ID, crop per camera).
+OnLearned = Callable[[str, Mapping[str, U8Array]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RecentItem:
+    """What feedback may need of a decided item: its views and how the models judged it."""
+
+    product_id: str | None
+    views: dict[str, U8Array]  # colour crop per camera
+    damage: float | None  # the classifier's score; None: not scored (fail-safe)
 
 
 class RecentViews:
@@ -38,19 +60,20 @@ class RecentViews:
 
     def __init__(self, capacity: int = RECENT_ITEMS) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[str | None, dict[str, U8Array]]] = OrderedDict()
+        self._items: OrderedDict[str, RecentItem] = OrderedDict()
         self._lock = threading.Lock()
 
-    def remember(self, record: ItemRecord) -> None:
+    def remember(self, record: ItemRecord, verdict: Verdict) -> None:
         views = {cam: crop.color for cam, crop in record.crops.items()}
+        damage = None if verdict.scores is None else verdict.scores.damage
         with self._lock:
-            self._items[record.item_id] = (record.product_id, views)
+            self._items[record.item_id] = RecentItem(record.product_id, views, damage)
             self._items.move_to_end(record.item_id)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def get(self, item_id: str) -> tuple[str | None, dict[str, U8Array]] | None:
-        """(product ID as decided, colour crop per camera), or None if it was forgotten."""
+    def get(self, item_id: str) -> RecentItem | None:
+        """The item as decided, or None if it was forgotten."""
         with self._lock:
             return self._items.get(item_id)
 
@@ -60,35 +83,96 @@ class RecentViews:
 
     def nbytes(self) -> int:
         with self._lock:
-            return sum(c.nbytes for _, views in self._items.values() for c in views.values())
+            return sum(c.nbytes for item in self._items.values() for c in item.views.values())
 
 
 class FeedbackLearner:
     """Takes each feedback message: labels its snapshot, and teaches the gallery an item's
-    views when the packaging of its product changed."""
+    views when the packaging of its product changed and the item passes the checks above."""
 
     def __init__(self, inspector: ItemInspector, recent: RecentViews,
-                 snapshots: SnapshotStore | None, publish_event: PublishEvent) -> None:
+                 snapshots: SnapshotStore | None, publish_event: PublishEvent, *,
+                 damage_threshold: Callable[[], float], learn_per_hour: int,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_learned: OnLearned | None = None) -> None:
         self._inspector = inspector
         self._recent = recent
         self._snapshots = snapshots
         self._publish_event = publish_event
+        self._damage_threshold = damage_threshold
+        self._learn_per_hour = learn_per_hour
+        self._clock = clock
+        self._learned: dict[str, deque[float]] = {}  # product -> when views were learned
+        self._lock = threading.Lock()
+        self.held = 0
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cv-learn")
+        #: told of what was learned, on the learning thread (the site's shared gallery; set by
+        #: the composition root before the node starts)
+        self.on_learned = on_learned
+
+    def damage_threshold(self) -> float:
+        """The damage threshold in use, under which an item's views may be learned."""
+        return self._damage_threshold()
 
     def on_feedback(self, feedback: Feedback) -> None:
         log.info("feedback", item_id=feedback.item_id, kind=feedback.kind)
+        note = feedback.note
+        if feedback.kind == "packaging_changed":
+            held = self._packaging_changed(feedback)
+            if held is not None:
+                note = HELD_NOTE + held + (f" ({note})" if note else "")
         if self._snapshots is not None:
             self._snapshots.label(feedback.item_id, feedback.kind,
-                                  received_ms=feedback.received_ms, note=feedback.note)
-        if feedback.kind != "packaging_changed":
-            return
+                                  received_ms=feedback.received_ms, note=note)
+
+    def _packaging_changed(self, feedback: Feedback) -> str | None:
+        """Learn the item's views (off this thread), or say why they are held."""
         recent = self._recent.get(feedback.item_id)
-        product = feedback.product_id or (recent[0] if recent else None)
-        if recent is None or product is None:
+        if recent is None:
             self._publish_event("feedback_ignored", {
                 "item_id": feedback.item_id, "why": "item not among recent items"})
-            return
-        self._learner.submit(self._learn, product, feedback.item_id, recent[1])
+            return None
+        product = feedback.product_id or recent.product_id
+        why = self._why_held(feedback, recent, product)
+        if why is not None or product is None:
+            why = why or "the item has no product to learn it for"
+            with self._lock:
+                self.held += 1
+            log.warning("gallery_learning_held", item_id=feedback.item_id, product_id=product,
+                        why=why)
+            self._publish_event("feedback_held", {
+                "item_id": feedback.item_id, "product_id": product, "why": why})
+            return why
+        self._learner.submit(self._learn, product, feedback.item_id, recent.views)
+        return None
+
+    def _why_held(self, feedback: Feedback, recent: RecentItem, product: str | None
+                  ) -> str | None:
+        if (feedback.product_id is not None and recent.product_id is not None
+                and feedback.product_id != recent.product_id):
+            return (f"feedback names product {feedback.product_id}, the item was announced "
+                    f"as {recent.product_id}")
+        threshold = self._damage_threshold()
+        if recent.damage is None:
+            return "the models did not score the item (fail-safe verdict)"
+        if recent.damage >= threshold:
+            return (f"the item's own damage score {recent.damage:.3f} is at or above the "
+                    f"damage threshold {threshold:.3f}")
+        if product is not None and not self._take_learning_slot(product):
+            return (f"{self._learn_per_hour} views of product {product} were already learned "
+                    "in the last hour")
+        return None
+
+    def _take_learning_slot(self, product: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            times = self._learned.setdefault(product, deque())
+            while times and now - times[0] > 3600.0:
+                times.popleft()
+            if len(times) >= self._learn_per_hour:
+                return False
+            times.append(now)
+            return True
 
     def _learn(self, product: str, item_id: str, views: Mapping[str, U8Array]) -> None:
         try:
@@ -97,6 +181,11 @@ class FeedbackLearner:
             log.exception("gallery_learn_failed", product_id=product, item_id=item_id)
             return
         log.info("gallery_learned", product_id=product, item_id=item_id)
+        if self.on_learned is not None:
+            try:
+                self.on_learned(product, views)
+            except Exception:  # the gallery learned it: only the telling failed
+                log.exception("gallery_learned_hook_failed", product_id=product, item_id=item_id)
 
     def close(self) -> None:
         """Learn what was already taken in, then stop."""

@@ -30,6 +30,8 @@ class CameraSnapshot:
     skewed: int = 0
     buffers_allocated: int = 0
     fps: float = 0.0
+    #: the node needs it (`cameras[].required`) and it is not streaming
+    required_missing: bool = False
 
 
 class RecentRate:
@@ -61,11 +63,15 @@ class NodeSnapshot:
     """Numbers the stages keep, read at scrape time."""
 
     cameras: Mapping[str, CameraSnapshot] = field(default_factory=dict)
+    node_id: str = ""
+    line_id: str = ""
+    version: str = ""
     queue_depth: Mapping[str, int] = field(default_factory=dict)
     queue_drops: Mapping[str, int] = field(default_factory=dict)
     stage_steps: Mapping[str, int] = field(default_factory=dict)
     stage_errors: Mapping[str, int] = field(default_factory=dict)
     stage_stalled_s: Mapping[str, float] = field(default_factory=dict)
+    stage_failing_s: Mapping[str, float] = field(default_factory=dict)
     items: Mapping[str, int] = field(default_factory=dict)  # admitted, passed, sidelined, ...
     verdicts_by_decision: Mapping[str, int] = field(default_factory=dict)
     verdicts_by_reason: Mapping[str, int] = field(default_factory=dict)
@@ -113,6 +119,12 @@ def _camera_families(s: NodeSnapshot) -> Iterator[Metric]:
     for cam, snap in s.cameras.items():
         fps.add_metric([cam], snap.fps)
     yield fps
+    missing = GaugeMetricFamily(
+        "cv_camera_required_missing", "A required camera is not streaming (1): the node is "
+        "degraded", labels=["camera"])
+    for cam, snap in s.cameras.items():
+        missing.add_metric([cam], 1.0 if snap.required_missing else 0.0)
+    yield missing
     unmatched = CounterMetricFamily(
         "cv_sync_unmatched_frames", "Frames that went out without a partner from every camera")
     unmatched.add_metric([], s.unmatched_frames)
@@ -161,13 +173,17 @@ def _stage_families(s: NodeSnapshot) -> Iterator[Metric]:
     errors = CounterMetricFamily("cv_stage_errors", "Steps that raised", labels=["stage"])
     stalled = GaugeMetricFamily("cv_stage_seconds_since_progress", "Seconds since progress",
                                 labels=["stage"])
+    failing = GaugeMetricFamily("cv_stage_failing_seconds", "Seconds for which every step "
+                                "with work has raised (0: not failing)", labels=["stage"])
     for stage, n in s.stage_steps.items():
         steps.add_metric([stage], n)
         errors.add_metric([stage], s.stage_errors.get(stage, 0))
         stalled.add_metric([stage], s.stage_stalled_s.get(stage, 0.0))
+        failing.add_metric([stage], s.stage_failing_s.get(stage, 0.0))
     yield steps
     yield errors
     yield stalled
+    yield failing
 
 
 def _item_families(s: NodeSnapshot) -> Iterator[Metric]:
@@ -210,6 +226,11 @@ def _item_families(s: NodeSnapshot) -> Iterator[Metric]:
     for model, version in s.model_versions.items():
         models.add_metric([model, version], 1.0)
     yield models
+    if s.node_id:  # joins a scrape target to its line in site dashboards
+        info = GaugeMetricFamily("cv_node_info", "This node: its ID, line and release",
+                                 labels=["node_id", "line_id", "version"])
+        info.add_metric([s.node_id, s.line_id, s.version], 1.0)
+        yield info
 
 
 #: What happened to verdicts on their way to the broker (`cv_mqtt_verdicts{outcome}`).
@@ -227,6 +248,8 @@ def _mqtt_families(m: Mapping[str, int]) -> Iterator[Metric]:
     yield verdicts
     yield CounterMetricFamily("cv_mqtt_reconnects", "Connections to the broker after a loss",
                               value=m.get("reconnects", 0))
+    yield CounterMetricFamily("cv_mqtt_failovers", "Moves to the next broker of mqtt.url's "
+                              "failover list", value=m.get("failovers", 0))
     yield CounterMetricFamily("cv_mqtt_connect_failures", "Connection attempts that failed",
                               value=m.get("connect_failures", 0))
 

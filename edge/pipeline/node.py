@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from edge.perception.segmentation_workers import SegmentationWorkers
 from edge.perception.tracking import ItemTracker
 from edge.pipeline.feedback import FeedbackLearner, RecentViews
 from edge.pipeline.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot, RecentRate
-from edge.pipeline.routing import Admission, Completion
+from edge.pipeline.routing import Admission, Broadcast, Completion, VerdictChannel
 from edge.pipeline.stage_thread import BoundedQueue, StageThread
 from edge.pipeline.stages import (
     CaptureStage,
@@ -79,7 +79,8 @@ class Node:
     def __init__(self, cfg: Config, clock: Clock, cameras: Cameras, inspector: ItemInspector,
                  catalogue: Catalogue, *, outbox_path: Path, hooks: NodeHooks | None = None,
                  stall_after_s: float = STALL_AFTER_S,
-                 snapshots: SnapshotStore | None = None) -> None:
+                 snapshots: SnapshotStore | None = None,
+                 channels: Sequence[VerdictChannel] = ()) -> None:
         # The stages and the item-finding processes are the parallelism: OpenCV's own thread
         # pool on top of them oversubscribes the cores (BENCHMARKS.md).
         cv2.setNumThreads(1)
@@ -95,8 +96,11 @@ class Node:
         self.recent = RecentViews()
         self.snapshots = snapshots  # audit snapshots (started and closed by the owner)
         self._build_publisher(outbox_path)
+        #: other ways verdicts reach the controller side (OPC UA, Sparkplug B)
+        self.channels = tuple(channels)
         self.scheduler = DeadlineScheduler(
-            self.publisher, cfg.decision, clock, cfg.belt.safety_margin_ms,
+            Broadcast(self.publisher, self.channels), cfg.decision, clock,
+            cfg.belt.safety_margin_ms,
             threshold_version=policy.thresholds.version,
             model_versions=inspector.model_versions())
         self.frames_q: BoundedQueue[Frame] = BoundedQueue("frames", 4 * len(cameras.sources))
@@ -138,8 +142,13 @@ class Node:
         def admit(announcement: Announcement) -> None:
             self.admission(announcement)
 
-        self.feedback = FeedbackLearner(self.inspector, self.recent, self.snapshots,
-                                        publish_event)
+        def damage_threshold() -> float:  # the thresholds in use (a reload replaces them)
+            return self.policy.thresholds.components.get("damage", 0.5)
+
+        self.feedback = FeedbackLearner(
+            self.inspector, self.recent, self.snapshots, publish_event,
+            damage_threshold=damage_threshold,
+            learn_per_hour=self.cfg.models.gallery_learn_per_hour)
         self.publisher = VerdictPublisher(
             self.cfg.mqtt, self.cfg.node, outbox_path, self.clock, admit,
             self.feedback.on_feedback, self._on_acked, known_products=self.catalogue.ids(),
@@ -193,6 +202,8 @@ class Node:
         if self.item_stage.workers is not None:
             self._capture_depth_into(self.item_stage.workers)
         self.publisher.start()
+        for channel in self.channels:
+            channel.start()
         self.scheduler.start()
         observe = self.metrics.observe_stage
         self._threads = [StageThread(f"capture-{cid}", st.step, self.stop_event, observe)
@@ -241,6 +252,8 @@ class Node:
         self.scheduler.stop()
         self.feedback.close()  # feedback already taken in is learned
         left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
+        for channel in self.channels:
+            channel.stop(timeout_s / 4)
         if self.heap_trimmer is not None:
             self.heap_trimmer.stop()
         log.info("node_stopped", fail_safe_on_shutdown=drained, outbox_left=left)
@@ -301,9 +314,17 @@ class Node:
     # --- health -----------------------------------------------------------------------------
 
     def stalled_stages(self) -> list[str]:
-        """Stages that died or made no progress for `stall_after_s`."""
+        """Stages that died, made no progress for `stall_after_s`, or whose every step with
+        work raised for that long (`failing_stages`): the watchdog stops being pinged and the
+        update's health gate fails."""
+        failing = set(self.failing_stages())
         return [t.name for t in self._threads
-                if not t.alive or t.stalled_for_s() > self.stall_after_s]
+                if not t.alive or t.stalled_for_s() > self.stall_after_s or t.name in failing]
+
+    def failing_stages(self) -> list[str]:
+        """Stages whose every step with work has raised for longer than `stall_after_s`."""
+        return [t.name for t in self._threads
+                if t.stats.failing_for_s(self.stall_after_s) > self.stall_after_s]
 
     def camera_states(self) -> dict[str, str]:
         """Per camera: "streaming", "waiting" (no frame yet) or "failed: why" (gave up)."""
@@ -311,15 +332,31 @@ class Node:
                 ("streaming" if c.last_frame_ms is not None else "waiting")
                 for cid, c in self.captures.items()}
 
+    def degraded(self) -> list[str]:
+        """What the node runs without that it should have: required cameras not streaming
+        (`cameras[].required`). Empty: nothing."""
+        return [f"camera {cid} {state}" for cid, state in self._required_missing().items()]
+
+    def _required_missing(self) -> dict[str, str]:
+        required = {c.id for c in self.cfg.cameras if c.required}
+        return {cid: state for cid, state in self.camera_states().items()
+                if cid in required and state != "streaming"}
+
     def health(self) -> dict[str, object]:
         stats = self.scheduler.stats()
         return {
             "stalled_stages": self.stalled_stages(),
+            "failing_stages": self.failing_stages(),
+            "degraded": self.degraded(),
             "cameras": self.camera_states(),
             "broker_connected": self.publisher.connected,
             "outbox_depth": self.publisher.outbox_depth,
             "in_flight": stats.in_flight,
             "deadline_misses": stats.deadline_misses,
+            "verdicts_1h": stats.verdicts_1h,
+            "sideline_rate_1h": stats.sideline_rate_1h,
+            "fail_safe_rate_1h": stats.fail_safe_rate_1h,
+            "last_verdict_ms": stats.last_verdict_ms,
         }
 
     def summary_line(self) -> str:
@@ -329,9 +366,11 @@ class Node:
                 f"failsafe={s.fail_safe} inflight={s.in_flight} misses={s.deadline_misses} "
                 f"outbox={self.publisher.outbox_depth} "
                 f"broker={'up' if self.publisher.connected else 'down'}"
-                + (f" STALLED={','.join(stalled)}" if stalled else ""))
+                + (f" STALLED={','.join(stalled)}" if stalled else "")
+                + (" DEGRADED" if self.degraded() else ""))
 
     def snapshot(self) -> NodeSnapshot:
+        missing = self._required_missing()
         cams = {cid: CameraSnapshot(
             frames=c.source.counters.frames_received,
             dropped=c.source.counters.frames_dropped,
@@ -339,17 +378,21 @@ class Node:
             reconnects=c.source.counters.reconnects,
             skewed=c.source.counters.skewed_frames,
             buffers_allocated=c.source.counters.buffers_allocated,
-            fps=self._camera_fps(cid, c.source.counters.frames_received))
+            fps=self._camera_fps(cid, c.source.counters.frames_received),
+            required_missing=cid in missing)
             for cid, c in self.captures.items()}
         s = self.scheduler.stats()
         pub = self.publisher.metrics()
         return NodeSnapshot(
-            cameras=cams,
+            cameras=cams, node_id=self.cfg.node.node_id, line_id=self.cfg.node.line_id,
+            version=__version__,
             queue_depth={q.name: q.depth() for q in self._queues()},
             queue_drops={q.name: q.dropped for q in self._queues()},
             stage_steps={t.name: t.stats.steps for t in self._threads},
             stage_errors={t.name: t.stats.errors for t in self._threads},
             stage_stalled_s={t.name: t.stalled_for_s() for t in self._threads},
+            stage_failing_s={t.name: t.stats.failing_for_s(self.stall_after_s)
+                             for t in self._threads},
             items={"admitted": s.admitted, "passed": s.passed, "sidelined": s.sidelined,
                    "fail_safe": s.fail_safe, "in_flight": s.in_flight},
             verdicts_by_decision=dict(s.by_decision),
@@ -368,6 +411,7 @@ class Node:
                   "dropped_actionable": pub.dropped_actionable,
                   "unpersisted": pub.outbox_unpersisted,
                   "acks_not_recorded": pub.acks_not_recorded, "reconnects": pub.reconnects,
+                  "failovers": pub.failovers,
                   "connect_failures": pub.connect_failures},
             item_workers=self._item_worker_counters(),
         )

@@ -4,19 +4,60 @@
 divert deadline) and to the induct associator (which ties the physical item to it).
 `Completion` takes each decided item from the inference stage to everything that needs it:
 latency metrics, the recent views kept for feedback, the audit snapshots, the observers, and
-finally the scheduler, which publishes the verdict.
+finally the scheduler, which publishes the verdict. `Broadcast` is what the scheduler
+publishes through: the MQTT publisher (whose outbox numbers each verdict), then every other
+channel to the controller side (OPC UA, Sparkplug B), which must never hold the verdict up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import structlog
 
 from edge.audit.store import SnapshotStore
 from edge.perception.induct import InductAssociator
 from edge.pipeline.feedback import RecentViews
 from edge.pipeline.stages import Decided
-from edge.types import Announcement
-from edge.verdicts.deadlines import DeadlineScheduler
+from edge.types import Announcement, Verdict
+from edge.verdicts.deadlines import DeadlineScheduler, VerdictSink
+
+log = structlog.get_logger(__name__)
+
+
+class VerdictChannel(Protocol):
+    """Another way verdicts reach the controller side, beside MQTT (OPC UA, Sparkplug B).
+
+    `offer` is called on the scheduler's hot path for every verdict (fail-safe, late and
+    shutdown ones included) with the outbox's `seq`: it must return at once (a bounded queue,
+    drops counted), never block on a client. Started after, and stopped after, the MQTT
+    publisher, so that verdicts given out while stopping reach it too.
+    """
+
+    def offer(self, verdict: Verdict, seq: int) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float = 5.0) -> None: ...
+
+
+class Broadcast:
+    """The scheduler's sink: MQTT first (durable, numbered), then every other channel."""
+
+    def __init__(self, primary: VerdictSink, channels: Sequence[VerdictChannel]) -> None:
+        self._primary = primary
+        self.channels = tuple(channels)
+
+    def publish_verdict(self, verdict: Verdict) -> int:
+        seq = self._primary.publish_verdict(verdict)
+        for channel in self.channels:
+            try:
+                channel.offer(verdict, seq)
+            except Exception:  # a broken channel costs its own copy, never the MQTT verdict
+                log.exception("verdict_channel_failed", channel=type(channel).__name__,
+                              item_id=verdict.item_id)
+        return seq
 
 
 class Admission:
@@ -49,7 +90,7 @@ class Completion:
         verdict = decided.verdict
         if verdict.captured_ms is not None:
             self._observe_latency_s(max(0.0, verdict.decided_ms - verdict.captured_ms) / 1000.0)
-        self._recent.remember(decided.record)
+        self._recent.remember(decided.record, verdict)
         if self._snapshots is not None:  # assigns the ID; files are written off this thread
             verdict = self._snapshots.offer(decided.record, verdict)
             decided = Decided(decided.record, verdict)

@@ -93,16 +93,40 @@ class StageStats:
     last_progress_mono: float = field(default_factory=time.monotonic)
     recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     thread_cpu_s: float = 0.0
+    #: the first and the latest error of the current run of failed steps (None: none since
+    #: the last step that worked)
+    failing_since_mono: float | None = None
+    last_error_mono: float | None = None
 
     def observe(self, seconds: float) -> None:
         self.steps += 1
         self.busy_s += seconds
         self.recent_ms.append(seconds * 1000.0)
         self.last_progress_mono = time.monotonic()
+        self.failing_since_mono = self.last_error_mono = None
 
     def idle(self) -> None:
         """The stage is alive but had nothing to do: that is progress too."""
         self.last_progress_mono = time.monotonic()
+
+    def error(self) -> None:
+        """A step raised: not progress, and the start (or continuation) of a failing run."""
+        self.errors += 1
+        now = time.monotonic()
+        if self.failing_since_mono is None:
+            self.failing_since_mono = now
+        self.last_error_mono = now
+
+    def failing_for_s(self, recent_s: float) -> float:
+        """How long every step that had work has raised, if the latest error is less than
+        `recent_s` old (0: not failing). One bad item on a quiet belt is not a failing
+        stage; steps that raise on every batch for longer than the stall time are."""
+        if self.failing_since_mono is None or self.last_error_mono is None:
+            return 0.0
+        now = time.monotonic()
+        if now - self.last_error_mono > recent_s:
+            return 0.0
+        return now - self.failing_since_mono
 
 
 class StageThread:
@@ -136,10 +160,10 @@ class StageThread:
                 try:
                     worked = self._step()
                 except Exception as exc:  # a bad item must not kill the stage
-                    self.stats.errors += 1
+                    self.stats.error()
                     log.exception("stage_step_failed", stage=self.name, error=str(exc))
-                    worked = False
                     time.sleep(0.05)
+                    continue
                 if worked is not False:
                     dt = time.perf_counter() - t0 if worked is True else float(worked)
                     self.stats.observe(dt)

@@ -4,7 +4,9 @@ Credentials never come from the YAML itself. In order of precedence:
 ``mqtt.credentials_file`` (one line ``username:password``), the environment
 (``CV_MQTT_USERNAME`` / ``CV_MQTT_PASSWORD``), or the systemd credential
 ``$CREDENTIALS_DIRECTORY/mqtt`` (``LoadCredential=mqtt:/etc/…``). The password
-is never logged: `Credentials` hides it from ``repr``.
+is never logged: `Credentials` hides it from ``repr``. Credentials are refused
+(`ConfigError`) over a plain ``mqtt://`` URL to a broker beyond loopback unless
+``mqtt.allow_plaintext_credentials`` (`edge.config.check_mqtt_credentials`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from edge.config import check_mqtt_credentials
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -74,8 +78,20 @@ def _parse_line(text: str, source: str) -> Credentials:
 
 def load_credentials(cfg: MqttConfig, environ: Mapping[str, str] | None = None
                      ) -> Credentials | None:
-    """The broker credentials, or None for an anonymous connection."""
-    env = os.environ if environ is None else environ
+    """The broker credentials, or None for an anonymous connection.
+
+    Raises `ConfigError` (before any connection) when credentials would cross the network
+    in clear text: a plain mqtt:// URL beyond loopback without
+    ``mqtt.allow_plaintext_credentials``. Only here are both the URL and the credentials
+    from the environment or the systemd credential known.
+    """
+    credentials = _find_credentials(cfg, os.environ if environ is None else environ)
+    if credentials is not None:
+        check_mqtt_credentials(cfg, credentials.source)
+    return credentials
+
+
+def _find_credentials(cfg: MqttConfig, env: Mapping[str, str]) -> Credentials | None:
     if cfg.credentials_file is not None:
         try:
             text = Path(cfg.credentials_file).read_text(encoding="utf-8")
@@ -84,7 +100,8 @@ def load_credentials(cfg: MqttConfig, environ: Mapping[str, str] | None = None
                                     f"cannot read ({exc.strerror})") from None
         return _parse_line(text, f"file {cfg.credentials_file}")
     if env.get(ENV_USERNAME):
-        return Credentials(env[ENV_USERNAME], env.get(ENV_PASSWORD, ""), "environment")
+        return Credentials(env[ENV_USERNAME], env.get(ENV_PASSWORD, ""),
+                           f"environment ${ENV_USERNAME}")
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         path = Path(cred_dir) / SYSTEMD_CREDENTIAL

@@ -41,6 +41,7 @@ class PublisherMetrics:
     outbox_unpersisted: int  # verdicts sent although the outbox could not store them
     inputs_received: int
     acks_not_recorded: int = 0  # PUBACKs the outbox could not book (disk): sent again later
+    failovers: int = 0  # moves to the next broker of a failover list
     accepted: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, int] = field(default_factory=dict)
     last_error: str | None = None

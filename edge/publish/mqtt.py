@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from edge import __version__
 from edge.publish.connection import (
+    BrokerAddress,
     describe_connect_error,
     load_credentials,
     parse_url,
@@ -82,7 +83,10 @@ class VerdictPublisher:
         self._node = node_cfg
         self._clock = clock
         self.topics = Topics(mqtt_cfg.topic_prefix, node_cfg.line_id, node_cfg.node_id)
-        self._addr = parse_url(mqtt_cfg.url)
+        # Brokers in the order they are tried: a failover list moves on to the next broker
+        # when one goes away (or never answers); a single one is reconnected to.
+        self._addrs = [parse_url(url) for url in mqtt_cfg.urls]
+        self._broker = 0
         self._credentials = load_credentials(mqtt_cfg, environ)
         self._tls = tls_context(mqtt_cfg.tls) if self._addr.tls else None
         self._versions = {"node": __version__, **(versions or {})}
@@ -99,7 +103,7 @@ class VerdictPublisher:
         self._subscribed = threading.Event()
         self._lock = threading.Lock()  # the counters
         self._counts = dict.fromkeys(("published", "reconnects", "connect_failures", "events",
-                                      "connects"), 0)
+                                      "connects", "failovers"), 0)
         self._delivery = Delivery(self._outbox, clock, lambda: self._client,
                                   lambda: self._protocol == MQTTProtocolVersion.MQTTv5, on_acked)
         self._last_error: str | None = None
@@ -108,6 +112,7 @@ class VerdictPublisher:
         self._connack_seen = False
         # `_stop` is also the "stopping" flag the network loop and `stop()` read.
         self._network = WorkerThread("mqtt-net", self._run_network, stop_event=self._stop)
+        self._final_metrics: PublisherMetrics | None = None
         self._client = self._make_client()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -144,6 +149,7 @@ class VerdictPublisher:
         self._network.stop(5.0)
         self._delivery.stop()
         left = self._outbox.unacked
+        self._final_metrics = self.metrics()  # what a summary reads after the stop
         self._outbox.close()
         log.info("mqtt.stopped", unacked=left)
         return left
@@ -262,6 +268,10 @@ class VerdictPublisher:
             client.connect_async(self._addr.host, self._addr.port, self._cfg.keepalive_s)
         return client
 
+    @property
+    def _addr(self) -> BrokerAddress:
+        return self._addrs[self._broker]
+
     def _run_network(self, _stop: threading.Event) -> None:
         backoff = self.backoff_min_s
         while not self._stop.is_set():
@@ -271,6 +281,7 @@ class VerdictPublisher:
                 self._client.reconnect()
             except Exception as exc:  # OSError, ssl errors, paho's ValueErrors: report, retry
                 self._connect_failed(describe_connect_error(exc, self._cfg))
+                self._fail_over()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
                 continue
@@ -279,8 +290,27 @@ class VerdictPublisher:
             self._connected.clear()
             self._subscribed.clear()
             if not self._stop.is_set():
+                self._fail_over()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _fail_over(self) -> None:
+        """With more than one broker: the next one, on a new client. The verdicts in flight
+        to the old broker are forgotten, so the outbox sends every unacknowledged one again
+        (same seq) to the new broker: none is lost, duplicates carry the seq they had."""
+        if len(self._addrs) < 2 or self._stop.is_set():
+            return
+        old = self._addr
+        self._broker = (self._broker + 1) % len(self._addrs)
+        with self._lock:
+            self._counts["failovers"] += 1
+        log.warning("mqtt.failover", from_broker=f"{old.host}:{old.port}",
+                    to=f"{self._addr.host}:{self._addr.port}")
+
+        def replace() -> None:
+            self._client = self._make_client()
+
+        self._delivery.forget_in_flight(replace)
 
     def _serve_connection(self) -> bool:
         """Run one connection until it drops; True if the broker accepted it."""
@@ -376,6 +406,9 @@ class VerdictPublisher:
         self._gate.handle(msg.topic, bytes(msg.payload))
 
     def metrics(self) -> PublisherMetrics:
+        """The delivery counters; after `stop()`, as they were when it closed the outbox."""
+        if self._final_metrics is not None:
+            return self._final_metrics
         received, accepted, rejected = self._gate.snapshot()
         stats = self._outbox.stats()
         with self._lock:
@@ -391,4 +424,4 @@ class VerdictPublisher:
             dropped_actionable=stats.dropped_actionable,
             outbox_unpersisted=self._outbox.unpersisted, inputs_received=received,
             accepted=accepted, rejected=rejected, last_error=self._last_error,
-            acks_not_recorded=c.get("acks_not_recorded", 0))
+            acks_not_recorded=c.get("acks_not_recorded", 0), failovers=c["failovers"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from edge.types import Announcement
 
 log = structlog.get_logger(__name__)
+
+#: The window of the hourly rates in `DeadlineStats`.
+_HOUR_MS = 3_600_000.0
 
 
 class VerdictSink(Protocol):
@@ -57,6 +60,11 @@ class DeadlineStats:
     publish_errors: int
     by_decision: Mapping[str, int] = field(default_factory=dict)
     by_reason: Mapping[str, int] = field(default_factory=dict)
+    #: actuation verdicts given out in the last hour, and the shares sidelined / fail-safe
+    verdicts_1h: int = 0
+    sideline_rate_1h: float | None = None
+    fail_safe_rate_1h: float | None = None
+    last_verdict_ms: float | None = None  # when the latest actuation verdict went out
 
 
 @dataclass(slots=True)
@@ -88,6 +96,8 @@ class DeadlineScheduler:
         self._counts: Counter[str] = Counter()
         self._by_decision: Counter[str] = Counter()
         self._by_reason: Counter[str] = Counter()
+        # (decided ms, sidelined, fail-safe) of the last hour's actuation verdicts
+        self._hour: deque[tuple[float, bool, bool]] = deque()
         self._wake = threading.Event()
         self._worker: WorkerThread | None = None
         self._closed = False  # drained for shutdown: nothing new is inspected
@@ -237,6 +247,9 @@ class DeadlineScheduler:
 
     def _publish_actuation(self, verdict: Verdict, now: float) -> int | None:
         self._by_decision[verdict.decision.value] += 1
+        self._hour.append((now, verdict.decision == Decision.SIDELINE, verdict.fail_safe))
+        while self._hour and now - self._hour[0][0] > _HOUR_MS:
+            self._hour.popleft()
         for r in verdict.reasons:
             self._by_reason[r.value] += 1
         if now > verdict.deadline_ms:
@@ -267,11 +280,18 @@ class DeadlineScheduler:
             return len(self._items)
 
     def stats(self) -> DeadlineStats:
+        now = self._clock.now_ms()
         with self._lock:
             c = self._counts
+            hour = [h for h in self._hour if now - h[0] <= _HOUR_MS]
+            n = len(hour)
             return DeadlineStats(
                 admitted=c["admitted"], passed=c["passed"], sidelined=c["sidelined"],
                 fail_safe=c["fail_safe"], in_flight=len(self._items), late=c["late"],
                 deadline_misses=c["deadline_misses"], unannounced=c["unannounced"],
                 duplicates=c["duplicates"], publish_errors=c["publish_errors"],
-                by_decision=dict(self._by_decision), by_reason=dict(self._by_reason))
+                by_decision=dict(self._by_decision), by_reason=dict(self._by_reason),
+                verdicts_1h=n,
+                sideline_rate_1h=sum(h[1] for h in hour) / n if n else None,
+                fail_safe_rate_1h=sum(h[2] for h in hour) / n if n else None,
+                last_verdict_ms=self._hour[-1][0] if self._hour else None)

@@ -1,8 +1,15 @@
 // conveyor-vision live page: polls /api/status and refreshes the camera images.
 "use strict";
 
-const token = new URLSearchParams(location.search).get("token");
-const withToken = (url) => token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
+// The token travels in the URL's fragment (#token=…), which the browser never sends to the
+// server, and goes out only in the Authorization header: never in a URL a log could keep.
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+const authorized = token ? {headers: {Authorization: "Bearer " + token}} : {};
+async function getBlobUrl(url) {
+  const res = await fetch(url, {cache: "no-store", ...authorized});
+  if (!res.ok) throw new Error("HTTP " + res.status);
+  return URL.createObjectURL(await res.blob());
+}
 const CAMERA_REFRESH_MS = 250;
 const STATUS_REFRESH_MS = 1000;
 
@@ -34,15 +41,14 @@ function refreshCameras() {
   for (const [id, cam] of cameraImages) {
     if (cam.loading) continue;
     cam.loading = true;
-    const next = new Image();
-    next.onload = () => {
-      cam.img.src = next.src;
+    getBlobUrl("/api/camera/" + encodeURIComponent(id) + ".jpg?t=" + Date.now()).then(src => {
+      const old = cam.img.src;
+      cam.img.src = src;
+      if (old.startsWith("blob:")) URL.revokeObjectURL(old);
       cam.updates += 1;
       cam.img.dataset.updates = String(cam.updates);
       cam.loading = false;
-    };
-    next.onerror = () => { cam.loading = false; };
-    next.src = withToken("/api/camera/" + encodeURIComponent(id) + ".jpg?t=" + Date.now());
+    }, () => { cam.loading = false; });
   }
 }
 
@@ -54,12 +60,15 @@ function renderSidelined(items) {
   const known = new Set([...box.querySelectorAll(".snapshot")].map(n => n.dataset.snapshotId));
   const wanted = items.map(i => i.snapshot_id);
   if (wanted.length === known.size && wanted.every(id => known.has(id))) return;
+  for (const old of box.querySelectorAll("img")) if (old.src.startsWith("blob:")) URL.revokeObjectURL(old.src);
   box.replaceChildren(...items.map(it => {
     const label = it.label ? " · feedback: " + it.label.kind : "";
     const findings = (it.findings || []).map(f => f.type + " " + fmt(f.probability, 2)).join(", ");
+    const img = el("img", {alt: "snapshot of " + it.item_id});
+    const link = el("a", {target: "_blank"}, img);
+    getBlobUrl(it.sheet).then(src => { img.src = src; link.href = src; }, () => {});
     return el("div", {class: "snapshot", "data-snapshot-id": it.snapshot_id, "data-item-id": it.item_id},
-      el("a", {href: withToken(it.sheet), target: "_blank"},
-        el("img", {src: withToken(it.sheet), alt: "snapshot of " + it.item_id})),
+      link,
       el("div", {class: "meta"},
         el("b", {}, it.item_id), " ", it.product_id || "?", " · ", it.reasons.join(", "),
         " · fused ", fmt(it.fused, 3), findings ? " · " + findings : "", label,
@@ -99,7 +108,7 @@ function render(s) {
 
 async function poll() {
   try {
-    const res = await fetch(withToken("/api/status"), {cache: "no-store"});
+    const res = await fetch("/api/status", {cache: "no-store", ...authorized});
     if (res.ok) render(await res.json());
     else document.getElementById("summary").textContent = "status: HTTP " + res.status;
   } catch (e) {

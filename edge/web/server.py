@@ -11,9 +11,12 @@ Routes (GET and HEAD only; everything is read-only):
 * ``/snapshots/<id>/<file>``: a stored snapshot's files.
 
 Bound to loopback by default. Bound anywhere else it refuses to start
-without ``http.token_file``, and then every request must carry the token,
-as ``Authorization: Bearer <token>`` or ``?token=<token>`` (the page passes
-its own ``?token=`` on to the requests it makes).
+without ``http.token_file`` and without HTTPS (``http.tls.cert_file`` and
+``http.tls.key_file``; ``http.allow_plaintext: true`` accepts plain HTTP).
+With a token file every request must carry the token in the header
+``Authorization: Bearer <token>``; a token in the URL is not accepted (URLs end
+up in logs, browser history and proxies). The token is never logged: request
+lines are logged without their query string.
 """
 
 from __future__ import annotations
@@ -22,18 +25,20 @@ import hmac
 import json
 import re
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from edge.config import ConfigError, HttpConfig, check_http_token
+from edge.config import ConfigError, HttpConfig, check_http_tls, check_http_token
 from edge.pipeline.node import Node
 from edge.web.live import LiveFeed, tracks_of
 from edge.web.status import page_status
@@ -46,6 +51,8 @@ _STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript;
 _SNAPSHOT_FILE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".json": "application/json",
           ".npy": "application/octet-stream"}
+#: A query string in a logged request line: cut, it may hold a token.
+_QUERY = re.compile(r"\?[^\s\"']*")
 
 
 def read_token(cfg: HttpConfig) -> str | None:
@@ -60,12 +67,33 @@ def read_token(cfg: HttpConfig) -> str | None:
     return token
 
 
+def server_tls_context(cfg: HttpConfig) -> ssl.SSLContext | None:
+    """The HTTPS context from `http.tls` (None: plain HTTP), refused (ConfigError) where
+    plain HTTP is not allowed or the certificate and key do not load."""
+    check_http_tls(cfg)
+    cert, key = cfg.tls.cert_file, cfg.tls.key_file
+    if cert is None or key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        # an encrypted key fails here instead of prompting on a terminal nobody watches
+        ctx.load_cert_chain(str(cert), str(key), password=lambda: b"")
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("http.tls.cert_file", str(cert),
+                          f"a PEM certificate matching the unencrypted key in http.tls.key_file "
+                          f"({exc})") from None
+    return ctx
+
+
 class HttpServer:
     """The running server; `shutdown()` stops it and joins its thread."""
 
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread,
+                 scheme: str = "http") -> None:
         self._server = server
         self._thread = thread
+        self._scheme = scheme
 
     @property
     def port(self) -> int:
@@ -75,7 +103,7 @@ class HttpServer:
     def url(self) -> str:
         host = str(self._server.server_address[0])
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"{self._scheme}://{host}:{self.port}"
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._server.shutdown()
@@ -106,20 +134,46 @@ def start_http(cfg: HttpConfig, node: Node, *, live: LiveFeed | None = None,
     results per camera (`edge.app.service.BeltMonitor.results`).
     """
     app = _App(cfg, node, live, calibration, read_token(cfg))
+    tls = server_tls_context(cfg)  # before binding: refused configs bind nothing
     handler = type("Handler", (_Handler,), {"app": app})
-    server_class = _HttpServer6 if ":" in cfg.bind else ThreadingHTTPServer
+    server_class = _HttpServer6 if ":" in cfg.bind else _HttpServer
     server = server_class((cfg.bind, cfg.port), handler)
     server.daemon_threads = True
+    server.tls = tls
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True,
                               kwargs={"poll_interval": 0.1})
     thread.start()
-    http = HttpServer(server, thread)
+    http = HttpServer(server, thread, "https" if tls is not None else "http")
     log.info("http_started", url=http.url, live_page=cfg.live_page,
-             token=app.token is not None)
+             token=app.token is not None, tls=tls is not None)
     return http
 
 
-class _HttpServer6(ThreadingHTTPServer):
+class _HttpServer(ThreadingHTTPServer):
+    """The standard server, speaking TLS when `tls` is set."""
+
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        if self.tls is not None:
+            # The handshake runs on the connection's own thread, at its first read (under
+            # the handler's timeout): a slow client does not hold up the accept loop.
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError):
+            # plain HTTP to the HTTPS port, a failed handshake, a client gone or idle
+            log.debug("http_connection_failed", client=client_address[0],
+                      error=type(exc).__name__)
+            return
+        log.warning("http_connection_error", client=client_address[0],
+                    error=type(exc).__name__)
+
+
+class _HttpServer6(_HttpServer):
     """An IPv6 bind address (`::1`, `::`): the standard server speaks IPv4 only."""
 
     address_family = socket.AF_INET6
@@ -134,7 +188,12 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30.0
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http_request", client=self.client_address[0], line=format % args)
+        # Request lines (access log and errors) go without their query string, and the
+        # token itself is masked wherever else a client may have put it.
+        line = _QUERY.sub("?***", format % args)
+        if self.app.token:
+            line = line.replace(self.app.token, "***")
+        log.debug("http_request", client=self.client_address[0], line=line)
 
     def do_HEAD(self) -> None:
         self._dispatch(head=True)
@@ -148,26 +207,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
 
-    def _authorized(self, query: Mapping[str, list[str]]) -> bool:
+    def _authorized(self) -> bool:
+        """The token in `Authorization: Bearer`; never from the URL."""
         token = self.app.token
         if token is None:
             return True
         given = self.headers.get("Authorization", "")
-        offered = given[7:] if given.startswith("Bearer ") else query.get("token", [""])[0]
+        offered = given[7:].strip() if given.startswith("Bearer ") else ""
         return hmac.compare_digest(offered.encode(), token.encode())
 
     def _dispatch(self, head: bool) -> None:
-        url = urlsplit(self.path)
-        if not self._authorized(parse_qs(url.query)):
-            self._send(HTTPStatus.UNAUTHORIZED, b"token required\n", "text/plain", head,
-                       extra={"WWW-Authenticate": "Bearer"})
+        # Only the path is kept: the query string may carry a token (an old page, a habit)
+        # that must not reach an error log, nor its traceback's locals.
+        path = urlsplit(self.path).path
+        # The page's own files hold no data: a browser loads them without a header, and the
+        # page then sends the token with every request for data.
+        if not self._authorized() and not _is_page_asset(path):
+            self._send(HTTPStatus.UNAUTHORIZED, b"token required (Authorization: Bearer)\n",
+                       "text/plain", head, extra={"WWW-Authenticate": "Bearer"})
             return
         try:
-            self._route(url.path, head)
+            self._route(path, head)
         except BrokenPipeError:
             pass
         except Exception:
-            log.exception("http_error", path=url.path)
+            log.exception("http_error", path=path)
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n", "text/plain", head)
 
     def _route(self, path: str, head: bool) -> None:
@@ -245,3 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+
+def _is_page_asset(path: str) -> bool:
+    """The live page's HTML, script and style sheet (no node data in them)."""
+    return path in ("/", "/index.html") or (
+        path.startswith("/static/") and path[len("/static/"):] in _STATIC)

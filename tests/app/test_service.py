@@ -3,6 +3,7 @@ check at start-up and after."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -68,10 +69,29 @@ def test_ready_waits_for_a_camera_that_is_still_coming_up_and_says_so(tmp_path: 
         sock.close()
 
 
-def test_a_camera_that_gave_up_does_not_hold_ready_back_for_ever(tmp_path: Path) -> None:
-    """It used to: the unit stayed "activating" (the timeout extended every 0.2 s), so systemd
-    never restarted it and the update gate rolled back a good release. The others inspect."""
+def _optional(service: NodeService, camera_id: str) -> None:
+    cams = tuple(dataclasses.replace(c, required=c.id != camera_id) for c in service.cfg.cameras)
+    service.cfg = dataclasses.replace(service.cfg, cameras=cams)
+
+
+def test_a_required_camera_that_gave_up_fails_the_start_so_systemd_tries_again(
+        tmp_path: Path) -> None:
+    """READY means every required camera streams: one that gave up fails the start (systemd
+    restarts the node and tries the camera anew) instead of a READY line that misses a view."""
     service, sock = _service(tmp_path)
+    node = _Node({"top": "streaming", "angled": "failed: camera angled is gone"})
+    with pytest.raises(SourceError, match="required camera not streaming: angled failed"):
+        service._wait_ready(node, threading.Event())  # type: ignore[arg-type]
+    sock.close()
+
+
+def test_an_optional_camera_that_gave_up_does_not_hold_ready_back_for_ever(
+        tmp_path: Path) -> None:
+    """`required: false`: the unit does not stay "activating" for a view the line may run
+    without (the timeout used to be extended every 0.2 s, so systemd never restarted it and
+    the update gate rolled back a good release). The others inspect."""
+    service, sock = _service(tmp_path)
+    _optional(service, "angled")
     node = _Node({"top": "streaming", "angled": "failed: camera angled is gone"})
     done = threading.Event()
 

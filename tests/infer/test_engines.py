@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge.infer.backend import BackendError, Tensor
@@ -167,8 +168,6 @@ def test_without_tensorrt_the_cache_explains_itself(tmp_path: Path, spec: ModelS
                     "(no CUDA GPU); real engine builds run on a Jetson / GPU CI runner")
 def test_real_tensorrt_build_and_run_matches_onnxruntime(tmp_path: Path) -> None:
     """On a TensorRT host: build the shipped damage model and compare with ONNX Runtime."""
-    import numpy as np
-
     from edge.config import DEFAULT_MANIFEST
     from edge.infer.manifest import load_manifest
     from edge.infer.onnxruntime import OnnxRuntimeBackend
@@ -187,19 +186,78 @@ def test_real_tensorrt_build_and_run_matches_onnxruntime(tmp_path: Path) -> None
 def test_int8_calibration_set_and_acceptance_against_fp16(tmp_path: Path) -> None:
     """Calibration inputs come from the shipped golden set; INT8 within tolerance is accepted."""
     from edge.config import DEFAULT_MANIFEST
-    from edge.infer.int8 import calibration_batches, int8_acceptance
+    from edge.infer.int8 import int8_acceptance, int8_sets
     from edge.infer.manifest import load_manifest
     from edge.infer.onnxruntime import OnnxRuntimeBackend
 
     manifest = load_manifest(DEFAULT_MANIFEST)
-    batches = calibration_batches(manifest, batch=8)
-    assert batches["damage"][0]["trunk"].shape[1:] == (80, 8, 8)
-    assert batches["embedding"][0]["rgb"].shape[1:] == (3, 128, 128)
+    sets = int8_sets(manifest, batch=8)
+    assert sets.calibration["damage"][0]["trunk"].shape[1:] == (80, 8, 8)
+    assert sets.calibration["embedding"][0]["rgb"].shape[1:] == (3, 128, 128)
     spec = manifest.model("damage")
     # Stand-ins for plans: ONNX Runtime on the same model agrees with itself.
-    accept = int8_acceptance(spec, spec.path, batches["damage"][:1],
+    accept = int8_acceptance(spec, spec.path, sets.check["damage"][:1],
                              lambda s, _p: OnnxRuntimeBackend(s))
     assert accept(spec.path)
-    reject = int8_acceptance(spec, spec.path, batches["damage"][:1],
+    reject = int8_acceptance(spec, spec.path, sets.check["damage"][:1],
                              lambda s, _p: OnnxRuntimeBackend(s), tolerance=-1.0)
     assert not reject(spec.path)
+
+
+def _rows(batches: Sequence[Mapping[str, Tensor]], name: str) -> list[bytes]:
+    return [row.tobytes() for b in batches for row in b[name]]
+
+
+def test_int8_calibration_and_check_sets_are_disjoint_and_deterministic() -> None:
+    """The INT8 acceptance check never sees an input calibration used: the golden items and
+    reference views are split disjointly, the same way every time, nothing left out."""
+    from edge.config import DEFAULT_MANIFEST
+    from edge.infer.golden import load_golden
+    from edge.infer.int8 import int8_sets
+    from edge.infer.manifest import load_manifest
+
+    manifest = load_manifest(DEFAULT_MANIFEST)
+    sets, again = int8_sets(manifest, batch=8), int8_sets(manifest, batch=8)
+    golden = load_golden(manifest.path.parent / str(manifest.golden["file"]))
+    crops = sum(len(r.crops) for r in golden.records)
+    for model, name, total in (("embedding", "rgb", crops + len(golden.references)),
+                               ("damage", "depth", crops), ("damage", "trunk", crops)):
+        calib, check = _rows(sets.calibration[model], name), _rows(sets.check[model], name)
+        assert calib
+        assert check
+        assert not set(calib) & set(check)
+        assert len(calib) + len(check) == total
+        assert calib == _rows(again.calibration[model], name)
+        assert check == _rows(again.check[model], name)
+    assert all(len(b["rgb"]) <= 8 for b in sets.calibration["embedding"])
+
+
+def test_int8_build_calibrates_on_one_set_and_accepts_on_the_other(
+        monkeypatch: pytest.MonkeyPatch, spec: ModelSpec) -> None:
+    """`engines build --precision int8` passes the calibration split to the build and the
+    held-out split to the golden check against FP16."""
+    from edge.commands import models as commands
+    from edge.config import ModelsConfig
+    from edge.infer.int8 import Int8Sets
+
+    calib = [{"x": np.zeros((2, 3), np.float32)}]
+    check = [{"x": np.ones((2, 3), np.float32)}]
+    sets = Int8Sets(calibration={"damage": calib}, check={"damage": check})
+    judged: list[object] = []
+
+    def acceptance(_spec: object, _fp16: object, batches: object, _open: object) -> object:
+        judged.append(batches)
+        return lambda _p: True
+
+    monkeypatch.setattr(commands, "int8_acceptance", acceptance)
+    calls: list[tuple[str, object]] = []
+
+    class Cache:
+        def ensure(self, _spec: object, precision: str, *, calibration: object = None,
+                   accept: object = None) -> Path:
+            calls.append((precision, calibration))
+            return Path("fp16.plan")
+
+    commands._build(Cache(), spec, "int8", sets, ModelsConfig())
+    assert calls == [("fp16", None), ("int8", calib)]
+    assert judged == [check]

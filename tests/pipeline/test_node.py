@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,16 +25,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge.app.build import build_node
 from edge.app.demo import DemoOptions, run_demo
+from edge.app.systemd import WatchdogPinger
 from edge.catalogue import load_catalogue
 from edge.clock import WallClock
 from edge.config import Config, config_to_mapping, load_config
+from edge.health_file import HealthFile
 from edge.pipeline.feedback import RecentViews
 from edge.pipeline.node import Node
 from edge.publish.broker import MosquittoBroker
 from edge.publish.topics import Topics
 from edge.sim.controller import ControllerSimulator
 from edge.sim.conveyor import SyntheticConveyor
-from edge.types import ItemCrop, ItemRecord, Reason
+from edge.types import Decision, ItemCrop, ItemRecord, Reason, Scores, Verdict
+from edge.update.health import HealthFileProbe
 from tests.engines_helpers import engines_that_miss_their_golden_scores
 from tests.publish.helpers import Collector, wait_until
 
@@ -190,23 +194,36 @@ def _record(item_id: str, product: str | None, size: int = 96) -> ItemRecord:
                       centre_mm=(0.0, 0.0), crops={"cam0": crop, "cam1": crop})
 
 
+def _decided(item_id: str, product: str | None) -> tuple[ItemRecord, Verdict]:
+    record = _record(item_id, product)
+    verdict = Verdict(item_id=item_id, product_id=product, decision=Decision.PASS, reasons=(),
+                      scores=Scores(0.01, None, None, 0.01), threshold_version="t",
+                      model_versions={}, findings=(), captured_ms=0.0, decided_ms=0.0,
+                      deadline_ms=1.0)
+    return record, verdict
+
+
 def test_recent_views_keep_only_colour_and_forget_the_oldest_items() -> None:
     recent = RecentViews(capacity=3)
     for i in range(5):
-        recent.remember(_record(f"I-{i}", "box-small"))
+        recent.remember(*_decided(f"I-{i}", "box-small"))
     assert len(recent) == 3
     assert recent.get("I-0") is None
     assert recent.get("I-1") is None
-    product, views = recent.get("I-4") or (None, {})
-    assert product == "box-small"
-    assert sorted(views) == ["cam0", "cam1"]
-    assert all(v.dtype == np.uint8 and v.shape == (96, 96, 3) for v in views.values())
+    item = recent.get("I-4")
+    assert item is not None
+    assert item.product_id == "box-small"
+    assert item.damage == 0.01
+    assert sorted(item.views) == ["cam0", "cam1"]
+    assert all(v.dtype == np.uint8 and v.shape == (96, 96, 3) for v in item.views.values())
     # Colour only: the crops' depth (4 bytes a pixel), masks and ground truth are let go.
     assert recent.nbytes() == 3 * 2 * 96 * 96 * 3
-    recent.remember(_record("I-2", "box-large"))  # decided again: the newest, and replaced
-    recent.remember(_record("I-5", None))
+    recent.remember(*_decided("I-2", "box-large"))  # decided again: the newest, and replaced
+    recent.remember(*_decided("I-5", None))
     assert recent.get("I-3") is None
-    assert (recent.get("I-2") or ("",))[0] == "box-large"
+    again = recent.get("I-2")
+    assert again is not None
+    assert again.product_id == "box-large"
 
 
 def test_packaging_changed_feedback_teaches_the_gallery_the_items_views(
@@ -221,14 +238,20 @@ def test_packaging_changed_feedback_teaches_the_gallery_the_items_views(
     try:
         assert node.publisher.wait_connected(5.0)
         controller.start()
-        assert wait_until(lambda: any(v.get("product_id") and not v.get("fail_safe")
+        damage_threshold = node.policy.thresholds.components["damage"]
+
+        def learnable(v: dict[str, Any]) -> bool:  # intact, as the models judged it
+            return bool(v.get("product_id")) and not v.get("fail_safe") and (
+                v["scores"]["damage"] < damage_threshold)
+
+        assert wait_until(lambda: any(learnable(v)
                                       for v in controller.actuations().values()), 30.0)
         item_id, verdict = next((i, v) for i, v in controller.actuations().items()
-                                if v.get("product_id") and not v.get("fail_safe"))
+                                if learnable(v))
         product = str(verdict["product_id"])
         remembered = node.recent.get(item_id)
         assert remembered is not None
-        cameras = sorted(remembered[1])
+        cameras = sorted(remembered.views)
         assert cameras == sorted(c.id for c in cfg.cameras)
         before = {cam: node.inspector.gallery.views(product, cam) for cam in cameras}
         gallery_files = {p: p.stat().st_mtime_ns
@@ -523,3 +546,115 @@ def test_models_that_miss_their_golden_scores_never_go_ready(
     assert not any("READY=1" in m for m in said), said
     assert "golden self-test failed" in proc.stderr, proc.stderr[-2000:]
     assert "damage" in proc.stderr
+
+
+class _CountingNotifier:
+    """A systemd notify socket stand-in: counts watchdog pings, keeps the STATUS= lines."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.pings = 0
+        self.statuses: list[str] = []
+
+    def watchdog(self) -> bool:
+        self.pings += 1
+        return True
+
+    def status(self, text: str) -> bool:
+        self.statuses.append(text)
+        return True
+
+
+class _RaisingBackend:
+    """A damage model whose every run fails (a broken engine, a device error)."""
+
+    def __init__(self, real: object) -> None:
+        self.name = "raising"
+        self.spec = real.spec  # type: ignore[attr-defined]
+
+    def run(self, inputs: object) -> object:
+        raise RuntimeError("injected: device error on every batch")
+
+    def close(self) -> None:
+        return None
+
+
+def test_inference_that_raises_on_every_batch_is_unhealthy_and_fails_the_update_gate(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """Errors are not progress: inference that raises on every batch shows as failing and
+    stalled (health, metrics), the watchdog stops being pinged, and the health file makes the
+    update's health gate fail, while each item still gets a fail-safe verdict."""
+    cfg = _fast_config(tmp_path, mosquitto, items_per_second=3.0)
+    clock = WallClock()
+    node, world = _node(cfg, clock, stall_after_s=1.0)
+    node.inspector.damage = _RaisingBackend(node.inspector.damage)  # type: ignore[assignment]
+    notifier = _CountingNotifier()
+    health_file = HealthFile(tmp_path / "health.json", "9.9.9")
+    pinger = WatchdogPinger(notifier, node.stalled_stages,  # type: ignore[arg-type]
+                            summary=node.summary_line, health_file=health_file,
+                            env={"WATCHDOG_USEC": "200000"})
+    topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
+    controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
+    node.start()
+    try:
+        assert node.publisher.wait_connected(5.0)
+        pinger.mark_ready()
+        assert pinger.tick() == ()  # healthy before any item: pinged
+        assert notifier.pings == 1
+        controller.start()
+        end = time.monotonic() + 30.0
+        while time.monotonic() < end and "inference" not in node.failing_stages():
+            time.sleep(0.1)
+        assert node.failing_stages() == ["inference"]
+        assert node.stalled_stages() == ["inference"]
+        health = node.health()
+        assert health["failing_stages"] == ["inference"]
+        assert health["stalled_stages"] == ["inference"]
+        families = {f.name: f for f in text_string_to_metric_families(
+            node.metrics.exposition().decode())}
+        failing = {s.labels["stage"]: s.value
+                   for s in families["cv_stage_failing_seconds"].samples}
+        assert failing["inference"] > 1.0
+        assert failing["sync"] == 0.0
+        assert pinger.tick() == ("inference",)
+        assert notifier.pings == 1  # no ping while a stage fails
+        assert notifier.statuses[-1].startswith("STALLED")
+        probe = HealthFileProbe(health_file.path, "9.9.9")()
+        assert probe.ready
+        assert not probe.healthy
+        assert "inference" in probe.detail
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end and not controller.received.by_key:
+            time.sleep(0.1)
+        verdicts = list(controller.received.by_key.values())
+        assert verdicts
+        assert all(v["fail_safe"] and v["decision"] == cfg.decision.fail_safe for v in verdicts)
+    finally:
+        node.stop()
+        controller.stop()
+
+
+def test_a_required_camera_that_stops_streaming_shows_as_degraded(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """A required camera that gave up is in the status (`degraded`), the status line and the
+    metrics; an optional one (`required: false`) is not."""
+    cfg = _fast_config(tmp_path, mosquitto)
+    cams = tuple(dataclasses.replace(c, required=c.id == "top") for c in cfg.cameras)
+    node, _ = _node(dataclasses.replace(cfg, cameras=cams), WallClock(), stall_after_s=30.0)
+    try:
+        for capture in node.captures.values():
+            capture.last_frame_ms = 1.0  # both streamed once
+        assert node.degraded() == []
+        node.captures["angled"].failed = "camera angled is gone"
+        assert node.degraded() == []  # optional
+        node.captures["top"].failed = "camera top is gone"
+        assert node.health()["degraded"] == ["camera top failed: camera top is gone"]
+        assert node.summary_line().endswith("DEGRADED")
+        families = {f.name: f for f in text_string_to_metric_families(
+            node.metrics.exposition().decode())}
+        missing = {s.labels["camera"]: s.value
+                   for s in families["cv_camera_required_missing"].samples}
+        assert missing == {"top": 1.0, "angled": 0.0}
+    finally:
+        node.stop()

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from edge.config import MqttConfig
+from edge.clock import WallClock
+from edge.config import ConfigError, MqttConfig, NodeConfig
 from edge.publish.connection import BrokerConfigError, load_credentials, parse_url
+from edge.publish.mqtt import VerdictPublisher
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -68,6 +70,54 @@ def test_malformed_credentials_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BrokerConfigError, match="username:password") as err:
         load_credentials(MqttConfig(credentials_file=creds), {})
     assert "XYZZY" not in str(err.value)
+
+
+REMOTE_PLAIN = "mqtt://broker.site.example:1883"
+
+
+def _credential_sources(tmp_path: Path) -> list[dict[str, str]]:
+    """The environment, and the systemd credential: both known only when the node starts."""
+    sysd = tmp_path / "credstore"
+    sysd.mkdir(exist_ok=True)
+    (sysd / "mqtt").write_text("systemd-user:hunter2-XYZZY")
+    return [{"CV_MQTT_USERNAME": "env-user", "CV_MQTT_PASSWORD": "hunter2-XYZZY"},
+            {"CREDENTIALS_DIRECTORY": str(sysd)}]
+
+
+def test_credentials_over_plain_mqtt_to_a_remote_broker_are_refused(tmp_path: Path) -> None:
+    """Credentials from the environment or systemd with a plain mqtt:// broker beyond loopback
+    are refused in one line saying why (clear text), without the password."""
+    for env in _credential_sources(tmp_path):
+        with pytest.raises(ConfigError) as err:
+            load_credentials(MqttConfig(url=REMOTE_PLAIN), env)
+        message = str(err.value)
+        assert err.value.path == "mqtt.url"
+        assert "clear text" in message
+        assert "mqtt.allow_plaintext_credentials" in message
+        assert "XYZZY" not in message
+        assert "\n" not in message
+    assert load_credentials(MqttConfig(url=REMOTE_PLAIN), {}) is None  # anonymous: nothing sent
+
+
+def test_credentials_over_plain_mqtt_go_where_safe_or_opted_in(tmp_path: Path) -> None:
+    """mqtts://, a loopback broker, or mqtt.allow_plaintext_credentials: the credentials load."""
+    for env in _credential_sources(tmp_path):
+        for cfg in (MqttConfig(url="mqtts://broker.site.example:8883"),
+                    MqttConfig(url="mqtt://127.0.0.1:1883"), MqttConfig(url="mqtt://[::1]:1883"),
+                    MqttConfig(url="mqtt://localhost:1883"),
+                    MqttConfig(url=REMOTE_PLAIN, allow_plaintext_credentials=True)):
+            got = load_credentials(cfg, env)
+            assert got is not None
+            assert got.password == "hunter2-XYZZY"
+
+
+def test_the_node_refuses_plain_mqtt_credentials_before_connecting(tmp_path: Path) -> None:
+    """The publisher stops at construction (nothing connected yet) with the config error."""
+    env = _credential_sources(tmp_path)[0]
+    with pytest.raises(ConfigError, match=r"mqtt\.url.*clear text"):
+        VerdictPublisher(MqttConfig(url=REMOTE_PLAIN), NodeConfig(), tmp_path / "outbox.db",
+                         WallClock(), lambda _a: None, lambda _f: None, environ=env)
+    assert not (tmp_path / "outbox.db").exists()
 
 
 def _read_packet(conn: socket.socket) -> tuple[int, bytes]:

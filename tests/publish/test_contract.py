@@ -10,9 +10,10 @@ import yaml
 from edge.publish import ASYNCAPI_FILE, SCHEMA_DIR
 from edge.publish.payloads import REJECT_REASONS
 from edge.publish.topics import Topics
+from edge.site.gallery_message import gallery_topic
 from edge.types import DamageType, Reason
 
-SCHEMAS = ("verdict", "status", "event", "induct", "feedback")
+SCHEMAS = ("verdict", "status", "event", "induct", "feedback", "gallery")
 
 
 def _schema(name: str) -> dict[str, object]:
@@ -28,23 +29,28 @@ def test_every_schema_is_a_valid_draft_2020_12_schema() -> None:
 
 
 def test_asyncapi_describes_the_topic_tree_the_node_uses() -> None:
-    """AsyncAPI 3: one channel per topic, addresses matching `Topics`, each message's payload
-    pointing at an existing schema file, directions and MQTT bindings as implemented."""
+    """AsyncAPI 3: one channel per topic, addresses matching `Topics` (the shared gallery's:
+    `gallery_topic`), each message's payload pointing at an existing schema file, directions
+    and MQTT bindings as implemented."""
     doc = yaml.safe_load(ASYNCAPI_FILE.read_text(encoding="utf-8"))
     assert doc["asyncapi"].startswith("3.")
     topics = Topics("conveyor-vision", "line-1", "edge-01")
+    site = {"siteGallery": gallery_topic("conveyor-vision", "site-1", "P-BOX-S", "ab12@128")}
     for name, channel in doc["channels"].items():
         address = channel["address"].format(prefix="conveyor-vision", lineId="line-1",
-                                            nodeId="edge-01")
-        assert address == getattr(topics, name), name
+                                            nodeId="edge-01", siteId="site-1",
+                                            productId="P-BOX-S", embeddingModelId="ab12@128")
+        assert address == (site[name] if name in site else getattr(topics, name)), name
     for message in doc["components"]["messages"].values():
         ref = message["payload"]["schema"]["$ref"]
         assert (ASYNCAPI_FILE.parent / ref).is_file(), ref
-    actions = {op["channel"]["$ref"].rsplit("/", 1)[1]: op["action"]
+    actions = {(op["channel"]["$ref"].rsplit("/", 1)[1], op["action"])
                for op in doc["operations"].values()}
-    assert actions == {"induct": "receive", "feedback": "receive", "verdict": "send",
-                       "status": "send", "events": "send"}
+    assert actions == {("induct", "receive"), ("feedback", "receive"), ("verdict", "send"),
+                       ("status", "send"), ("events", "send"), ("siteGallery", "send"),
+                       ("siteGallery", "receive")}
     assert doc["operations"]["sendStatus"]["bindings"]["mqtt"]["retain"] is True
+    assert doc["operations"]["sendSiteGallery"]["bindings"]["mqtt"]["retain"] is True
     assert all(op["bindings"]["mqtt"]["qos"] == 1 for op in doc["operations"].values())
     assert "(`node_id`, `seq`)" in doc["info"]["description"]
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.config import MqttConfig, TlsConfig
+from edge.config import ConfigError, MqttConfig, TlsConfig, config_from_mapping
 from edge.publish.broker import BrokerTls, MosquittoBroker
 from edge.publish.connection import BrokerConfigError, tls_context
 from tests.publish.helpers import make_verdict, wait_until
@@ -140,3 +140,17 @@ def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
     bad.write_text("not a certificate")
     with pytest.raises(BrokerConfigError, match=r"mqtt\.tls"):
         tls_context(TlsConfig(ca_file=bad))
+
+
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_tls_settings_with_a_plain_mqtt_url_are_refused(ca: Authority, key: str) -> None:
+    """mqtt.tls.* with an mqtt:// URL stops the node at load, naming the key; they used to be
+    ignored silently and the connection left unencrypted."""
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping({"mqtt": {"url": "mqtt://broker.site.example:1883",
+                                      "tls": {key: str(ca.path)}}})
+    assert err.value.path == f"mqtt.tls.{key}"
+    assert "mqtts://" in str(err.value)
+    cfg = config_from_mapping({"mqtt": {"url": "mqtts://broker.site.example:8883",
+                                        "tls": {key: str(ca.path)}}})
+    assert getattr(cfg.mqtt.tls, key) == ca.path

@@ -276,3 +276,26 @@ def test_an_item_announced_after_the_shutdown_drain_gets_its_fail_safe_at_once()
     assert _balanced(sched)
     assert not sched.announce(_ann("late-induct"), T0 + 9000)  # a repeat changes nothing
     assert len(sink.verdicts) == 1
+
+
+def test_hourly_rates_count_the_last_hours_actuation_verdicts() -> None:
+    """The status's sideline and fail-safe rates cover the last hour of actuation verdicts:
+    older ones fall out of them, and the latest verdict's time is kept."""
+    clock = ManualClock(T0)
+    sched, _ = _scheduler(clock)
+    assert sched.stats().sideline_rate_1h is None
+    for i, decision in enumerate((Decision.SIDELINE, Decision.PASS, Decision.PASS)):
+        sched.announce(_ann(f"i{i}"), clock.now_ms() + 3000)
+        sched.complete(_verdict(f"i{i}", clock.now_ms(), clock.now_ms() + 3000, decision))
+    sched.announce(_ann("late"), clock.now_ms() + 1000)
+    clock.advance(1000)
+    sched.check()  # no verdict by the deadline less the margin: fail-safe sideline
+    stats = sched.stats()
+    assert stats.verdicts_1h == 4
+    assert stats.sideline_rate_1h == 0.5
+    assert stats.fail_safe_rate_1h == 0.25
+    assert stats.last_verdict_ms == clock.now_ms()
+    clock.advance(3_600_000 - 500)  # the first three are now over an hour old
+    stats = sched.stats()
+    assert stats.verdicts_1h == 1
+    assert stats.sideline_rate_1h == 1.0

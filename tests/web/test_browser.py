@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from edge.config import HttpConfig
+from edge.web.server import start_http
 from tests.web.conftest import TEST_OUTPUT, LiveNode
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -100,3 +102,35 @@ def test_live_page_shows_updating_cameras_and_a_sidelined_snapshot(page: Any,
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
     assert not errors, errors
+
+
+def test_live_page_works_with_a_token_that_never_appears_in_a_url(
+        page: Any, live_node: LiveNode, tmp_path: Path) -> None:
+    """With `http.token_file`, the page opened as `/#token=…` shows the node (status and
+    updating cameras) by sending the token in the Authorization header; no request the
+    browser makes carries it in its URL, and nothing is refused."""
+    token = "t0ken-for-the-live-page-0123456789"
+    (tmp_path / "token").write_text(token + "\n")
+    http = start_http(HttpConfig(port=0, live_page=True, token_file=tmp_path / "token"),
+                      live_node.node, live=live_node.live)
+    urls: list[str] = []
+    refused: list[str] = []
+    page.on("request", lambda req: urls.append(req.url))
+    page.on("response", lambda res: refused.append(f"HTTP {res.status} {res.url}")
+            if res.status >= 400 else None)
+    try:
+        page.goto(http.url + "/#token=" + token, wait_until="load")
+        page.wait_for_function(
+            "() => document.getElementById('node-id').textContent.includes('/')",
+            timeout=30_000)
+        cam = live_node.cfg.cameras[0].id
+        page.wait_for_function(
+            """cam => { const img = document.querySelector(`img[data-camera="${cam}"]`);
+                        return img && img.naturalWidth > 0
+                               && Number(img.dataset.updates) >= 2; }""",
+            arg=cam, timeout=30_000)
+    finally:
+        http.shutdown()
+    assert urls
+    assert not [u for u in urls if token in u.split("#", 1)[0]]
+    assert not refused, refused

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import http.client
+import ipaddress
 import json
+import socket
+import ssl
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.config import ConfigError, HttpConfig, config_from_mapping
+from edge.config import ConfigError, HttpConfig, HttpTlsConfig, config_from_mapping
 from edge.web.server import read_token, start_http
 from tests.web.conftest import LiveNode
+
+TOKEN = "s3cret-token-for-the-floor"
 
 
 def _jpeg(body: bytes) -> np.ndarray:
@@ -107,8 +121,10 @@ def test_healthz_reports_stalled_stages(live_node: LiveNode) -> None:
 
 
 def test_token_protects_every_route(live_node: LiveNode, tmp_path: Path) -> None:
-    """With a token file every route wants the token (header or ?token=); a wrong one is 401."""
-    token = "s3cret-token-for-the-floor"
+    """With a token file every route with data wants the token in the Authorization header; a
+    wrong one, or the right one in the URL (?token=, which ends up in logs and history), is
+    401. Only the page's own files (no data) load without it."""
+    token = TOKEN
     (tmp_path / "token").write_text(token + "\n")
     cfg = HttpConfig(port=0, live_page=True, token_file=tmp_path / "token")
     http = start_http(cfg, live_node.node, live=live_node.live)
@@ -123,11 +139,18 @@ def test_token_protects_every_route(live_node: LiveNode, tmp_path: Path) -> None
             except urllib.error.HTTPError as err:
                 return err.code
 
-        for path in ("/metrics", "/", "/api/status"):
+        # The page's own files hold no data: a browser loads them, then sends the header.
+        assert get("/") == 200
+        assert get("/static/app.js") == 200
+        for path in ("/metrics", "/healthz", "/api/status", "/api/camera/top.jpg"):
             assert get(path) == 401
             assert get(path + "?token=wrong-token-wrong-token") == 401
-            assert get(path + f"?token={token}") == 200
-            assert get(path, {"Authorization": f"Bearer {token}"}) == 200
+            assert get(path + f"?token={token}") == 401
+            assert get(path, {"Authorization": "Bearer wrong-token-wrong-token"}) == 401
+            # (no frame yet, or a stalled stage, is the node's answer: past the token check)
+            assert get(path, {"Authorization": f"Bearer {token}"}) not in (401, 403)
+        assert get("/metrics", {"Authorization": f"Bearer {token}"}) == 200
+        assert get("/api/status", {"Authorization": f"Bearer {token}"}) == 200
     finally:
         http.shutdown()
 
@@ -198,3 +221,130 @@ def test_live_page_off_serves_metrics_only(live_node: LiveNode) -> None:
             assert err.value.code == 404
     finally:
         http.shutdown()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed server certificate for 127.0.0.1 and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conveyor-vision test")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "http.pem", directory / "http.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_metrics_are_served_over_https_with_the_configured_certificate(
+        live_node: LiveNode, tmp_path: Path) -> None:
+    """With http.tls set, /metrics answers over HTTPS (the token in the header) and a plain
+    http:// request to the same port gets no answer."""
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "token").write_text(TOKEN)
+    cfg = HttpConfig(port=0, bind="127.0.0.1", token_file=tmp_path / "token",
+                     tls=HttpTlsConfig(cert_file=cert, key_file=key))
+    server = start_http(cfg, live_node.node)
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(cert))
+        req = urllib.request.Request(server.url + "/metrics",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=5, context=trust) as res:
+            assert res.status == 200
+            assert b"# TYPE" in res.read()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url + "/metrics", timeout=5, context=trust)
+        assert err.value.code == 401
+        plain = server.url.replace("https://", "http://") + "/metrics"
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(urllib.request.Request(
+                plain, headers={"Authorization": f"Bearer {TOKEN}"}), timeout=5)
+        # the server is still up after the plain request
+        with urllib.request.urlopen(req, timeout=5, context=trust) as res:
+            assert res.status == 200
+    finally:
+        server.shutdown()
+
+
+def test_a_bind_beyond_loopback_without_tls_is_refused_when_the_config_loads(
+        tmp_path: Path) -> None:
+    """Bound beyond loopback, plain HTTP needs http.allow_plaintext: true; HTTPS needs both the
+    certificate and the key. (Checked at load only: tests never bind beyond loopback.)"""
+    (tmp_path / "token").write_text(TOKEN)
+    cert, key = _self_signed(tmp_path)
+    http_cfg: dict[str, Any] = {"port": 9108, "bind": "0.0.0.0",
+                                "token_file": str(tmp_path / "token")}
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping({"http": http_cfg})
+    assert err.value.path == "http.tls.cert_file"
+    assert "http.allow_plaintext" in str(err.value)
+    assert "clear text" in str(err.value)
+    with pytest.raises(ConfigError, match=r"http\.tls\.key_file"):
+        config_from_mapping({"http": {**http_cfg, "tls": {"cert_file": str(cert)}}})
+    assert config_from_mapping({"http": {**http_cfg, "allow_plaintext": True}}).http.allow_plaintext
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    assert config_from_mapping({"http": {**http_cfg, "tls": tls}}).http.tls.key_file == key
+    assert config_from_mapping({"http": {"port": 9108}})  # loopback: plain HTTP is fine
+
+
+def test_a_certificate_that_does_not_load_is_a_config_error(live_node: LiveNode,
+                                                            tmp_path: Path) -> None:
+    """A key that is not the certificate's refuses to start, naming http.tls.cert_file."""
+    cert, _ = _self_signed(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, wrong_key = _self_signed(other)
+    cfg = HttpConfig(port=0, bind="127.0.0.1", tls=HttpTlsConfig(cert_file=cert,
+                                                                   key_file=wrong_key))
+    with pytest.raises(ConfigError, match=r"http\.tls\.cert_file"):
+        start_http(cfg, live_node.node)
+
+
+def test_the_token_is_never_logged(live_node: LiveNode, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Access and error log lines never hold the token, wherever a client put it."""
+    from edge.web import server as web_server
+
+    logged: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **kw: logged.append(f"{level} {event} {kw!r}")
+
+    monkeypatch.setattr(web_server, "log", Recorder())
+    (tmp_path / "token").write_text(TOKEN)
+    server = start_http(HttpConfig(port=0, live_page=True, token_file=tmp_path / "token"),
+                        live_node.node, live=live_node.live)
+    try:
+        for path, headers in ((f"/metrics?token={TOKEN}", {}),
+                              ("/metrics", {"Authorization": f"Bearer {TOKEN}"}),
+                              (f"/api/status?x=1&token={TOKEN}",
+                               {"Authorization": f"Bearer {TOKEN}"}),
+                              (f"/nothing?token={TOKEN}", {"Authorization": f"Bearer {TOKEN}"})):
+            req = urllib.request.Request(server.url + path, headers=headers)
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(req, timeout=5).close()
+        # a malformed request line, echoed by the standard library's error path
+        with socket.create_connection(("127.0.0.1", server.port), 5) as raw:
+            raw.sendall(f"GET /?token={TOKEN} {TOKEN}\r\n\r\n".encode())
+            assert b"Error code: 400" in raw.makefile("rb").read()
+    finally:
+        server.shutdown()
+    requests = [line for line in logged if "http_request" in line]
+    assert len(requests) >= 5
+    assert all(TOKEN not in line for line in logged), logged

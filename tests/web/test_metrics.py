@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.web.conftest import REPO, LiveNode
 
 DASHBOARD = REPO / "tools" / "grafana" / "conveyor-vision-dashboard.json"
+SITE_DASHBOARD = REPO / "tools" / "grafana" / "conveyor-vision-site.json"
 
 
 def _scrape(live_node: LiveNode) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -90,11 +93,14 @@ def test_metrics_cover_what_operators_watch(live_node: LiveNode) -> None:
         cams)
 
 
-def test_grafana_dashboard_only_uses_metrics_the_node_exposes(live_node: LiveNode) -> None:
-    """Every cv_* series a dashboard panel queries exists in a real node's /metrics."""
-    dashboard = json.loads(DASHBOARD.read_text())
+@pytest.mark.parametrize(("dashboard_file", "panels"), [(DASHBOARD, 20), (SITE_DASHBOARD, 6)])
+def test_grafana_dashboard_only_uses_metrics_the_node_exposes(
+        live_node: LiveNode, dashboard_file: Path, panels: int) -> None:
+    """Every cv_* series a dashboard panel queries (the node's and the site's) exists in a
+    real node's /metrics, cv_node_info included (it ties a node to its line)."""
+    dashboard = json.loads(dashboard_file.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 20
+    assert len(exprs) >= panels
     _, body, _ = live_node.get("/metrics")
     families = list(text_string_to_metric_families(body.decode("utf-8")))
     # A family without samples yet (e.g. no calibrated camera) still counts as exposed.

@@ -106,7 +106,9 @@ height relative to the item top, valid-depth flag). Outputs: `probs` (any damage
 tear, hole, spill, deconstruction) and coarse `maps` (8x8 per output; boxes in verdicts come
 from them). Trained on cached backbone features with 180-degree rotations, depth dropped for
 20% of samples (so RGB-only inference degrades gracefully), log-sum-exp pooling and an auxiliary
-loss on the damage masks. ONNX opset 17, dynamic batch.
+loss on the damage masks. ONNX opset 17, dynamic batch. The pooling is exported max-subtracted,
+`m + log(mean(exp(x - m)))` with `m = max(x)` (ReduceMax, Sub, Exp, ReduceMean, Log; no
+`ReduceLogSumExp`), so nothing above 0 is exponentiated and FP16 plans cannot overflow there.
 
 Broken sets (a multipack missing a unit) count as damage for the `any` output but have no
 classifier type: the gallery and the geometry check carry them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -14,6 +13,18 @@ TRUNK_CHANNELS = 80
 PATCH_CHANNELS = 120
 N_OUTPUTS = 6  # any damage + the classifier's five types
 LSE_R = 5.0
+
+
+def log_mean_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(mean(exp(x))) along `dim`, max-subtracted: m + log(mean(exp(x - m))).
+
+    Equal to `logsumexp(x) - log(n)`, but the exported graph (ReduceMax, Sub, Exp,
+    ReduceMean, Log, Add) only exponentiates values <= 0, so it cannot overflow in FP16.
+    `torch.logsumexp` exports as `ReduceLogSumExp`, which TensorRT may lower to a plain
+    exp -> sum -> log: in FP16, exp overflows (> 65504) once an argument exceeds ~11.09.
+    """
+    m = x.amax(dim=dim, keepdim=True).detach()  # the gradient is softmax(x) either way
+    return (m + torch.log(torch.exp(x - m).mean(dim=dim, keepdim=True))).squeeze(dim)
 
 
 class DamageHead(nn.Module):
@@ -37,8 +48,7 @@ class DamageHead(nn.Module):
                depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.depth(depth)  # stride 16: the trunk's grid
         maps = self.fuse(torch.cat([trunk, d], dim=1))
-        n_cells = maps.shape[-1] * maps.shape[-2]
-        pooled = (torch.logsumexp(LSE_R * maps.flatten(2), dim=2) - math.log(n_cells)) / LSE_R
+        pooled = log_mean_exp(LSE_R * maps.flatten(2), dim=2) / LSE_R
         return pooled, maps
 
     def forward(self, trunk: torch.Tensor,
