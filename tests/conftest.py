@@ -14,6 +14,7 @@ stop it afterwards, whatever the test did to it:
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,10 @@ from edge.publish.broker import MosquittoBroker
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+#: `CV_LONG_CHECKS=1` (tools/long_checks.sh) runs the acceptance checks at full size; the
+#: suite runs them smaller, with the same criteria, to stay under 10 minutes on 2 cores.
+LONG_CHECKS = os.environ.get("CV_LONG_CHECKS") == "1"
 
 
 @pytest.fixture

@@ -208,7 +208,9 @@ class NodeService:
         required = {c.id for c in self.cfg.cameras if c.required}
         while not stop.is_set():
             states = node.camera_states()
-            waiting = [cid for cid, state in states.items() if state == "waiting"]
+            # An optional camera still coming up does not hold READY back either.
+            waiting = [cid for cid, state in states.items()
+                       if state == "waiting" and cid in required]
             if node.publisher.connected and not waiting:
                 failed = {cid: state for cid, state in states.items() if state != "streaming"}
                 missing = {cid: state for cid, state in failed.items() if cid in required}

@@ -15,7 +15,7 @@ import structlog
 from edge.app.demo import DemoOptions, run_demo
 from edge.app.doctor import run_checks
 from edge.app.service import NodeService
-from edge.config import Config, load_config
+from edge.config import Config, ConfigError, load_config
 from edge.logs import configure_logging
 from edge.publish.connection import load_credentials
 
@@ -131,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
     service = NodeService(cfg)
     try:
         return service.run(signals.stop, signals.reload)
+    except ConfigError:
+        raise  # exit 2 (main): a configuration restarting cannot fix
     except Exception as exc:
         log.exception("node_failed", error=str(exc))
         print(f"edge-node: {exc}", file=sys.stderr)

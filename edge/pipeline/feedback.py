@@ -148,8 +148,9 @@ class FeedbackLearner:
 
     def _why_held(self, feedback: Feedback, recent: RecentItem, product: str | None
                   ) -> str | None:
-        if (feedback.product_id is not None and recent.product_id is not None
-                and feedback.product_id != recent.product_id):
+        if recent.product_id is None:
+            return "the item was not announced: its product is not known"
+        if feedback.product_id is not None and feedback.product_id != recent.product_id:
             return (f"feedback names product {feedback.product_id}, the item was announced "
                     f"as {recent.product_id}")
         threshold = self._damage_threshold()

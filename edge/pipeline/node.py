@@ -205,14 +205,13 @@ class Node:
         for channel in self.channels:
             channel.start()
         self.scheduler.start()
-        observe = self.metrics.observe_stage
-        self._threads = [StageThread(f"capture-{cid}", st.step, self.stop_event, observe)
-                         for cid, st in self.captures.items()]
-        self._threads += [
-            StageThread("sync", self.sync_stage.step, self.stop_event, observe),
-            StageThread("items", self.item_stage.step, self.stop_event, observe),
-            StageThread("inference", self.inference.step, self.stop_event, observe),
-        ]
+        steps: dict[str, Callable[[], float | bool]] = {
+            f"capture-{cid}": st.step for cid, st in self.captures.items()}
+        steps.update(sync=self.sync_stage.step, items=self.item_stage.step,
+                     inference=self.inference.step)
+        self._threads = [StageThread(name, step, self.stop_event, self.metrics.observe_stage,
+                                     failing_window_s=self.stall_after_s)
+                         for name, step in steps.items()]
         for src in self.cameras.sources.values():
             src.start()
         for t in self._threads:

@@ -97,6 +97,8 @@ class StageStats:
     #: the last step that worked)
     failing_since_mono: float | None = None
     last_error_mono: float | None = None
+    #: errors further apart than this are separate incidents, not one failing run
+    failing_window_s: float = 10.0
 
     def observe(self, seconds: float) -> None:
         self.steps += 1
@@ -113,8 +115,10 @@ class StageStats:
         """A step raised: not progress, and the start (or continuation) of a failing run."""
         self.errors += 1
         now = time.monotonic()
-        if self.failing_since_mono is None:
-            self.failing_since_mono = now
+        if self.failing_since_mono is None or (
+                self.last_error_mono is not None
+                and now - self.last_error_mono > self.failing_window_s):
+            self.failing_since_mono = now  # (two bad items minutes apart are no failing run)
         self.last_error_mono = now
 
     def failing_for_s(self, recent_s: float) -> float:
@@ -139,9 +143,10 @@ class StageThread:
 
     def __init__(self, name: str, step: Callable[[], float | bool], stop: threading.Event,
                  observe: Callable[[str, float], None] | None = None,
-                 on_exit: Callable[[], None] | None = None) -> None:
+                 on_exit: Callable[[], None] | None = None,
+                 failing_window_s: float = 10.0) -> None:
         self.name = name
-        self.stats = StageStats(name)
+        self.stats = StageStats(name, failing_window_s=failing_window_s)
         self._step = step
         self._observe = observe
         self._on_exit = on_exit

@@ -62,7 +62,10 @@ class Delivery:
         # have sent them: the outbox does not record that, so they count as re-sent too.
         self._sent: set[int] = set()
         self._first_seq = outbox.stats().next_seq
-        self._acks: queue.Queue[tuple[int, bool, str, float]] = queue.Queue()
+        # (mid, failed, reason, acked ms, client generation): a PUBACK of a client replaced
+        # since (a failover, a protocol fallback) names a mid the new client reuses.
+        self._acks: queue.Queue[tuple[int, bool, str, float, int]] = queue.Queue()
+        self._generation = 0
         # PUBACKs the outbox could not book yet: seq -> (failed, reason, acked_ms). One per
         # verdict sent, at most: bounded by the outbox's rows plus what paho holds.
         self._unbooked: dict[int, tuple[bool, str, float]] = {}
@@ -71,7 +74,7 @@ class Delivery:
         self.counts: Counter[str] = Counter()
         # Woken by a sentinel on its queue: it books what is queued before it stops.
         self._worker = WorkerThread("mqtt-acks", self._run_acks,
-                                    wake=lambda: self._acks.put((_STOP, False, "", 0.0)))
+                                    wake=lambda: self._acks.put((_STOP, False, "", 0.0, -1)))
 
     def start(self) -> None:
         self._worker.start()
@@ -86,6 +89,7 @@ class Delivery:
         with self._lock:
             self._mid_seq.clear()
             self._seq_mid.clear()
+            self._generation += 1  # the old client's PUBACKs still queued: ignored
             replace_client()
 
     def send(self, row: OutboxRow) -> bool:
@@ -140,7 +144,7 @@ class Delivery:
             retry = bool(self._unbooked) and not self._retry_queued
             self._retry_queued |= retry
         if retry:  # on the booking thread: this one runs the network loop
-            self._acks.put((_RETRY, False, "", 0.0))
+            self._acks.put((_RETRY, False, "", 0.0, -1))
         if self._outbox.unacked > accounted:
             self.resend_pending(reconnected=False)
 
@@ -153,11 +157,12 @@ class Delivery:
     def on_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: Any,
                    _props: Any) -> None:
         # paho holds its message lock here: hand over, do nothing else.
-        self._acks.put((mid, bool(reason.is_failure), str(reason), self._clock.now_ms()))
+        self._acks.put((mid, bool(reason.is_failure), str(reason), self._clock.now_ms(),
+                        self._generation))
 
     def _run_acks(self, _stop: threading.Event) -> None:
         while True:
-            mid, failed, reason, acked_ms = self._acks.get()
+            mid, failed, reason, acked_ms, generation = self._acks.get()
             if mid == _STOP:
                 self._book_unbooked()  # a last chance: else they are sent again after restart
                 return
@@ -165,9 +170,10 @@ class Delivery:
                 self._book_unbooked()
                 continue
             with self._lock:
-                seq = self._mid_seq.get(mid)
+                # A replaced client's PUBACK: its verdict is sent again (same seq) instead.
+                seq = self._mid_seq.get(mid) if generation == self._generation else None
             if seq is None:
-                continue  # a status or event message
+                continue  # a status or event message, or a replaced client's PUBACK
             try:
                 self._record(seq, failed, reason, acked_ms)
             except (sqlite3.Error, OSError) as exc:

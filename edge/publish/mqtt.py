@@ -298,8 +298,8 @@ class VerdictPublisher:
         """With more than one broker: the next one, on a new client. The verdicts in flight
         to the old broker are forgotten, so the outbox sends every unacknowledged one again
         (same seq) to the new broker: none is lost, duplicates carry the seq they had."""
-        if len(self._addrs) < 2 or self._stop.is_set():
-            return
+        if len(self._addrs) < 2 or self._stop.is_set() or self._closing:
+            return  # (a clean stop's own disconnect is no broker going away)
         old = self._addr
         self._broker = (self._broker + 1) % len(self._addrs)
         with self._lock:

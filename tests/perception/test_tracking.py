@@ -17,6 +17,7 @@ from edge.perception.segmentation import Detection, ItemSegmenter
 from edge.perception.tracking import ItemTracker
 from edge.sim.conveyor import SyntheticConveyor
 from edge.types import FrameSet, ItemRecord
+from tests.conftest import LONG_CHECKS
 from tests.perception.helpers import CFG, START_MS
 
 
@@ -96,19 +97,21 @@ def score(run: RunResult) -> tuple[float, float, int]:
 
 @pytest.mark.slow
 def test_acceptance_500_items_detected_tied_and_measured() -> None:
-    """>= 500 items at the default belt speed (1.2 m/s), packed as densely as the induct
-    allows (60 mm gaps, 2 % touching), top camera, every 3rd frame (10 fps): >= 99.5 % get a
-    record under their own ID (or an explicit merged record), median box error <= 5 mm."""
+    """>= 500 items (>= 250 in the suite; 500 with CV_LONG_CHECKS=1) at the default belt
+    speed (1.2 m/s), packed as densely as the induct allows (60 mm gaps, 2 % touching), top
+    camera, every 3rd frame (10 fps): >= 99.5 % get a record under their own ID (or an
+    explicit merged record), median box error <= 5 mm."""
     world = _world(("top",), items_per_second=20.0, seed=3)
     begin = time.perf_counter()
-    run = run_world(world, ("top",), frames=4500, step=3)
+    items = 500 if LONG_CHECKS else 250
+    run = run_world(world, ("top",), frames=9 * items, step=3)
     elapsed = time.perf_counter() - begin
     rate, median_err, merged = score(run)
     cpu = statistics.median(run.cpu_ms)
     print(f"\nacceptance: items={len(run.expected)} rate={rate:.4f} merged={merged} "
           f"touching={len(run.touching)} median_err_mm={median_err:.2f} "
           f"cpu_ms_per_frame={cpu:.1f} elapsed_s={elapsed:.1f}")
-    assert len(run.expected) >= 500
+    assert len(run.expected) >= items
     assert rate >= 0.995
     assert median_err <= 5.0
     unannounced = [r for r in run.records if r.unannounced]

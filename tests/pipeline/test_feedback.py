@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_feedback_naming_another_product_or_past_the_hourly_limit_is_held(
     assert "announced as P-BOX-S" in str(events.sent[0][1]["why"])
     assert "in the last hour" in str(events.sent[1][1]["why"])
     assert learner.held == 2
+
+
+def test_an_unannounced_item_is_never_learned_for_the_product_the_feedback_names(
+        golden: GoldenSet, tmp_path: Path) -> None:
+    """An item no announcement named (a foreign parcel) is held, whatever product the
+    feedback claims: its views would otherwise become that product's pristine references."""
+    intact = dataclasses.replace(_item(golden, "P-BOX-S", "none"), product_id=None,
+                                 unannounced=True)
+    inspector, recent, events = _fresh(tmp_path), RecentViews(), _Events()
+    threshold = inspector.manifest.thresholds["components"]["damage"]
+    _decide(inspector, intact, recent)
+    learner = _learner(inspector, recent, events, threshold=threshold)
+    learner.on_feedback(_changed(intact.item_id, "P-BOX-S"))
+    learner.close()
+    assert [kind for kind, _ in events.sent] == ["feedback_held"]
+    assert "not announced" in str(events.sent[0][1]["why"])

@@ -38,6 +38,7 @@ from edge.sim.controller import ControllerSimulator
 from edge.sim.conveyor import SyntheticConveyor
 from edge.types import Decision, ItemCrop, ItemRecord, Reason, Scores, Verdict
 from edge.update.health import HealthFileProbe
+from tests.conftest import LONG_CHECKS
 from tests.engines_helpers import engines_that_miss_their_golden_scores
 from tests.publish.helpers import Collector, wait_until
 
@@ -64,15 +65,17 @@ def _fast_config(tmp_path: Path, broker: MosquittoBroker, **synthetic: float) ->
 @pytest.mark.slow
 def test_every_announced_item_gets_exactly_one_actuation_verdict(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
-    """>= 200 announced items: one actuation verdict each; damage sidelined at the card's rate."""
+    """>= 200 announced items (>= 100 in the suite; 200 with CV_LONG_CHECKS=1): one
+    actuation verdict each; damage sidelined at the card's rate."""
     cfg = _fast_config(tmp_path, mosquitto, damage_rate=0.12, touching_rate=0.0)
     # As dense as the induct allows at the default belt speed (1.2 m/s, 60 mm gaps).
-    opts = DemoOptions(seconds=70.0, items_per_second=8.0, seed=11, broker=mosquitto.url,
+    seconds = 70.0 if LONG_CHECKS else 35.0
+    opts = DemoOptions(seconds=seconds, items_per_second=8.0, seed=11, broker=mosquitto.url,
                        quiet=True, summary_json=tmp_path / "summary.json")
     summary = run_demo(cfg, opts)
     announced = summary["items_announced"]
     assert isinstance(announced, int)
-    assert announced >= 200
+    assert announced >= (200 if LONG_CHECKS else 100)
     assert summary["actuation_verdicts"] == announced
     assert summary["deadline_misses"] == 0
     written = json.loads((tmp_path / "summary.json").read_text())
@@ -82,7 +85,7 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
     detection = summary["detection"]
     assert isinstance(detection, dict)
     n = detection["damaged_items"]
-    assert n >= 15
+    assert n >= (15 if LONG_CHECKS else 8)
     card = _card_recall()
     # Observed recall may fall short of the card's by sampling noise only (3 sigma).
     slack = 3 * math.sqrt(max(card * (1 - card), 0.02) / n)

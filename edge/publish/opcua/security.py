@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from asyncua import ua
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import UserManager
 
 from edge.config import ConfigError, OpcUaConfig
@@ -135,3 +137,37 @@ def identity_tokens(users: Users, allow_anonymous: bool) -> list[type]:
     if allow_anonymous:
         tokens.append(ua.AnonymousIdentityToken)
     return tokens
+
+
+#: Where `guard_session_rebinding` keeps a server's channel check, on its internal server.
+_REFUSAL_ATTR = "_cv_channel_refusal"
+_ACTIVATE_SESSION = ua.NodeId(ua.Int32(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary))
+
+
+def guard_session_rebinding(iserver: InternalServer,
+                            refusal: Callable[[bytes | None], str | None]) -> None:
+    """Judge the channel before asyncua hands a live session to a new connection.
+
+    On ActivateSession over a connection without a session (a reconnect), asyncua looks the
+    session up by its authentication token and binds it to that connection (subscriptions'
+    publish callbacks included) *before* the user check runs, and keeps it bound when that
+    check refuses: a client on an unsecured channel holding a token sniffed from a
+    signed-only channel would take over the PLC's session. The refusal is raised first.
+    """
+    setattr(iserver, _REFUSAL_ATTR, refusal)
+    if getattr(UaProcessor, "_cv_guarded", False):
+        return
+    original: Callable[..., Awaitable[Any]] = UaProcessor._process_message
+
+    async def guarded(self: UaProcessor, typeid: ua.NodeId, requesthdr: Any, seqhdr: Any,
+                      body: Any) -> Any:
+        check = getattr(self.iserver, _REFUSAL_ATTR, None)
+        if check is not None and typeid == _ACTIVATE_SESSION and not self.session:
+            why = check(self._connection.security_policy.peer_certificate or None)
+            if why is not None:
+                log.warning("opcua_session_rebind_refused", why=why)
+                raise ServiceError(ua.StatusCodes.BadSecurityChecksFailed)
+        return await original(self, typeid, requesthdr, seqhdr, body)
+
+    setattr(UaProcessor, "_process_message", guarded)  # noqa: B010 - one class-wide guard
+    setattr(UaProcessor, "_cv_guarded", True)  # noqa: B010

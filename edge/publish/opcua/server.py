@@ -27,7 +27,13 @@ from edge.config import NodeConfig, OpcUaConfig
 from edge.publish.opcua import contract as c
 from edge.publish.opcua.address_space import Nodes, status
 from edge.publish.opcua.certs import application_uri
-from edge.publish.opcua.security import POLICIES, Users, VerdictUsers, identity_tokens
+from edge.publish.opcua.security import (
+    POLICIES,
+    Users,
+    VerdictUsers,
+    guard_session_rebinding,
+    identity_tokens,
+)
 from edge.publish.opcua.trust import TrustFolder
 from edge.types import Verdict
 
@@ -152,10 +158,12 @@ async def make_server(cfg: OpcUaConfig, node: NodeConfig, users: Users, stats: S
     if cfg.trusted_dir is not None:
         trust = TrustFolder(Path(cfg.trusted_dir), Path(cfg.trusted_dir).parent / "rejected",
                             on_refused=lambda _why: _count_certificate(stats))
+    channel_refusal = _channel_check(cfg, trust)
     server = Server(user_manager=VerdictUsers(
-        users, cfg.allow_anonymous, channel_refusal=_channel_check(cfg, trust),
+        users, cfg.allow_anonymous, channel_refusal=channel_refusal,
         on_refused=lambda _why: _count_login(stats)))
     await server.init()
+    guard_session_rebinding(server.iserver, channel_refusal)
     server.set_endpoint(f"opc.tcp://{_url_host(cfg.bind)}:{cfg.port}/")
     server.set_server_name(f"conveyor-vision {node.node_id}")
     server.product_uri = "urn:conveyor-vision"

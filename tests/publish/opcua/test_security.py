@@ -187,3 +187,34 @@ def test_a_channel_secured_with_an_untrusted_certificate_gets_no_session(
             client.disconnect_socket()
 
     asyncio.run(run())
+
+
+def test_a_sniffed_session_token_cannot_take_the_session_over_an_unsecured_channel(
+        secure: Secure) -> None:
+    """A signed-only channel shows the session's authentication token to a sniffer; a client
+    on an unsecured channel re-activating the PLC's session with it is refused before the
+    session is bound to its connection, and the PLC's session goes on working."""
+
+    async def run() -> None:
+        async with connected(secure.served.url, user="plc", password="s3cret",
+                             cert=secure.trusted, server_cert=secure.files.cert,
+                             mode=ua.MessageSecurityMode.Sign) as (plc, idx):
+            stolen = plc.uaclient.protocol.authentication_token
+            thief = Client(secure.served.url, timeout=5)
+            await thief.connect_socket()
+            try:
+                await thief.send_hello()
+                await thief.open_secure_channel()
+                thief.uaclient.protocol.authentication_token = stolen
+                anonymous = ua.AnonymousIdentityToken(PolicyId="anonymous")
+                with pytest.raises(ua.UaStatusCodeError) as err:
+                    await thief.uaclient.activate_session(
+                        ua.ActivateSessionParameters(UserIdentityToken=anonymous))
+                assert err.value.code == ua.StatusCodes.BadSecurityChecksFailed
+                with pytest.raises(ua.UaStatusCodeError):
+                    await thief.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus)).read_value()
+            finally:
+                thief.disconnect_socket()
+            assert int(await read(plc, idx, "PLC.Seq")) >= 0
+
+    asyncio.run(run())
