@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
 BATCHES = (1, 8, 16)
-NOT_SHIPPED = ("training-side torch twins of the models (tools/training): a reference for the "
+NOT_SHIPPED = ("training-side torch twins of the models (edge/training): a reference for the "
                "GPU's speed, NOT the shipped path (the node runs TensorRT or ONNX Runtime)")
 #: No fallback to the next path is started after this many seconds (the whole check < 5 min).
 FALLBACK_DEADLINE_S = 150.0
@@ -214,10 +214,11 @@ class TorchTwin:
 
 
 def open_torch_twins(manifest: Manifest, device: str = "cuda") -> Opened:
-    """The embedding trunk and damage head rebuilt from tools/training and the weights."""
+    """The embedding trunk and damage head rebuilt from edge/training and the weights."""
     import torch  # the training dependency: only on this path
-    from training.effnet import Trunk, load_lite0
-    from training.heads import DamageHead
+
+    from edge.training.effnet import Trunk, load_lite0
+    from edge.training.heads import DamageHead
 
     torch.backends.cudnn.allow_tf32 = False  # FP32 as ONNX Runtime computes it
     torch.backends.cuda.matmul.allow_tf32 = False

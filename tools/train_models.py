@@ -27,13 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parent.parent
 
-from training import package  # noqa: E402
-from training.cards import write_cards  # noqa: E402
-from training.effnet import Trunk, load_lite0  # noqa: E402
-from training.features import build  # noqa: E402
-from training.fit_head import train_head  # noqa: E402
-from training.heads import DamageHead, export_damage, export_embedding  # noqa: E402
-
 from edge.catalogue import load_catalogue  # noqa: E402
 from edge.config import ModelsConfig  # noqa: E402
 from edge.infer.dataset import Dataset, load_dataset  # noqa: E402
@@ -43,6 +36,12 @@ from edge.infer.golden import golden_scores, load_golden  # noqa: E402
 from edge.infer.inspector import ItemInspector  # noqa: E402
 from edge.infer.manifest import sha256_file, write_manifest  # noqa: E402
 from edge.infer.size_check import fill_ratio  # noqa: E402
+from edge.training import package  # noqa: E402
+from edge.training.cards import write_cards  # noqa: E402
+from edge.training.effnet import Trunk, load_lite0  # noqa: E402
+from edge.training.features import build  # noqa: E402
+from edge.training.fit_head import train_head  # noqa: E402
+from edge.training.heads import DamageHead, export_damage, export_embedding  # noqa: E402
 
 SIZE = 128
 SPLITS = {"train": (11, 2400, 0.5), "val": (22, 1500, 0.3), "test": (33, 2000, 0.3)}

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,14 +11,14 @@ from edge.infer.onnxruntime import OnnxRuntimeBackend
 
 torch = pytest.importorskip("torch", reason="torch is a training dependency; the node never "
                             "imports it (CI installs it)")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
 
 TOLERANCE = 1e-4
 
 
 def test_embedding_onnx_matches_torch_backbone(capsys: pytest.CaptureFixture[str]) -> None:
     """ONNX Runtime and torch give the same patch and trunk features (max abs diff reported)."""
-    from training.effnet import Trunk, load_lite0
+    from edge.training.effnet import Trunk, load_lite0
 
     spec = load_manifest(DEFAULT_MANIFEST).model("embedding")
     rgb = np.random.default_rng(0).uniform(0, 255, (3, 3, 128, 128)).astype(np.float32)
@@ -37,7 +34,7 @@ def test_embedding_onnx_matches_torch_backbone(capsys: pytest.CaptureFixture[str
 
 def test_damage_onnx_matches_torch_head(capsys: pytest.CaptureFixture[str]) -> None:
     """The damage head's probabilities and maps agree between ONNX Runtime and torch."""
-    from training.heads import DamageHead
+    from edge.training.heads import DamageHead
 
     spec = load_manifest(DEFAULT_MANIFEST).model("damage")
     head = DamageHead()

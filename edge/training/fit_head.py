@@ -7,8 +7,8 @@ import time
 import torch
 from torch import nn
 
-from training.features import CropTensors
-from training.heads import DamageHead
+from edge.training.features import CropTensors
+from edge.training.heads import DamageHead
 
 #: Share of training samples shown without depth (a camera whose depth fails).
 DEPTH_DROPOUT = 0.2

@@ -16,10 +16,10 @@ from edge.infer.dataset import HEIGHT_UNIT_MM, Dataset
 from edge.infer.fit import ScoreTable, fused_scores, recall_at_fpr, roc_auc
 from edge.infer.inspector import ItemInference, ItemInspector
 from edge.infer.manifest import SCHEMA, sha256_file
+from edge.training.effnet import MEAN_RGB, STD_RGB
+from edge.training.features import HEIGHT_SCALE_MM
+from edge.training.heads import PATCH_CHANNELS, TRUNK_CHANNELS
 from edge.types import ItemRecord
-from training.effnet import MEAN_RGB, STD_RGB
-from training.features import HEIGHT_SCALE_MM
-from training.heads import PATCH_CHANNELS, TRUNK_CHANNELS
 
 CAMERAS = ("top", "angled")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.effnet import Trunk
+from edge.training.effnet import Trunk
 
 TRUNK_CHANNELS = 80
 PATCH_CHANNELS = 120

@@ -9,7 +9,7 @@ import torch
 
 from edge.infer.dataset import Dataset
 from edge.infer.inspector import TYPE_NAMES, depth_channels, rgb_channels
-from training.effnet import Trunk
+from edge.training.effnet import Trunk
 
 HEIGHT_SCALE_MM = 200.0
 

@@ -1,1 +1,0 @@
-"""Training helpers for `tools/train_models.py` (torch; never imported by the node)."""
