@@ -13,9 +13,13 @@ from edge.config import ConfigError
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent / "defaults" / "catalogue.yaml"
 
 Packaging = Literal["box", "mailer", "polybag", "multipack"]
-Artwork = Literal["plain", "brand", "crack_print", "stain_print"]
+Artwork = Literal["plain", "brand", "crack_print", "stain_print", "hole_print", "tear_print",
+                  "splash_print"]
 _PACKAGING = ("box", "mailer", "polybag", "multipack")
-_ARTWORK = ("plain", "brand", "crack_print", "stain_print")
+#: Artwork that pictures damage on intact packaging (the confounders), one name per style.
+DAMAGE_PRINTS: tuple[Artwork, ...] = ("crack_print", "stain_print", "hole_print", "tear_print",
+                                      "splash_print")
+_ARTWORK = ("plain", "brand", *DAMAGE_PRINTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +30,12 @@ class Product:
     units: int
     artwork: Artwork
     colour_bgr: tuple[int, int, int]
+    #: seed of a procedurally drawn look (`edge.sim.products`); None: the fixed look of `artwork`
+    art_seed: int | None = None
 
     @property
     def damage_like_print(self) -> bool:
-        return self.artwork in ("crack_print", "stain_print")
+        return self.artwork in DAMAGE_PRINTS
 
     @property
     def unit_grid(self) -> tuple[int, int]:
@@ -65,6 +71,7 @@ def _product(raw: object, i: int) -> Product:
         colour = tuple(int(v) for v in raw.get("colour", (128, 128, 128)))
         pid = str(raw["product_id"])
         units = int(raw.get("units", 1))
+        art_seed = raw.get("art_seed")
     except KeyError as exc:
         raise ConfigError(f"{where}.{exc.args[0]}", None, "a value") from None
     except (TypeError, ValueError):
@@ -78,8 +85,11 @@ def _product(raw: object, i: int) -> Product:
         raise ConfigError(f"{where}.print", raw.get("print"), f"one of {_ARTWORK}")
     if units < 1 or len(colour) != 3:
         raise ConfigError(where, raw, "units >= 1 and colour [b, g, r]")
+    if art_seed is not None and (not isinstance(art_seed, int) or isinstance(art_seed, bool)
+                                 or art_seed < 0):
+        raise ConfigError(f"{where}.art_seed", art_seed, "an integer >= 0, or absent")
     return Product(pid, raw["packaging"], (dims[0], dims[1], dims[2]), units,
-                   raw.get("print", "plain"), (colour[0], colour[1], colour[2]))
+                   raw.get("print", "plain"), (colour[0], colour[1], colour[2]), art_seed)
 
 
 def load_catalogue(path: Path | None = None) -> Catalogue:
@@ -94,3 +104,17 @@ def load_catalogue(path: Path | None = None) -> Catalogue:
     if len({p.product_id for p in products}) != len(products):
         raise ConfigError("catalogue.products", [p.product_id for p in products], "unique IDs")
     return Catalogue(products)
+
+
+def catalogue_yaml(catalogue: Catalogue, header: str = "") -> str:
+    """`catalogue` in the YAML form `load_catalogue` reads (one flow mapping per product)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.append("products:")
+    for p in catalogue.products:
+        dims = ", ".join(f"{v:g}" for v in p.dims_mm)
+        colour = ", ".join(str(c) for c in p.colour_bgr)
+        seed = "" if p.art_seed is None else f", art_seed: {p.art_seed}"
+        lines.append(f"  - {{product_id: {p.product_id}, packaging: {p.packaging}, "
+                     f"dims_mm: [{dims}], units: {p.units}, print: {p.artwork}, "
+                     f"colour: [{colour}]{seed}}}")
+    return "\n".join(lines) + "\n"

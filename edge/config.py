@@ -93,6 +93,17 @@ class SyntheticConfig:
     confounder_rate: float = setting(0.05, lo=0.0, hi=1.0,
                                 doc="fraction of items with damage-like prints")
     touching_rate: float = setting(0.02, lo=0.0, hi=1.0, doc="fraction of items inducted touching")
+    severity_mix: tuple[float, ...] = setting(
+        (0.0, 0.0, 1.0),
+        doc="relative shares of subtle, moderate and severe damage (edge.sim.world)")
+    nuisance: float = setting(
+        0.0, lo=0.0, hi=1.0, doc="strength of lighting changes, cast shadows, belt dirt, motion "
+        "blur and depth dropout patches: 0 none, 1 as in the training datasets")
+    nuisance_period_ms: float = setting(
+        1000.0, lo=0.0, hi=3_600_000.0,
+        doc="how long one draw of lighting, shadows and blur lasts per camera; 0: every frame")
+    depth_noise_scale: float = setting(1.0, lo=0.0, hi=10.0,
+                                       doc="stereo depth noise relative to a D4xx's")
     start_ms: float | None = setting(None, lo=0.0, doc="world start on the wall clock (ms since "
                                 "epoch); default: when the node starts")
 
@@ -139,6 +150,21 @@ class SyncConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowConfig:
+    # Not checked for existence: a missing or broken candidate is logged and left out, and
+    # never stops production from starting.
+    manifest: Path | None = setting(
+        None, doc="candidate models scored beside the production ones on every judged item, "
+        "off the critical path (they never decide); null: no shadow scoring")
+    max_queue: int = setting(
+        64, lo=1, hi=10_000, doc="judged items waiting for the candidate; more are skipped "
+        "and counted")
+    max_snapshots_per_minute: int = setting(
+        30, lo=0, hi=6000, doc="disagreements kept as audit snapshots, at most, per minute "
+        "(more are counted, not kept); they also yield to production's snapshots")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelsConfig:
     manifest: Path = setting(DEFAULT_MANIFEST, doc="engines/manifest.yaml", path_must_exist=True)
     backend: Literal["onnxruntime", "tensorrt"] = setting("onnxruntime", doc="inference backend")
@@ -160,6 +186,8 @@ class ModelsConfig:
     dla_core: int | None = setting(
         None, lo=0, hi=1, doc="backend tensorrt: build and run the plans on this DLA core "
         "(Jetson Orin AGX/NX), GPU fallback for unsupported layers; null: the GPU")
+    shadow: ShadowConfig = setting(factory=ShadowConfig, doc="a candidate model set scored "
+                                   "in shadow (docs/models.md#shadow-scoring)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +200,9 @@ class DecisionConfig:
         "sideline", doc="decision for blobs of touching items that could not be told apart")
     views_missing: Literal["judge", "sideline"] = setting(
         "judge", doc="judge on the views that saw the item, or sideline when one is missing")
+    out_of_distribution: Literal["sideline", "pass", "judge"] = setting(
+        "sideline", doc="decision for items the models cannot judge (not like the parcels they "
+        "know: reason out_of_distribution); judge: decide on the scores anyway")
     finding_min_probability: float = setting(0.5, lo=0.0, hi=1.0,
                                         doc="per-type probability reported as a finding")
 
@@ -188,6 +219,28 @@ class StorageConfig:
     snapshots: bool = setting(True, doc="keep audit snapshots of sidelined (and sampled) items")
     snapshots_min_free_mb: float = setting(1024.0, lo=0.0, doc="free disk space the ring store "
                                       "always leaves; oldest snapshots go first")
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowGateConfig:
+    enabled: bool = setting(False, doc="refuse an update that changes the models unless "
+                            "this device ran exactly those models in shadow (models.shadow) "
+                            "within the bounds below")
+    min_items: int = setting(1000, lo=1, doc="items the candidate must have scored in shadow")
+    min_agreement: float = setting(0.98, lo=0.0, hi=1.0, doc="share of those items on which "
+                                   "it must have decided as production did")
+    max_sideline_rate_increase: float = setting(
+        0.01, lo=0.0, hi=1.0, doc="how far its sideline rate in shadow may lie above "
+        "production's (0.01: one percentage point)")
+    max_failed_share: float = setting(
+        0.01, lo=0.0, hi=1.0, doc="share of the items it tried to score (scored and failed) "
+        "on which the candidate may have failed")
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateConfig:
+    shadow_gate: ShadowGateConfig = setting(factory=ShadowGateConfig, doc="the shadow record "
+                                            "a models update needs (edge/update/shadow_gate.py)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +293,8 @@ class Config:
                                          doc="Sparkplug B for SCADA (off unless enabled)")
     site: SiteConfig = setting(factory=SiteConfig, doc="what the nodes of one site share "
                                "through the broker (off unless site.share_gallery)")
+    update: UpdateConfig = setting(factory=UpdateConfig, doc="what `edge-node update apply` "
+                                   "asks of a release beyond its signature and health")
 
 
 def check_http_token(http: HttpConfig) -> None:

@@ -168,6 +168,7 @@ class Reason(enum.Enum):
     VIEWS_MISSING = "views_missing"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    OUT_OF_DISTRIBUTION = "out_of_distribution"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,10 @@ class ItemTruth:
     damage: DamageType | None
     box_mm: tuple[float, float, float]  # length (along x), width, height
     confounder: bool = False  # carries a damage-like print on intact packaging
+    severity: Literal["subtle", "moderate", "severe"] | None = None  # damaged items only
+    damage_size_mm: float | None = None  # extent of the damage (`edge.sim.world.Damage`)
+    damage_depth_mm: float | None = None  # its depth or height (dent, hole, flap, contents)
+    print_style: str | None = None  # confounders: which damage-like print
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +281,9 @@ class Scores:
     geometry: float | None  # normalized dimension deficit (None: no depth)
     fused: float
     per_type: Mapping[str, float] = field(default_factory=dict)
+    #: out-of-distribution score: 1 or more means unlike every parcel the models know
+    #: (None: the models have no out-of-distribution outputs)
+    ood: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,8 +206,10 @@ class TorchTwin:
             args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name], np.float32))
                     .to(self._device) for t in self.spec.inputs]
             outs = self._module(*args)
+        # The module may compute more than the file exports (models from before the
+        # out-of-distribution outputs): the file's outputs come first, in its order.
         return {t.name: np.asarray(o.cpu().numpy(), np.float32)  # .cpu() waits for the GPU
-                for t, o in zip(self.spec.outputs, outs, strict=True)}
+                for t, o in zip(self.spec.outputs, outs[:len(self.spec.outputs)], strict=True)}
 
     def close(self) -> None:
         del self._module
@@ -229,7 +231,11 @@ def open_torch_twins(manifest: Manifest, device: str = "cuda") -> Opened:
     detail = {"note": NOT_SHIPPED, "precision": "fp32 (TF32 off)", "torch": torch.__version__,
               "torch_cuda": torch.version.cuda,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else device}
-    return (TorchTwin(manifest.model(EMBEDDING), Trunk(load_lite0()), device),
+    embedding = manifest.model(EMBEDDING)
+    trunk = Trunk(load_lite0())
+    if any(t.name == "novelty" for t in embedding.outputs):
+        trunk.load_novelty(embedding.path)
+    return (TorchTwin(embedding, trunk, device),
             TorchTwin(damage, head, device), detail)
 
 
@@ -263,7 +269,7 @@ def golden_inputs(inspector: ItemInspector, golden: gold.GoldenSet) -> tuple[Ten
     shape = (len(crops), 3, inspector.size, inspector.size)
     rgb, depth = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     for i, crop in enumerate(crops):
-        insp.rgb_channels(crop.color, inspector.size, rgb[i])
+        insp.rgb_channels(crop.color, inspector.size, rgb[i], to_rgb=inspector.to_rgb)
         insp.depth_channels(crop, inspector.size, inspector.abs_scale_mm, depth[i])
     return rgb, depth
 

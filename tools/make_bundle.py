@@ -21,28 +21,42 @@
     tools/make_bundle.py build --kind models --base-version 1.4.0 --version 1.4.0+m1 \
         --key signing.pem --out dist/cv-1.4.0+m1.cvb models-stage
 
+    # a models release of a candidate folder (`edge-node train --out CANDIDATE`, or any
+    # folder laid out as engines/ with its manifest.yaml): packed as engines/, after its
+    # manifest and every file it names check out
+    tools/make_bundle.py build --kind models --base-version 1.4.0 --version 1.4.0+m2 \
+        --key signing.pem --out dist/cv-1.4.0+m2.cvb CANDIDATE
+
 Devices trust the public key in /etc/conveyor-vision/update-signing.pub.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
+from edge.infer.manifest import ManifestError, load_manifest
 from edge.infer.plans import CUDA_PYTHON_REQUIREMENT
 from edge.update.bundle import (
     BundleError,
     build_manifest,
     generate_keypair,
     load_private_key,
+    sha256_file,
     write_bundle,
 )
 
+#: A models folder (engines/, a candidate) has its manifest at the top.
+MODELS_MANIFEST = "manifest.yaml"
 #: What a full bundle's wheels/ must hold beyond the node and its own dependencies, per
 #: `models.backend` (the device installs every wheel offline, so nothing else gets there).
 BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
@@ -89,15 +103,63 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_models(folder: Path) -> str:
+    """BundleError unless `folder/manifest.yaml` loads and every file it names (models,
+    gallery seed, golden set) has its recorded sha256; returns the manifest's sha256, the
+    key of the device's shadow record for these models."""
+    path = folder / MODELS_MANIFEST
+    try:
+        manifest = load_manifest(path)  # the models' sha256 and the manifest's shape
+    except ManifestError as exc:
+        raise BundleError(str(exc)) from None
+    for key in ("gallery_seed", "golden"):
+        entry = manifest.raw.get(key)
+        if not isinstance(entry, dict) or "file" not in entry:
+            continue
+        named = folder / str(entry["file"])
+        if not named.is_file() or sha256_file(named) != str(entry.get("sha256")):
+            raise BundleError(f"{named}: missing, or not the sha256 {path} names for {key}")
+    return sha256_file(path)
+
+
+@contextlib.contextmanager
+def models_payload(folder: Path) -> Iterator[Path]:
+    """A folder laid out as engines/ (a candidate) staged as the payload `engines/...` of a
+    models bundle, with hard links where the file system allows."""
+    with tempfile.TemporaryDirectory(prefix="cv-models-") as tmp:
+        stage = Path(tmp) / "payload"
+        shutil.copytree(folder, stage / "engines", copy_function=_link_or_copy)
+        yield stage
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def _build(args: argparse.Namespace) -> int:
     try:
-        manifest = build_manifest(args.payload, args.version, args.kind, args.base_version)
-        if not manifest.files:
-            raise BundleError(f"{args.payload} holds no files")
-        if manifest.kind == "full":
-            check_backend_wheels(args.payload / "wheels", args.backend)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_bundle(args.payload, manifest, load_private_key(args.key), args.out)
+        candidate = (args.payload / MODELS_MANIFEST).is_file()
+        if candidate and args.kind != "models":
+            raise BundleError(f"{args.payload} is a models folder (its manifest.yaml at the "
+                              "top): build it with --kind models")
+        with contextlib.ExitStack() as stack:
+            payload = args.payload
+            if candidate:
+                print(f"{args.payload}: models manifest sha256 {check_models(args.payload)}")
+                payload = stack.enter_context(models_payload(args.payload))
+            elif args.kind == "models" and (args.payload / "engines" / MODELS_MANIFEST).is_file():
+                check_models(args.payload / "engines")
+            manifest = build_manifest(payload, args.version, args.kind, args.base_version)
+            if not manifest.files:
+                raise BundleError(f"{args.payload} holds no files")
+            if manifest.kind == "full":
+                check_backend_wheels(payload / "wheels", args.backend)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_bundle(payload, manifest, load_private_key(args.key), args.out)
     except (BundleError, OSError, ValueError) as exc:
         print(f"make_bundle: {exc}", file=sys.stderr)
         return 1
@@ -117,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("--force", action="store_true")
     keygen.set_defaults(func=_keygen)
     build = sub.add_parser("build", help="make and sign a bundle from a staged folder")
-    build.add_argument("payload", type=Path, help="folder: wheels/, engines/, config/ ...")
+    build.add_argument("payload", type=Path, help="folder: wheels/, engines/, config/ ...; "
+                       "or, with --kind models, a candidate folder (its manifest.yaml at the "
+                       "top), packed as engines/")
     build.add_argument("--version", required=True)
     build.add_argument("--kind", choices=["full", "models"], default="full")
     build.add_argument("--base-version", default=None,

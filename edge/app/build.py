@@ -4,7 +4,8 @@ all build it here, so that what they run is the same node.
 Order matters: the models load and pass their golden self-test before any camera opens (a
 node whose models are wrong never streams), and the synthetic conveyor, when a camera uses
 it, is built after the models so that its belt does not start moving during the seconds
-they take to load.
+they take to load. A shadow candidate, if any, loads on its own thread once the node runs
+(one that fails is logged and left out: production never waits on it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from edge.app.cameras import open_cameras
 from edge.app.channels import controller_channels, watch_node
@@ -26,6 +29,7 @@ from edge.infer.reload import ModelRejectedError
 from edge.perception.cameras import Cameras
 from edge.pipeline.node import STALL_AFTER_S, Node, NodeHooks
 from edge.pipeline.routing import VerdictChannel
+from edge.pipeline.shadow import ShadowScorer
 from edge.sim.conveyor import SyntheticConveyor
 
 #: Told what start-up is doing: a step begins, or a gallery bank is re-embedded (the service
@@ -33,6 +37,8 @@ from edge.sim.conveyor import SyntheticConveyor
 Progress = Callable[[str], object]
 #: Wraps a camera's source (the benchmarks time every read).
 SourceWrapper = Callable[[FrameSource], FrameSource]
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,11 @@ def build_node(cfg: Config, clock: Clock, *, outbox_path: Path | None = None,
     catalogue = load_catalogue()
     progress("loading models")
     inspector = ItemInspector.load(cfg.models, catalogue, on_progress=on_progress)
+    if cfg.items.crop_size != inspector.size:
+        # Works (crops are resized), but the models were trained and measured on crops cut
+        # at their own input size: a smaller crop throws detail away, a larger one CPU.
+        log.warning("crop_size_differs_from_models", crop_size=cfg.items.crop_size,
+                    model_input=inspector.size, hint="set items.crop_size to the models' size")
     if golden_test:
         progress("golden self-test")
         # Models that do not reproduce their golden scores on this device never run (an update
@@ -76,6 +87,7 @@ def build_node(cfg: Config, clock: Clock, *, outbox_path: Path | None = None,
         if not report.passed:
             inspector.close()
             raise ModelRejectedError(report)
+    shadow = ShadowScorer.from_config(cfg, inspector, clock, snapshots=snapshots)
     progress("opening cameras")
     world = None
     synthetic = [c for c in cfg.cameras if c.source == "synthetic"]
@@ -93,6 +105,7 @@ def build_node(cfg: Config, clock: Clock, *, outbox_path: Path | None = None,
     if channels is None:
         channels = controller_channels(cfg, clock)
     node = Node(cfg, clock, cameras, inspector, catalogue, outbox_path=outbox, hooks=hooks,
-                snapshots=snapshots, stall_after_s=stall_after_s, channels=channels)
+                snapshots=snapshots, stall_after_s=stall_after_s, channels=channels,
+                shadow=shadow)
     watch_node(node)
     return BuiltNode(node, cameras, catalogue, world)

@@ -15,6 +15,14 @@ Sidelined items are always offered; passed ones are sampled by a hash of
 their item ID (`StorageConfig.snapshot_pass_sample`), so a rerun keeps the
 same ones. Controller feedback becomes a ``label.json`` beside the sidecar
 (`label`), which `edge-node snapshots export` bundles for retraining.
+
+Given what judged the item (`context`: the block `edge.audit.replay.ModelContext` built on
+the inference thread as the item was decided), a snapshot also records what `edge-node
+replay` needs to judge its item again. A shadow disagreement (`offer_shadow`) is kept
+whatever the sample: its block goes into the sidecar of the item's snapshot, made for it
+when the item had none. Shadow snapshots yield to production's: taken only while the
+writer's queue is less than half full, and evicted first when the store is over its size or
+free-space limit.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.audit.files import (
     LABEL,
+    SIDECAR,
+    annotate_sidecar,
     disk_usage,
     read_sidecar,
     sync_tree,
@@ -71,6 +81,8 @@ class SnapshotEntry:
     size_bytes: int
     item_id: str | None = None
     decision: str | None = None
+    #: made for a shadow disagreement alone (production kept no snapshot of the item)
+    shadow_only: bool = False
 
 
 @dataclass(slots=True)
@@ -89,6 +101,15 @@ class SnapshotStats:
 class _Write:
     record: ItemRecord
     verdict: Verdict
+    context: Mapping[str, Any] | None = None
+    shadow: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Annotate:
+    snapshot_id: str
+    key: str
+    value: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +141,13 @@ class SnapshotStore:
         self.stats = SnapshotStats()
         self._wall = wall
         self._free = free_bytes
-        self._queue: queue.Queue[_Write | _Label | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[_Write | _Label | _Annotate | None] = queue.Queue(
+            maxsize=queue_size)
         self._tag = secrets.token_hex(2)
         self._seq = 0
         self._lock = threading.Lock()
         self._index: OrderedDict[str, SnapshotEntry] = OrderedDict()
+        self._shadow_only: OrderedDict[str, None] = OrderedDict()  # evicted first, oldest first
         self._by_item: OrderedDict[str, str] = OrderedDict()
         self._total = 0
         self._recent_sizes: list[int] = []
@@ -135,11 +158,40 @@ class SnapshotStore:
 
     # --- hot path -------------------------------------------------------------------------
 
-    def offer(self, record: ItemRecord, verdict: Verdict) -> Verdict:
-        """The verdict, with a snapshot ID when this item gets a snapshot (never blocks)."""
+    def offer(self, record: ItemRecord, verdict: Verdict,
+              context: Mapping[str, Any] | None = None) -> Verdict:
+        """The verdict, with a snapshot ID when this item gets a snapshot (never blocks);
+        `context`: what judged the item (the sidecar's ``replay`` block)."""
         if verdict.decision is not Decision.SIDELINE and not keep_passed(
                 verdict.item_id, self.cfg.snapshot_pass_sample):
             return verdict
+        tagged = self._keep(record, verdict, context, None)
+        if tagged is None:
+            with self._lock:
+                self.stats.dropped_queue_full += 1
+        return tagged or verdict
+
+    def offer_shadow(self, record: ItemRecord, verdict: Verdict, shadow: Mapping[str, Any],
+                     *, context: Mapping[str, Any] | None = None) -> str | None:
+        """Keep a shadow disagreement about a judged item (`verdict`: production's, as it
+        went out; `context`: what judged it, as for `offer`): `shadow` goes into the sidecar
+        of the item's snapshot, or of one made now when the item has none. Never blocks;
+        returns the snapshot ID, or None when the writer's queue is half full or more (left
+        to production's snapshots; the caller counts it)."""
+        if self._queue.qsize() * 2 >= self._queue.maxsize:
+            return None
+        if verdict.snapshot_id is not None:
+            try:
+                self._queue.put_nowait(_Annotate(verdict.snapshot_id, "shadow", shadow))
+            except queue.Full:
+                return None
+            return verdict.snapshot_id
+        tagged = self._keep(record, verdict, context, shadow)
+        return None if tagged is None else tagged.snapshot_id
+
+    def _keep(self, record: ItemRecord, verdict: Verdict, context: Mapping[str, Any] | None,
+              shadow: Mapping[str, Any] | None) -> Verdict | None:
+        """Assign an ID and queue the snapshot; None when the queue is full."""
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -148,10 +200,9 @@ class SnapshotStore:
         snapshot_id = f"{stamp}{int(now * 1000) % 1000:03d}-{self._tag}-{seq % 1_000_000:06d}"
         tagged = dataclasses.replace(verdict, snapshot_id=snapshot_id)
         try:
-            self._queue.put_nowait(_Write(record, tagged))
+            self._queue.put_nowait(_Write(record, tagged, context, shadow))
         except queue.Full:
-            self.stats.dropped_queue_full += 1
-            return verdict
+            return None
         with self._lock:
             self._by_item[verdict.item_id] = snapshot_id
             while len(self._by_item) > LABEL_MEMORY:
@@ -190,7 +241,8 @@ class SnapshotStore:
         self._worker.stop(timeout_s)
         left = sum(1 for job in list(self._queue.queue) if job is not None)
         if left:
-            self.stats.dropped_queue_full += left
+            with self._lock:
+                self.stats.dropped_queue_full += left
             log.warning("snapshots_not_written_on_shutdown", count=left)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -230,16 +282,19 @@ class SnapshotStore:
                 continue
             try:
                 if isinstance(job, _Write):
-                    self._save(job.record, job.verdict)
-                else:
+                    self._save(job)
+                elif isinstance(job, _Label):
                     self._apply_label(job)
+                else:
+                    self._annotate(job)
             except Exception:  # keep writing the next ones; the error is counted and logged
                 self.stats.write_errors += 1
                 log.exception("snapshot_write_failed")
             finally:
                 self._queue.task_done()
 
-    def _save(self, record: ItemRecord, verdict: Verdict) -> None:
+    def _save(self, job: _Write) -> None:
+        verdict = job.verdict
         snapshot_id = verdict.snapshot_id
         assert snapshot_id is not None
         expected = max(self._recent_sizes, default=256 * 1024)
@@ -252,7 +307,8 @@ class SnapshotStore:
         tmp = self.root / (_TMP_PREFIX + snapshot_id)
         tmp.mkdir()
         try:
-            write_snapshot(tmp, record, verdict, self._wall() * 1000.0)
+            write_snapshot(tmp, job.record, verdict, self._wall() * 1000.0,
+                           replay=job.context, shadow=job.shadow)
             size = disk_usage(tmp)
             sync_tree(tmp)
             tmp.rename(self.root / snapshot_id)
@@ -261,9 +317,13 @@ class SnapshotStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._recent_sizes = [*self._recent_sizes[-7:], size]
+        shadow_only = job.shadow is not None
         with self._lock:
             self._index[snapshot_id] = SnapshotEntry(snapshot_id, self._wall(), size,
-                                                     verdict.item_id, verdict.decision.value)
+                                                     verdict.item_id, verdict.decision.value,
+                                                     shadow_only)
+            if shadow_only:
+                self._shadow_only[snapshot_id] = None
             self._total += size
         self.stats.saved += 1
         self._trim(0)
@@ -276,40 +336,57 @@ class SnapshotStore:
             log.info("snapshot_label_unmatched", snapshot_id=job.snapshot_id,
                      why="snapshot not stored (dropped or evicted)")
             return
-        before = disk_usage(path / LABEL) if (path / LABEL).exists() else 0
-        write_label(path, job.label)
-        grown = disk_usage(path / LABEL) - before
-        with self._lock:
-            if job.snapshot_id in self._index:
-                self._index[job.snapshot_id].size_bytes += grown
-                self._total += grown
+        self._rewrite(job.snapshot_id, path / LABEL, lambda: write_label(path, job.label))
         self.stats.labels += 1
 
+    def _annotate(self, job: _Annotate) -> None:
+        path = self.path(job.snapshot_id)
+        if path is None:
+            log.warning("snapshot_annotation_lost", snapshot_id=job.snapshot_id, key=job.key,
+                        why="snapshot not stored (dropped, failed or evicted)")
+            return
+        self._rewrite(job.snapshot_id, path / SIDECAR,
+                      lambda: annotate_sidecar(path, job.key, job.value))
+
+    def _rewrite(self, snapshot_id: str, file: Path, write: Callable[[], None]) -> None:
+        """Write one file of a stored snapshot, keeping the store's size account."""
+        before = disk_usage(file) if file.exists() else 0
+        write()
+        grown = disk_usage(file) - before
+        with self._lock:
+            if snapshot_id in self._index:
+                self._index[snapshot_id].size_bytes += grown
+                self._total += grown
+
     def _trim(self, incoming: int) -> None:
-        """Delete the oldest snapshots until `incoming` more bytes fit every limit."""
+        """Delete snapshots until `incoming` more bytes fit every limit: past their age the
+        oldest; for space, shadow-only snapshots first (oldest first), then the oldest."""
         now = self._wall()
         while True:
             with self._lock:
                 if not self._index:
                     return
                 oldest = next(iter(self._index.values()))
+                shadow = next(iter(self._shadow_only), None)
+                first = oldest if shadow is None else self._index[shadow]
                 total = self._total
             if total + incoming > self.max_bytes:
-                why = "size"
+                why, victim = "size", first
             elif now - oldest.created_s > self.max_age_s:
-                why = "age"
+                why, victim = "age", oldest
             elif self._free(self.root) - incoming < self.min_free_bytes:
-                why = "disk"
+                why, victim = "disk", first
             else:
                 return
-            self._evict(oldest, why)
+            self._evict(victim, why)
 
     def _evict(self, entry: SnapshotEntry, why: str) -> None:
         shutil.rmtree(self.root / entry.snapshot_id, ignore_errors=True)
         with self._lock:
             self._index.pop(entry.snapshot_id, None)
+            self._shadow_only.pop(entry.snapshot_id, None)
             self._total -= entry.size_bytes
-        self.stats.evicted[why] += 1
+            self.stats.evicted[why] += 1
         log.debug("snapshot_evicted", snapshot_id=entry.snapshot_id, why=why)
 
     def _scan(self) -> None:

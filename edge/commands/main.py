@@ -18,8 +18,11 @@ _COMMAND_GROUPS = (
     ("edge.commands.models", "add_model_commands"),
     ("edge.commands.update", "add_update_commands"),
     ("edge.commands.snapshots", "add_snapshot_commands"),
+    ("edge.commands.replay", "add_replay_commands"),
+    ("edge.commands.shadow", "add_shadow_commands"),
     ("edge.commands.opcua", "add_opcua_commands"),
     ("edge.commands.fleet", "add_fleet_commands"),
+    ("edge.commands.train", "add_train_commands"),
 )
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, TextIO, cast
+from typing import Any
 
 import numpy as np
 
 from edge.catalogue import load_catalogue
+from edge.commands.log_stream import log_to_stderr
 from edge.config import Config, ConfigError, ModelsConfig, load_config
 from edge.durable import fsync_dir
 from edge.infer.backend import BackendError
@@ -31,9 +31,9 @@ from edge.infer.manifest import (
     sha256_file,
     write_manifest,
 )
+from edge.infer.ood import is_out_of_distribution
 from edge.infer.photo import PhotoError, load_photo
 from edge.infer.runtimes import open_backend
-from edge.logs import configure_logging
 from edge.verdicts.policy import VerdictPolicy
 
 SubParsers = argparse._SubParsersAction
@@ -81,6 +81,10 @@ def _inspect(args: argparse.Namespace) -> int:
     policy = VerdictPolicy.from_manifest(inspector.manifest, cfg.decision)
     verdict = policy.decide(photo.record, inference, now_ms=0.0)
     notes = list(photo.notes)
+    if is_out_of_distribution(inference.ood):
+        notes.append(f"out of distribution (score {inference.ood:.2f} >= 1): not like the "
+                     f"parcels the models know; decision.out_of_distribution = "
+                     f"{cfg.decision.out_of_distribution}")
     if not inference.has_gallery:
         notes.append("no reference gallery for this product: classifier (and geometry) only"
                      if args.product else "no --product: gallery and geometry checks skipped")
@@ -89,6 +93,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "anomaly_score": None if inference.anomaly is None else round(inference.anomaly, 4),
         "geometry_score": None if inference.geometry is None else round(inference.geometry, 4),
         "fused_score": round(inference.fused, 5),
+        "ood_score": None if inference.ood is None else round(inference.ood, 4),
         "threshold": policy.thresholds.fused[inference.combo],
         "inputs": inference.combo,
         "decision": verdict.decision.value,
@@ -112,7 +117,7 @@ def _print_inspect(out: dict[str, Any]) -> None:
           f"{out['threshold']:.4f}, inputs {out['inputs']})")
     _emit(f"reasons:   {', '.join(out['reasons']) or '-'}")
     _emit(f"damage:    {out['damage_score']:.4f}   anomaly: {out['anomaly_score']}   "
-          f"geometry: {out['geometry_score']}")
+          f"geometry: {out['geometry_score']}   ood: {out['ood_score']}")
     _emit("per type:  " + ", ".join(f"{k} {v:.3f}" for k, v in out["per_type"].items()))
     for note in out["notes"]:
         _emit(f"note:      {note}")
@@ -228,17 +233,6 @@ def _engines(args: argparse.Namespace) -> int:
     return 0 if all(r["state"] == "fresh" for r in rows) or args.action == "list" else 1
 
 
-class _Stderr(io.TextIOBase):
-    def write(self, s: str) -> int:
-        return sys.stderr.write(s)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-    def isatty(self) -> bool:
-        return sys.stderr.isatty()
-
-
 def _open_plan(models: ModelsConfig) -> Any:
     def open_plan(spec: Any, plan: Path) -> Any:
         from edge.infer.tensorrt import TensorRTBackend  # imports TensorRT: only where it runs
@@ -261,7 +255,7 @@ def _build(cache: Any, spec: Any, precision: str, sets: Int8Sets | None,
 def _guarded(func: Any, log_level: str = "warning") -> Any:
     def run(args: argparse.Namespace) -> int:
         # stdout carries the command's output; logs go to whatever sys.stderr is at write time.
-        configure_logging(log_level, stream=cast("TextIO", _Stderr()))
+        log_to_stderr(log_level)
         try:
             return int(func(args))
         except (ManifestError, BackendError, DatasetError, PhotoError) as exc:

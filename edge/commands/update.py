@@ -7,6 +7,9 @@ may still be arriving), and so is every bundle while another update holds the lo
 nothing to apply, an update that a reboot interrupted is finished (`resume`).
 A bundle older than the newest release ever installed on the device is refused (an old
 signed bundle must not roll a device back to known bugs) unless `--allow-downgrade`.
+With `update.shadow_gate` on in the node's config (`--config`, default
+/etc/conveyor-vision/config.yaml when it exists), a bundle that changes the models is refused
+unless they ran in shadow on this device (edge/update/shadow_gate.py).
 Exit status: 0 committed (or nothing to do), 1 refused or rolled back, 2 bad usage.
 """
 
@@ -22,9 +25,11 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge.config import load_config
 from edge.health_file import DEFAULT_HEALTH_FILE
 from edge.update.bundle import BundleError, load_public_keys
 from edge.update.health import AllOf, GatePolicy, HealthFileProbe, HealthProbe, SystemctlProbe
+from edge.update.shadow_gate import ShadowGate
 from edge.update.store import DEFAULT_ROOT, ReleaseStore
 from edge.update.updater import (
     NODE_UNIT,
@@ -40,6 +45,8 @@ from edge.update.updater import (
 log = structlog.get_logger(__name__)
 
 DEFAULT_PUBLIC_KEY = Path("/etc/conveyor-vision/update-signing.pub")
+#: The node's config as the service unit names it: the update unit reads its update section.
+DEFAULT_CONFIG = Path("/etc/conveyor-vision/config.yaml")
 BUNDLE_SUFFIX = ".cvb"
 _GATE = GatePolicy()  # the defaults; the update unit's TimeoutStartSec= is sized on them
 
@@ -77,6 +84,9 @@ def add_update_commands(
     apply.add_argument("--allow-downgrade", action="store_true",
                        help="install a bundle older than the newest release this device "
                        "has installed (refused otherwise)")
+    apply.add_argument("--config", type=Path, default=None,
+                       help="the node's config, for update.shadow_gate and where the shadow "
+                       f"record is (default: {DEFAULT_CONFIG} when it exists)")
 
     rollback = sub.add_parser("rollback", parents=[common, gated],
                               help="go back to the previous release")
@@ -129,7 +139,20 @@ def _updater(args: argparse.Namespace, keys: Sequence[Ed25519PublicKey]) -> Upda
 
     return Updater(args.root, public_keys=keys, services=services,
                    probe_for=probe_for, policy=UpdatePolicy(keep=getattr(args, "keep", 3),
-                                                            gate=gate))
+                                                            gate=gate, shadow=_shadow_gate(args)))
+
+
+def _shadow_gate(args: argparse.Namespace) -> ShadowGate | None:
+    """`update.shadow_gate` of the node's config (`apply` only: nothing else installs)."""
+    if args.update_command != "apply":
+        return None
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if path is None:
+        return None
+    cfg = load_config(path)
+    return ShadowGate.from_config(cfg.update.shadow_gate, Path(cfg.storage.state_dir))
 
 
 def _pick_bundle(path: Path, settle_s: float) -> tuple[Path | None, list[Path]]:

@@ -1,8 +1,10 @@
 """Reader for synthetic datasets written by `edge-node synth dataset`.
 
 `DIR/index.jsonl` has one JSON object per crop; crops of one item share an
-`item_id`. Items become `ItemRecord`s (with `ItemTruth`), reference views
-(role "reference") become per-product crop lists for the gallery.
+`item_id`. Items become `ItemRecord`s (with `ItemTruth`: damage type, severity
+and size, confounder print), reference views (role "reference") become
+per-product crop lists for the gallery. `DIR/catalogue.yaml` holds the products
+the dataset was rendered from.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge.catalogue import Catalogue, load_catalogue
+from edge.config import ConfigError
 from edge.types import DamageType, ItemCrop, ItemRecord, ItemTruth, box3
 
 #: The height PNGs store tenths of a millimetre.
@@ -27,11 +31,16 @@ class DatasetError(ValueError):
     """A dataset directory or one of its files cannot be read."""
 
 
+_SEVERITIES = ("subtle", "moderate", "severe")
+
+
 @dataclass(frozen=True, slots=True)
 class Dataset:
     root: Path
     items: tuple[ItemRecord, ...]
     references: dict[str, dict[str, list[ItemCrop]]]  # product -> camera -> crops
+    catalogue: Catalogue  # the products the dataset was rendered from
+    split: str | None = None  # train, val or test; None: not a benchmark split
 
 
 def _image(root: Path, rel: str, flags: int) -> np.ndarray:
@@ -72,20 +81,39 @@ def _record(n: int, rows: list[dict[str, Any]], crops: dict[str, ItemCrop]) -> I
     box_row = next((r for r in rows if r["camera"] == "top"), first)
     box = box3(box_row["measured_box_mm"])
     damage = DamageType(first["damage"]) if first.get("damage") else None
+    severity = first.get("severity")
+    if severity not in (None, *_SEVERITIES):
+        raise DatasetError(f"item {first['item_id']}: severity {severity!r} is not one of "
+                           f"{_SEVERITIES}")
     truth = ItemTruth(str(first["item_id"]), str(first["product_id"]), damage,
                       box3(first["box_mm"]),
-                      bool(first.get("confounder", False)))
+                      bool(first.get("confounder", False)),
+                      severity=severity,
+                      damage_size_mm=_optional_mm(first.get("damage_size_mm")),
+                      damage_depth_mm=_optional_mm(first.get("damage_depth_mm")),
+                      print_style=first.get("print_style"))
     return ItemRecord(track_id=n, item_id=str(first["item_id"]),
                       product_id=str(first["product_id"]), first_seen_ms=0.0, captured_ms=0.0,
                       deadline_ms=1e12, box_mm=box, centre_mm=(0.0, 0.0),
                       crops=crops, truth=truth)
 
 
+def _optional_mm(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def load_dataset(root: Path, *, limit: int | None = None) -> Dataset:
-    """Items (first `limit`) and reference views of the dataset in `root`."""
+    """Items (first `limit`), reference views and catalogue of the dataset in `root`."""
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     refs: dict[str, dict[str, list[ItemCrop]]] = defaultdict(lambda: defaultdict(list))
+    try:
+        catalogue = load_catalogue(root / "catalogue.yaml")
+    except ConfigError as exc:
+        raise DatasetError(f"{root / 'catalogue.yaml'}: {exc}") from None
+    splits: set[str] = set()
     for row in _rows(root):
+        if row.get("split"):
+            splits.add(str(row["split"]))
         if row.get("role") == "reference":
             refs[str(row["product_id"])][str(row["camera"])].append(read_crop(root, row))
         elif limit is None or len(grouped) < limit or row["item_id"] in grouped:
@@ -93,4 +121,7 @@ def load_dataset(root: Path, *, limit: int | None = None) -> Dataset:
     items = tuple(
         _record(n, rows, {str(r["camera"]): read_crop(root, r) for r in rows})
         for n, rows in enumerate(grouped.values()))
-    return Dataset(root, items, {p: dict(c) for p, c in refs.items()})
+    if len(splits) > 1:
+        raise DatasetError(f"{root}: rows of several splits {sorted(splits)}")
+    return Dataset(root, items, {p: dict(c) for p, c in refs.items()}, catalogue,
+                   next(iter(splits), None))

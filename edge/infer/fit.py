@@ -32,6 +32,8 @@ class ScoreTable:
     damaged: npt.NDArray[np.bool_]
     damage_type: tuple[str | None, ...]
     confounder: npt.NDArray[np.bool_]
+    ood: Vector | None = None  # NaN: models without out-of-distribution outputs
+    severity: tuple[str | None, ...] = ()  # synthetic truth: subtle, moderate, severe
 
     @staticmethod
     def collect(records: Sequence[ItemRecord], results: Sequence[ItemInference]) -> ScoreTable:
@@ -47,6 +49,9 @@ class ScoreTable:
             damaged=np.array([t is not None for t in types]),
             damage_type=types,
             confounder=np.array([bool(r.truth and r.truth.confounder) for r in records]),
+            ood=np.array([nan(x.ood) for x in results]),
+            severity=tuple(None if r.truth is None else getattr(r.truth, "severity", None)
+                           for r in records),
         )
 
 

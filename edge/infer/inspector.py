@@ -1,13 +1,17 @@
 """The item inspector: crops in, scores out (classifier, gallery anomaly, geometry, fusion).
 
-Two ONNX models share one frozen backbone: `embedding` (BGR crop -> patch
-features for the gallery + stride-16 trunk features) and `damage` (trunk
-features + a depth branch -> damage probability and per-type probabilities
-with their coarse maps). Crops are copied into preallocated batch buffers.
+Two ONNX models share one frozen backbone: `embedding` (RGB crop -> patch
+features for the gallery, stride-16 trunk features and, in models that have them,
+the out-of-distribution signals `parcel` and `novelty`: edge/infer/ood.py) and
+`damage` (trunk features + a depth branch -> damage probability and per-type
+probabilities with their coarse maps). Crops are BGR (as cameras and OpenCV give
+them) and are converted to the channel order the manifest names while they are
+copied into preallocated batch buffers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +27,8 @@ from edge.config import ModelsConfig
 from edge.infer.backend import Backend, Tensor
 from edge.infer.fusion import Fusion, combo_name
 from edge.infer.gallery import ReferenceGallery
-from edge.infer.manifest import Manifest, load_manifest, sha256_file
+from edge.infer.manifest import Manifest, ManifestError, load_manifest, sha256_file
+from edge.infer.ood import OodError, OodRule
 from edge.infer.runtimes import open_backend
 from edge.infer.size_check import geometry_check
 from edge.types import CLASSIFIER_DAMAGE_TYPES, DamageType, F32Array, ItemCrop, ItemRecord, Scores
@@ -51,6 +56,7 @@ class ItemInference:
     fused: float
     boxes: Mapping[str, tuple[int, int, int, int]] = field(default_factory=dict)
     cameras: tuple[str, ...] = ()
+    ood: float | None = None  # >= 1: out of distribution (None: models without the outputs)
 
     @property
     def has_gallery(self) -> bool:
@@ -65,7 +71,8 @@ class ItemInference:
         return combo_name(self.anomaly is not None, self.geometry is not None)
 
     def scores(self) -> Scores:
-        return Scores(self.damage, self.anomaly, self.geometry, self.fused, dict(self.per_type))
+        return Scores(self.damage, self.anomaly, self.geometry, self.fused, dict(self.per_type),
+                      self.ood)
 
 
 def depth_channels(crop: ItemCrop, size: int, abs_scale_mm: float, out: F32Array) -> None:
@@ -84,11 +91,35 @@ def depth_channels(crop: ItemCrop, size: int, abs_scale_mm: float, out: F32Array
     out[2] = 1.0
 
 
-def rgb_channels(color: np.ndarray, size: int, out: F32Array) -> None:
-    """Fill (3, size, size) with the BGR crop as float (the graph normalizes)."""
+def rgb_channels(color: np.ndarray, size: int, out: F32Array, *, to_rgb: bool) -> None:
+    """Fill (3, size, size) with the BGR crop as float in RGB order (`to_rgb`, what ImageNet
+    weights expect) or as it is (models from before the order was fixed); the graph
+    normalizes."""
     img = color if color.shape[0] == size else cv2.resize(color, (size, size),
                                                            interpolation=cv2.INTER_AREA)
-    out[:] = np.moveaxis(img, 2, 0)
+    out[:] = np.moveaxis(img[..., ::-1] if to_rgb else img, 2, 0)
+
+
+def channel_order_is_rgb(manifest: Manifest) -> bool:
+    order = str(manifest.model(EMBEDDING).preprocessing.get("channel_order", "BGR")).upper()
+    if order not in ("RGB", "BGR"):
+        raise ManifestError("models.embedding.preprocessing.channel_order", f"got {order!r}",
+                            "RGB or BGR")
+    return order == "RGB"
+
+
+def ood_rule(manifest: Manifest) -> OodRule | None:
+    """The manifest's out-of-distribution rule; None for models without one. A rule whose
+    embedding model lacks the `parcel` and `novelty` outputs is an error, not ignored."""
+    try:
+        rule = OodRule.from_mapping(manifest.raw.get("ood"))
+    except OodError as exc:
+        raise ManifestError("ood", str(exc), "parcel_min_logprob and novelty_max") from None
+    outputs = {t.name for t in manifest.model(EMBEDDING).outputs}
+    if rule is not None and not {"parcel", "novelty"} <= outputs:
+        raise ManifestError("models.embedding.outputs", f"got {sorted(outputs)}",
+                            "parcel and novelty outputs, which the ood section needs")
+    return rule
 
 
 def map_box(prob_map: F32Array, size: int) -> tuple[int, int, int, int]:
@@ -104,7 +135,8 @@ def embedding_identity(manifest: Manifest) -> str:
     """What patch features depend on: the embedding model file and its input size. Two
     models that share it compute the same features (a TensorRT engine is built from it)."""
     spec = manifest.model(EMBEDDING)
-    return f"{spec.sha256[:16]}@{int(spec.preprocessing.get('size', 128))}"
+    order = "@rgb" if channel_order_is_rgb(manifest) else ""  # BGR models keep their identity
+    return f"{spec.sha256[:16]}@{int(spec.preprocessing.get('size', 128))}{order}"
 
 
 class ItemInspector:
@@ -123,6 +155,8 @@ class ItemInspector:
         self.embedding = embedding
         self.damage = damage
         self.fusion = Fusion.from_mapping(manifest.fusion)
+        self.to_rgb = channel_order_is_rgb(manifest)
+        self.ood_rule = ood_rule(manifest)
         pre = manifest.model(DAMAGE).preprocessing
         self.size = int(manifest.model(EMBEDDING).preprocessing.get("size", 128))
         self.abs_scale_mm = float(pre.get("height_scale_mm", 200.0))
@@ -220,16 +254,20 @@ class ItemInspector:
 
     def embed(self, colors: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
         """Patch features (N, C, H, W) and trunk features of BGR crops, in batches."""
-        patches, trunks = [], []
+        out = self.embed_outputs(colors)
+        return out["patches"], out["trunk"]
+
+    def embed_outputs(self, colors: Sequence[np.ndarray]) -> dict[str, Tensor]:
+        """Every output of the embedding model for BGR crops, in batches."""
+        parts: dict[str, list[Tensor]] = {}
         cap = len(self._rgb)
         for start in range(0, len(colors), cap):
             chunk = colors[start:start + cap]
             for i, color in enumerate(chunk):
-                rgb_channels(color, self.size, self._rgb[i])
-            out = self.embedding.run({"rgb": self._rgb[:len(chunk)]})
-            patches.append(out["patches"])
-            trunks.append(out["trunk"])
-        return np.concatenate(patches), np.concatenate(trunks)
+                rgb_channels(color, self.size, self._rgb[i], to_rgb=self.to_rgb)
+            for name, value in self.embedding.run({"rgb": self._rgb[:len(chunk)]}).items():
+                parts.setdefault(name, []).append(value)
+        return {name: np.concatenate(values) for name, values in parts.items()}
 
     def learn_views(self, product_id: str, camera_id: str, colors: Sequence[np.ndarray]) -> None:
         """Add BGR crops of one camera as references (in every orientation of the long side)."""
@@ -263,9 +301,10 @@ class ItemInspector:
             self.learn_views(product_id, camera_id, [color])
 
     def judge_views(self, colors: Sequence[np.ndarray]) -> tuple[Tensor, list[float]]:
-        """Patch features (N, C, H, W) of BGR crops and the classifier's damage score of each
-        on its own (no depth, no gallery), under the lock that inference holds: for views
-        that come from elsewhere (the site's shared gallery)."""
+        """Patch features (N, C, H, W) of BGR crops and the damage score of each on its own
+        (no depth, no gallery), under the lock that inference holds: for views that come
+        from elsewhere (the site's shared gallery). A view out of distribution, or with
+        unreadable signals, scores NaN: no damage check can pass it."""
         patches, scores = [], []
         step = self.cfg.max_batch
         with self._lock:
@@ -273,11 +312,16 @@ class ItemInspector:
                 chunk = colors[start:start + step]
                 if len(chunk) > len(self._depth):
                     self._allocate(len(chunk))
-                p, trunk = self.embed(chunk)
+                emb = self.embed_outputs(chunk)
                 self._depth[:len(chunk)] = 0.0  # as for a crop without depth
-                dmg = self.damage.run({"trunk": trunk, "depth": self._depth[:len(chunk)]})
-                patches.append(p)
-                scores += [float(row[0]) for row in dmg["probs"]]
+                dmg = self.damage.run({"trunk": emb["trunk"],
+                                       "depth": self._depth[:len(chunk)]})
+                patches.append(emb["patches"])
+                for i, row in enumerate(dmg["probs"]):
+                    ood = None if self.ood_rule is None else self.ood_rule.view_score(
+                        float(emb["parcel"][i][0]), float(emb["novelty"][i][0]))
+                    known = ood is None or (not math.isnan(ood) and ood < 1.0)
+                    scores.append(float(row[0]) if known else math.nan)
         return np.concatenate(patches), scores
 
     def infer(self, records: Sequence[ItemRecord]) -> list[ItemInference]:
@@ -295,16 +339,21 @@ class ItemInspector:
             return [self._combine(r, []) for r in records]
         if len(views) > len(self._depth):
             self._allocate(len(views))
-        patches, trunk = self.embed([crop.color for _, _, crop in views])
+        emb = self.embed_outputs([crop.color for _, _, crop in views])
+        patches, trunk = emb["patches"], emb["trunk"]
         for i, (_, _, crop) in enumerate(views):
             depth_channels(crop, self.size, self.abs_scale_mm, self._depth[i])
         dmg = self.damage.run({"trunk": trunk, "depth": self._depth[:len(views)]})
         per_view = [(cam, crop, dmg["probs"][i], dmg["maps"][i], patches[i])
                     for i, (_, cam, crop) in enumerate(views)]
+        signals = [(float(p[0]), float(n[0])) for p, n in
+                   zip(emb["parcel"], emb["novelty"], strict=True)] \
+            if self.ood_rule is not None else []
         results, k = [], 0
         for r in records:
             n = len(r.crops)
-            results.append(self._combine(r, per_view[k:k + n]))
+            ood = None if self.ood_rule is None else self.ood_rule.item_score(signals[k:k + n])
+            results.append(dataclasses.replace(self._combine(r, per_view[k:k + n]), ood=ood))
             k += n
         return results
 

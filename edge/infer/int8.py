@@ -18,7 +18,13 @@ import structlog
 
 from edge.infer.backend import Backend, Tensor
 from edge.infer.golden import load_golden
-from edge.infer.inspector import DAMAGE, EMBEDDING, depth_channels, rgb_channels
+from edge.infer.inspector import (
+    DAMAGE,
+    EMBEDDING,
+    channel_order_is_rgb,
+    depth_channels,
+    rgb_channels,
+)
 from edge.infer.manifest import Manifest, ModelSpec
 from edge.infer.onnxruntime import OnnxRuntimeBackend
 
@@ -62,7 +68,7 @@ def int8_sets(manifest: Manifest, batch: int = 8) -> Int8Sets:
     colors = [c.color for _, c in crops] + [img for _, _, img in golden.references]
     rgb = np.zeros((len(colors), 3, size, size), np.float32)
     for i, color in enumerate(colors):
-        rgb_channels(color, size, rgb[i])
+        rgb_channels(color, size, rgb[i], to_rgb=channel_order_is_rgb(manifest))
     depth = np.zeros((len(crops), 3, size, size), np.float32)
     for i, (_, crop) in enumerate(crops):
         depth_channels(crop, size, scale, depth[i])

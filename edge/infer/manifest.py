@@ -70,6 +70,9 @@ class Manifest:
     fusion: Mapping[str, Any]
     golden: Mapping[str, Any]
     raw: Mapping[str, Any]
+    #: sha256 of the manifest file's bytes as loaded (what judged an item, whatever the file
+    #: holds later)
+    sha256: str = ""
 
     def model(self, name: str) -> ModelSpec:
         try:
@@ -156,7 +159,8 @@ def verify_io(spec: ModelSpec, inputs: Sequence[tuple[str, Sequence[int | str | 
 def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
     """Parse the manifest; with `verify`, check every model file's sha256."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw_bytes = path.read_bytes()
+        data = yaml.safe_load(raw_bytes.decode("utf-8"))
     except FileNotFoundError:
         raise ManifestError(str(path), "the manifest is missing", "engines/manifest.yaml") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -176,7 +180,7 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
     return Manifest(path=path.resolve(), version=str(data.get("version", "0")), models=models,
                     thresholds=dict(data.get("thresholds") or {}),
                     fusion=dict(data.get("fusion") or {}), golden=dict(data.get("golden") or {}),
-                    raw=data)
+                    raw=data, sha256=hashlib.sha256(raw_bytes).hexdigest())
 
 
 def write_manifest(path: Path, data: Mapping[str, Any]) -> None:

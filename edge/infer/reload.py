@@ -10,7 +10,14 @@ from edge.infer.backend import Backend
 from edge.infer.fusion import Fusion, FusionError, Thresholds
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import GoldenReport, golden_self_test
-from edge.infer.inspector import DAMAGE, EMBEDDING, ItemInspector, embedding_identity
+from edge.infer.inspector import (
+    DAMAGE,
+    EMBEDDING,
+    ItemInspector,
+    channel_order_is_rgb,
+    embedding_identity,
+    ood_rule,
+)
 from edge.infer.manifest import Manifest, ManifestError, load_manifest
 from edge.infer.runtimes import open_backend
 
@@ -52,6 +59,8 @@ def prepare_reload(running: ItemInspector, manifest_path: Path | None = None) ->
         Fusion.from_mapping(manifest.fusion)
     except FusionError as exc:
         raise ManifestError(str(path), str(exc), "valid thresholds and fusion sections") from None
+    channel_order_is_rgb(manifest)  # these raise ManifestError, too
+    ood_rule(manifest)
     identity = embedding_identity(manifest)
     current = running.gallery
     new_embedding = identity != current.model and current.model is not None

@@ -25,6 +25,7 @@ import structlog
 
 from edge.audit.store import SnapshotStore
 from edge.infer.inspector import ItemInspector
+from edge.infer.ood import is_out_of_distribution
 from edge.types import Feedback, ItemRecord, U8Array, Verdict
 
 log = structlog.get_logger(__name__)
@@ -49,6 +50,7 @@ class RecentItem:
     product_id: str | None
     views: dict[str, U8Array]  # colour crop per camera
     damage: float | None  # the classifier's score; None: not scored (fail-safe)
+    ood: float | None = None  # out-of-distribution score (edge/infer/ood.py)
 
 
 class RecentViews:
@@ -65,9 +67,11 @@ class RecentViews:
 
     def remember(self, record: ItemRecord, verdict: Verdict) -> None:
         views = {cam: crop.color for cam, crop in record.crops.items()}
-        damage = None if verdict.scores is None else verdict.scores.damage
+        scores = verdict.scores
         with self._lock:
-            self._items[record.item_id] = RecentItem(record.product_id, views, damage)
+            self._items[record.item_id] = RecentItem(
+                record.product_id, views, None if scores is None else scores.damage,
+                None if scores is None else scores.ood)
             self._items.move_to_end(record.item_id)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
@@ -159,6 +163,9 @@ class FeedbackLearner:
         if recent.damage >= threshold:
             return (f"the item's own damage score {recent.damage:.3f} is at or above the "
                     f"damage threshold {threshold:.3f}")
+        if is_out_of_distribution(recent.ood):
+            return (f"the item is out of distribution (score {recent.ood}): its views are not "
+                    "like the parcels the models know")
         if product is not None and not self._take_learning_slot(product):
             return (f"{self._learn_per_hour} views of product {product} were already learned "
                     "in the last hour")

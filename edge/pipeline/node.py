@@ -6,8 +6,9 @@
 
 Announcements and feedback arrive on the MQTT client's thread and go to their
 collaborators (`routing.Admission`, `feedback.FeedbackLearner`); each decided item goes
-from the inference stage through `routing.Completion` to the scheduler. The node only
-builds and connects them, starts and stops them, and reports their health.
+from the inference stage through `routing.Completion` to the scheduler (and, judged by the
+models, to the shadow scorer, `shadow.ShadowScorer`, when a candidate is configured). The
+node only builds and connects them, starts and stops them, and reports their health.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import cv2
 import structlog
 
 from edge import __version__
+from edge.audit.replay import ModelContext
 from edge.audit.store import SnapshotStore
 from edge.capture.buffers import HasFrameBuffers
 from edge.capture.sync import FrameSynchronizer
@@ -41,6 +43,7 @@ from edge.perception.tracking import ItemTracker
 from edge.pipeline.feedback import FeedbackLearner, RecentViews
 from edge.pipeline.metrics import CameraSnapshot, NodeMetrics, NodeSnapshot, RecentRate
 from edge.pipeline.routing import Admission, Broadcast, Completion, VerdictChannel
+from edge.pipeline.shadow import ShadowScorer
 from edge.pipeline.stage_thread import BoundedQueue, StageThread
 from edge.pipeline.stages import (
     CaptureStage,
@@ -80,7 +83,8 @@ class Node:
                  catalogue: Catalogue, *, outbox_path: Path, hooks: NodeHooks | None = None,
                  stall_after_s: float = STALL_AFTER_S,
                  snapshots: SnapshotStore | None = None,
-                 channels: Sequence[VerdictChannel] = ()) -> None:
+                 channels: Sequence[VerdictChannel] = (),
+                 shadow: ShadowScorer | None = None) -> None:
         # The stages and the item-finding processes are the parallelism: OpenCV's own thread
         # pool on top of them oversubscribes the cores (BENCHMARKS.md).
         cv2.setNumThreads(1)
@@ -116,10 +120,19 @@ class Node:
         self.item_stage = ItemStage(self.tracker, self.framesets_q, self.items_q, self.stop_event,
                                     on_frameset=self.hooks.on_frameset)
         self.metrics = NodeMetrics(self.snapshot)
+        self.shadow = shadow  # the candidate models in shadow (stopped and closed with the node)
+        # What judged each item, for its snapshot (replay) and a shadow disagreement's.
+        context = (ModelContext(inspector, cfg.decision)
+                   if snapshots is not None or shadow is not None else None)
         complete = Completion(self.scheduler, self.recent, snapshots,
-                              self.metrics.capture_to_decision.observe, self.hooks.on_decided)
+                              self.metrics.capture_to_decision.observe, self.hooks.on_decided,
+                              None if shadow is None else shadow.offer, context)
         self.inference = InferenceStage(self.inspector.infer, policy, complete, self.items_q,
                                         clock, cfg.models.max_batch)
+        if shadow is not None:
+            shadow.attach(lambda payload: self.publisher.publish_message(
+                self.publisher.topics.shadow, payload), queued=self.items_q.depth,
+                deciding=self.inference.batch_lock.locked)
         self._threads: list[StageThread] = []
         self._stopped = False
         #: belt calibration check per camera (set by the service's periodic check)
@@ -163,6 +176,8 @@ class Node:
             self.snapshots.register_metrics(self.metrics.registry)
         if self.heap_trimmer is not None:
             self.heap_trimmer.register_metrics(self.metrics.registry)
+        if self.shadow is not None:
+            self.shadow.register_metrics(self.metrics.registry)
 
     def _build_capture(self) -> None:
         """A capture stage per camera, and the sync stage that groups their frames."""
@@ -218,6 +233,8 @@ class Node:
             t.start()
         if self.heap_trimmer is not None:
             self.heap_trimmer.start()
+        if self.shadow is not None:
+            self.shadow.start()
         self.started_mono = time.monotonic()
         log.info("node_started", cameras=list(self.cameras.sources), version=__version__,
                  models=self.inspector.model_versions())
@@ -249,6 +266,8 @@ class Node:
                 self.item_stage.close()
         drained = self.scheduler.drain()
         self.scheduler.stop()
+        if self.shadow is not None:  # before the owner closes the snapshot store
+            self.shadow.stop(timeout_s / 4)
         self.feedback.close()  # feedback already taken in is learned
         left = self.publisher.stop(flush_timeout_s=timeout_s / 2)
         for channel in self.channels:
@@ -276,7 +295,18 @@ class Node:
         """SIGHUP: the gallery from disk, then new models and thresholds, without dropping
         items. Models that fail to load or miss their golden scores are refused and the
         running ones stay (said in the log and on `…/events`): a bad update must not stop
-        the line. Returns whether the models and thresholds were switched."""
+        the line. Then the shadow candidate, likewise. Returns whether the models and
+        thresholds were switched."""
+        switched = self._reload_models()
+        refused = None if self.shadow is None else self.shadow.reload()
+        if refused is not None:
+            candidate = None if self.shadow is None else self.shadow.candidate
+            self.publisher.publish_event("shadow_reload_refused", {
+                "error": refused[:300],
+                "kept_candidate": None if candidate is None else candidate.describe()})
+        return switched
+
+    def _reload_models(self) -> bool:
         gallery = self.inspector.gallery.reload()
         try:  # opened and tested beside the running models, which go on inspecting
             prepared = prepare_reload(self.inspector)
@@ -333,8 +363,12 @@ class Node:
 
     def degraded(self) -> list[str]:
         """What the node runs without that it should have: required cameras not streaming
-        (`cameras[].required`). Empty: nothing."""
-        return [f"camera {cid} {state}" for cid, state in self._required_missing().items()]
+        (`cameras[].required`), a shadow scorer whose thread ended (production goes on).
+        Empty: nothing."""
+        out = [f"camera {cid} {state}" for cid, state in self._required_missing().items()]
+        if self.shadow is not None and self.shadow.dead:
+            out.append("shadow scorer not running")
+        return out
 
     def _required_missing(self) -> dict[str, str]:
         required = {c.id for c in self.cfg.cameras if c.required}

@@ -3,16 +3,18 @@
 `Admission` takes the controller's announcements to the scheduler (which owns each item's
 divert deadline) and to the induct associator (which ties the physical item to it).
 `Completion` takes each decided item from the inference stage to everything that needs it:
-latency metrics, the recent views kept for feedback, the audit snapshots, the observers, and
-finally the scheduler, which publishes the verdict. `Broadcast` is what the scheduler
+latency metrics, the recent views kept for feedback, the audit snapshots, the observers, the
+scheduler, which publishes the verdict, and then, for items the models judged, the shadow
+scorer; what judged the item (`edge.audit.replay.ModelContext`) is read as it is decided and
+travels with it to the snapshots and the shadow scorer. `Broadcast` is what the scheduler
 publishes through: the MQTT publisher (whose outbox numbers each verdict), then every other
 channel to the controller side (OPC UA, Sparkplug B), which must never hold the verdict up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,10 +22,15 @@ from edge.audit.store import SnapshotStore
 from edge.perception.induct import InductAssociator
 from edge.pipeline.feedback import RecentViews
 from edge.pipeline.stages import Decided
-from edge.types import Announcement, Verdict
+from edge.types import Announcement, ItemRecord, Verdict
 from edge.verdicts.deadlines import DeadlineScheduler, VerdictSink
 
 log = structlog.get_logger(__name__)
+
+#: What judged an item (the snapshot's ``replay`` block), read as it is decided; never raises.
+ModelContextFn = Callable[[ItemRecord], Mapping[str, Any]]
+#: The shadow scorer's `offer`: the item, production's verdict as it went out, its context.
+ShadowOffer = Callable[[ItemRecord, Verdict, Mapping[str, Any] | None], None]
 
 
 class VerdictChannel(Protocol):
@@ -75,25 +82,34 @@ class Admission:
 
 
 class Completion:
-    """A decided item out: observed, remembered, snapshotted, then handed to the scheduler."""
+    """A decided item out: observed, remembered, snapshotted, handed to the scheduler, then
+    (judged by the models) to the shadow scorer, which must not wait. Called on the inference
+    thread under the batch lock: `context` reads the models of the item's own batch."""
 
     def __init__(self, scheduler: DeadlineScheduler, recent: RecentViews,
                  snapshots: SnapshotStore | None, observe_latency_s: Callable[[float], None],
-                 on_decided: Callable[[Decided], None] | None = None) -> None:
+                 on_decided: Callable[[Decided], None] | None = None,
+                 shadow: ShadowOffer | None = None,
+                 context: ModelContextFn | None = None) -> None:
         self._scheduler = scheduler
         self._recent = recent
         self._snapshots = snapshots
         self._observe_latency_s = observe_latency_s
         self._on_decided = on_decided
+        self._shadow = shadow
+        self._context = context
 
     def __call__(self, decided: Decided) -> None:
         verdict = decided.verdict
         if verdict.captured_ms is not None:
             self._observe_latency_s(max(0.0, verdict.decided_ms - verdict.captured_ms) / 1000.0)
         self._recent.remember(decided.record, verdict)
+        context = None if self._context is None else self._context(decided.record)
         if self._snapshots is not None:  # assigns the ID; files are written off this thread
-            verdict = self._snapshots.offer(decided.record, verdict)
+            verdict = self._snapshots.offer(decided.record, verdict, context)
             decided = Decided(decided.record, verdict)
         if self._on_decided is not None:
             self._on_decided(decided)
         self._scheduler.complete(verdict)
+        if self._shadow is not None and verdict.scores is not None:  # after: never in its way
+            self._shadow(decided.record, verdict, context)

@@ -223,6 +223,15 @@ class VerdictPublisher:
         with self._lock:
             self._counts["events"] += 1
 
+    def publish_message(self, topic: str, payload: bytes) -> bool:
+        """A message that may be lost (shadow scores): QoS 0, only while connected, never
+        stored in the outbox and never resent; it shares paho's outgoing queue with the
+        verdicts, behind those already handed over. False when it was not handed to paho."""
+        if not self._connected.is_set():
+            return False
+        return self._client.publish(topic, payload, qos=0, retain=False).rc == (
+            MQTTErrorCode.MQTT_ERR_SUCCESS)
+
     def _status_bytes(self, state: str) -> bytes:
         return dumps(status_payload(state, node_id=self._node.node_id,
                                     line_id=self._node.line_id, now_ms=self._clock.now_ms(),

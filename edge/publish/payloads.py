@@ -73,7 +73,7 @@ def verdict_payload(verdict: Verdict, *, node_id: str, line_id: str, seq: int,
         s = verdict.scores
         scores = {
             "damage": _num(s.damage), "anomaly": _num(s.anomaly),
-            "geometry": _num(s.geometry), "fused": _num(s.fused),
+            "geometry": _num(s.geometry), "fused": _num(s.fused), "ood": _num(s.ood),
             "per_type": {k: v for k, v in ((k, _num(v)) for k, v in s.per_type.items())
                          if v is not None},
         }

@@ -7,6 +7,7 @@ Everything lives under ``{prefix}/{line_id}/{node_id}/``::
     …/verdict   out  one verdict per item (QoS 1, never retained)
     …/status    out  retained `online`/`offline` with versions and health
     …/events    out  diagnostics and rejected input (QoS 1, never retained)
+    …/shadow    out  a candidate model set's verdict beside production's (QoS 0)
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Topics:
     @property
     def events(self) -> str:
         return f"{self.root}/events"
+
+    @property
+    def shadow(self) -> str:
+        return f"{self.root}/shadow"
 
     @property
     def inputs(self) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Procedural packaging artwork and damage decals, drawn in item-top texture space.
+"""Item tops: packaging artwork and damage decals, drawn in item-top texture space.
 
 Textures use 1 px per mm; texture x runs along the item's length, y across.
 """
@@ -11,10 +11,13 @@ import cv2
 import numpy as np
 
 from edge.catalogue import Product
+from edge.sim.packaging_art import blot, fixed, fixed_point, jagged, label, procedural_top
 from edge.sim.world import Damage
 from edge.types import DamageType, F32Array, U8Array
 
 PX_PER_MM = 1.0
+#: Share of procedurally drawn items that carry a shipping label of their own.
+SHIPPING_LABEL_RATE = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,7 @@ def _blob(img: U8Array, rng: np.random.Generator, centre: tuple[float, float], r
 
 
 def product_artwork(product: Product, dims_mm: tuple[float, float, float]) -> U8Array:
-    """The printed top of an intact item of `product` (BGR)."""
+    """The fixed look of a catalogue product without an `art_seed` (BGR)."""
     length, width, _ = dims_mm
     tw, th = max(8, int(length * PX_PER_MM)), max(8, int(width * PX_PER_MM))
     rng = np.random.default_rng(_product_seed(product.product_id))
@@ -88,64 +91,126 @@ def product_artwork(product: Product, dims_mm: tuple[float, float, float]) -> U8
     return img
 
 
-def damaged_top(product: Product, dims_mm: tuple[float, float, float],
-                damage: Damage | None) -> TopSurface:
-    """The top surface of one item, with its damage drawn in and the dent map."""
-    colour = product_artwork(product, dims_mm)
+def top_artwork(product: Product, dims_mm: tuple[float, float, float], *, unit: bool = False
+                ) -> U8Array:
+    """The printed top of an intact item, or of one unit of a multipack (BGR)."""
+    if product.art_seed is not None:
+        return procedural_top(product, dims_mm, unit=unit)
+    return product_artwork(product, dims_mm)
+
+
+def damaged_top(product: Product, dims_mm: tuple[float, float, float], damage: Damage | None,
+                *, unit: bool = False, label_seed: int | None = None) -> TopSurface:
+    """The top surface of one item (or multipack unit), with its damage drawn in and the dent
+    map. `label_seed`: where and what the item's own shipping label is (procedural products).
+
+    The damage mask is every texel the damage changed, in colour or in depth.
+    """
+    colour = top_artwork(product, dims_mm, unit=unit)
+    if label_seed is not None and product.art_seed is not None:
+        rng = np.random.default_rng([product.art_seed, label_seed])
+        if rng.random() < SHIPPING_LABEL_RATE:
+            colour = colour.copy()
+            label(colour, rng)
     th, tw = colour.shape[:2]
-    alpha = np.zeros((th, tw), dtype=np.uint8)
     if damage is None or damage.type is DamageType.BROKEN_SET:
-        return TopSurface(np.dstack([colour, alpha]), None)
+        return TopSurface(np.dstack([colour, np.zeros((th, tw), np.uint8)]), None)
+    intact = colour
+    colour = colour.copy()
     rng = np.random.default_rng(damage.seed)
-    cu = int((damage.u_mm + dims_mm[0] / 2) * PX_PER_MM)
-    cv = int((damage.v_mm + dims_mm[1] / 2) * PX_PER_MM)
+    centre = ((damage.u_mm + dims_mm[0] / 2) * PX_PER_MM,
+              (damage.v_mm + dims_mm[1] / 2) * PX_PER_MM)
+    dent = np.zeros((th, tw), dtype=np.float32)
+    _DRAW[damage.type](colour, dent, rng, centre, damage)
+    changed = np.any(colour != intact, axis=2) | (dent != 0)
+    if damage.type is DamageType.TEAR:
+        dent[changed] = -damage.depth_mm  # the torn flap lifts wherever the tear shows
+    alpha = changed.astype(np.uint8) * 255
+    return TopSurface(np.dstack([colour, alpha]), dent if dent.any() else None)
+
+
+def _crush(colour: U8Array, dent: F32Array, rng: np.random.Generator,
+           centre: tuple[float, float], damage: Damage) -> None:
+    """A dent `size_mm` across (less across the item) and `depth_mm` deep, with creases."""
+    th, tw = dent.shape
+    ru = max(1.0, damage.size_mm * PX_PER_MM / 2)
+    rv = max(1.0, 0.6 * ru)
+    cu, cv = centre
+    x0, x1 = max(0, int(cu - ru)), min(tw, int(np.ceil(cu + ru)) + 1)
+    y0, y1 = max(0, int(cv - rv)), min(th, int(np.ceil(cv + rv)) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    rho2 = ((xx - cu) / ru) ** 2 + ((yy - cv) / rv) ** 2
+    bump = np.where(rho2 < 1.0, (1.0 - rho2) ** 2, 0.0).astype(np.float32)
+    dent[y0:y1, x0:x1] = bump * np.float32(damage.depth_mm)
+    # A shallow dent is a soft shade; a deep crush a dark hollow with creases.
+    darkening = float(np.clip(0.9 * damage.depth_mm / (damage.size_mm / 2), 0.05, 0.45))
+    roi = colour[y0:y1, x0:x1]
+    creased = (roi.astype(np.float32) * (1.0 - darkening * bump)[..., None]).astype(np.uint8)
+    creases = {"subtle": 1, "moderate": 2, "severe": 4}[damage.severity]
+    for _ in range(creases):
+        start = (cu - x0 + rng.normal(0, ru / 4), cv - y0 + rng.normal(0, rv / 4))
+        pts = jagged(rng, start, ru, float(rng.uniform(0, 2 * np.pi)), 5)
+        cv2.polylines(creased, [fixed(pts)], False, (20, 20, 25),
+                      1 if damage.severity == "subtle" else 2, cv2.LINE_AA, 4)
+    inside = bump > 0
+    roi[inside] = creased[inside]
+
+
+def _tear(colour: U8Array, dent: F32Array, rng: np.random.Generator,
+          centre: tuple[float, float], damage: Damage) -> None:
+    """A jagged tear `size_mm` long with the board showing under its lifted flap."""
     size = damage.size_mm * PX_PER_MM
-    dent: F32Array | None = None
-    if damage.type is DamageType.CRUSH:
-        yy, xx = np.mgrid[0:th, 0:tw].astype(np.float32)
-        sigma = size / 2.0
-        bump = np.exp(-(((xx - cu) ** 2) / (2 * sigma**2)
-                        + ((yy - cv) ** 2) / (2 * (0.6 * sigma) ** 2)))
-        dent = (bump * damage.depth_mm).astype(np.float32)
-        shade = 1.0 - 0.45 * bump
-        colour = (colour.astype(np.float32) * shade[..., None]).astype(np.uint8)
-        for _ in range(4):  # creases
-            pts = _jagged_line(rng, (cu + rng.normal(0, sigma / 2), cv + rng.normal(0, sigma / 2)),
-                               sigma, rng.uniform(0, 2 * np.pi), steps=5)
-            cv2.polylines(colour, [pts], False, (20, 20, 25), 2, lineType=cv2.LINE_AA)
-        alpha[bump > 0.25] = 255
-    elif damage.type is DamageType.TEAR:
-        pts = _jagged_line(rng, (cu - size / 2, cv), size, rng.uniform(-0.6, 0.6), steps=10)
-        flap = np.concatenate([pts, pts[::-1] + np.array([0, int(size * 0.2)])])
-        cv2.fillPoly(colour, [flap], (120, 160, 190), lineType=cv2.LINE_AA)  # exposed board
-        cv2.polylines(colour, [pts], False, (15, 20, 30), 4, lineType=cv2.LINE_AA)
-        cv2.fillPoly(alpha, [flap], 255)
-        cv2.polylines(alpha, [pts], False, 255, 6)
-        dent = np.zeros((th, tw), dtype=np.float32)
-        dent[alpha > 0] = -damage.depth_mm  # the flap lifts
-    elif damage.type is DamageType.HOLE:
-        axes = (max(3, int(size / 2)), max(3, int(size / 3)))
-        angle = float(rng.uniform(0, 180))
-        cv2.ellipse(colour, (cu, cv), (axes[0] + 4, axes[1] + 4), angle, 0, 360, (90, 120, 150), -1)
-        cv2.ellipse(colour, (cu, cv), axes, angle, 0, 360, (10, 10, 12), -1)
-        cv2.ellipse(alpha, (cu, cv), (axes[0] + 4, axes[1] + 4), angle, 0, 360, 255, -1)
-        dent = np.zeros((th, tw), dtype=np.float32)
-        cv2.ellipse(dent, (cu, cv), axes, angle, 0, 360, float(damage.depth_mm), -1)
-    elif damage.type is DamageType.SPILL:
-        # Liquid that ran over the top towards the edge (the belt part is drawn by the renderer).
-        liquid = (30, 50, 85) if rng.random() < 0.5 else (225, 225, 230)
-        edge_v = th - 1 if damage.v_mm >= 0 else 0
-        _blob(colour, rng, (cu, (cv + edge_v) / 2), size / 2, liquid, count=8)
-        diff = np.any(colour != product_artwork(product, dims_mm), axis=2)
-        alpha[diff] = 255
-    elif damage.type is DamageType.DECONSTRUCTION:
-        # The opening the contents push through; the contents are a box drawn by the renderer.
-        half = int(size * 0.35)
-        cv2.rectangle(colour, (cu - half - 6, cv - half - 6), (cu + half + 6, cv + half + 6),
-                      (70, 100, 130), -1)
-        cv2.rectangle(alpha, (cu - half - 6, cv - half - 6), (cu + half + 6, cv + half + 6),
-                      255, -1)
-    return TopSurface(np.dstack([colour, alpha]), dent)
+    steps = int(np.clip(size / 6, 3, 10))
+    pts = jagged(rng, (centre[0] - size / 2, centre[1]), size, float(rng.uniform(-0.6, 0.6)),
+                 steps)
+    flap = np.concatenate([pts, pts[::-1] + np.array([0.0, max(1.0, 0.2 * size)])])
+    cv2.fillPoly(colour, [fixed(flap)], (120, 160, 190), cv2.LINE_AA, 4)  # exposed board
+    width = int(np.clip(round(size / 12), 1, 4))
+    cv2.polylines(colour, [fixed(pts)], False, (15, 20, 30), width, cv2.LINE_AA, 4)
+
+
+def _hole(colour: U8Array, dent: F32Array, rng: np.random.Generator,
+          centre: tuple[float, float], damage: Damage) -> None:
+    """A hole `size_mm` across with its torn rim; the camera sees `depth_mm` into it."""
+    outer = damage.size_mm * PX_PER_MM / 2
+    rim = float(np.clip(0.15 * damage.size_mm, 1.0, 4.0)) * PX_PER_MM
+    inner = np.array([max(0.5, outer - rim), max(0.5, outer - rim) * 2 / 3])
+    angle = float(rng.uniform(0, 180))
+    c = fixed_point(centre)
+    cv2.ellipse(colour, c, fixed_point(inner + rim), angle, 0, 360,
+                (90, 120, 150), -1, cv2.LINE_AA, 4)
+    cv2.ellipse(colour, c, fixed_point(inner), angle, 0, 360, (10, 10, 12), -1,
+                cv2.LINE_AA, 4)
+    cv2.ellipse(dent, c, fixed_point(inner), angle, 0, 360,
+                float(damage.depth_mm), -1, cv2.LINE_8, 4)
+
+
+def _spill(colour: U8Array, dent: F32Array, rng: np.random.Generator,
+           centre: tuple[float, float], damage: Damage) -> None:
+    """A stain `size_mm` across of liquid that leaked out (severe: also on the belt)."""
+    liquid = (30, 50, 85) if rng.random() < 0.5 else (225, 225, 230)
+    blot(colour, rng, centre, damage.size_mm * PX_PER_MM / 2, liquid, 0.85, count=8)
+
+
+def _deconstruction(colour: U8Array, dent: F32Array, rng: np.random.Generator,
+                    centre: tuple[float, float], damage: Damage) -> None:
+    """The opening the contents push through (the contents are a box the renderer draws)."""
+    half = damage.size_mm * PX_PER_MM / 2
+    corners = np.array([[centre[0] - half, centre[1] - half], [centre[0] + half, centre[1] - half],
+                        [centre[0] + half, centre[1] + half], [centre[0] - half, centre[1] + half]])
+    cv2.fillConvexPoly(colour, fixed(corners), (70, 100, 130), cv2.LINE_8, 4)
+
+
+def contents_box(damage: Damage) -> tuple[float, float]:
+    """Footprint (along, across) of the contents standing out of a deconstruction's opening."""
+    side = damage.size_mm - 2 * float(np.clip(0.15 * damage.size_mm, 2.0, 6.0))
+    return side, 0.6 * side
+
+
+_DRAW = {DamageType.CRUSH: _crush, DamageType.TEAR: _tear, DamageType.HOLE: _hole,
+         DamageType.SPILL: _spill, DamageType.DECONSTRUCTION: _deconstruction}
 
 
 def contents_colour(seed: int) -> tuple[int, int, int]:

@@ -20,7 +20,8 @@ from edge.capture.source import EndOfStream, SourceCounters
 from edge.catalogue import Catalogue
 from edge.clock import Clock
 from edge.config import BeltConfig, CameraConfig, SyntheticConfig
-from edge.sim.render import CameraRig, SceneRenderer, add_sensor_noise
+from edge.sim.nuisance import BeltDirt, apply_lighting, draw_lighting, drop_depth_patches
+from edge.sim.render import CameraRig, SceneRenderer, TopCache, add_sensor_noise
 from edge.sim.world import ItemSchedule, SceneItem
 from edge.types import Announcement, Frame, FrameTruth, Intrinsics, Pose
 
@@ -69,7 +70,9 @@ class SyntheticConveyor:
                             (poses or {}).get(c.id) or default_pose(i), belt.width_mm, cfg.seed)
             for i, c in enumerate(cameras)
         }
-        self._renderers = {c.id: SceneRenderer() for c in cameras}
+        tops = TopCache()
+        self._renderers = {c.id: SceneRenderer(tops) for c in cameras}
+        self._dirt = BeltDirt(cfg.nuisance, cfg.seed, belt.width_mm) if cfg.nuisance else None
         self._buffers = {c.id: FrameBuffers() for c in cameras}
         self._induct_x = -belt.induct_to_camera_m * 1000.0
         #: items inducted at or after this world time (ms) never appear (a run's end)
@@ -118,12 +121,31 @@ class SyntheticConveyor:
         rig = self._rigs[camera_id]
         t = self.capture_time_ms(camera_id, index)
         placed = self.items_at(camera_id, t)
-        view = self._renderers[camera_id].render(rig, placed)
-        rng = np.random.default_rng([self.cfg.seed, self._index[camera_id], index])
-        color, depth = add_sensor_noise(view, rig, rng, index, self._buffers[camera_id])
+        dirt = self._dirt
+        belt = None if dirt is None else (
+            lambda color: dirt.draw(rig, color, t * self.schedule.speed_mm_per_ms))
+        view = self._renderers[camera_id].render(rig, placed, belt)
+        cam = self._index[camera_id]
+        rng = np.random.default_rng([self.cfg.seed, cam, index])
+        seen, damage, noise_scale = view.color, view.damage, self.cfg.depth_noise_scale
+        level = self.cfg.nuisance
+        if level:
+            period = self.cfg.nuisance_period_ms
+            key = index if period <= 0 else int(t // period)
+            light_rng = np.random.default_rng([self.cfg.seed, cam, key, 0x119E])
+            light = draw_lighting(level, light_rng, (rig.intrinsics.width,
+                                                     rig.intrinsics.height),
+                                  self.schedule.speed_mm_per_ms)
+            seen, damage = apply_lighting(view.color, view.damage, light, rig)
+            noise_scale *= 1.0 + 0.5 * level * float(light_rng.random())
+        color, depth = add_sensor_noise(view, rig, rng, index, self._buffers[camera_id],
+                                        color=seen, depth_noise_scale=noise_scale)
+        if level:
+            drop_depth_patches(depth, level,
+                               np.random.default_rng([self.cfg.seed, cam, index, 0xD809]))
         truth = FrameTruth(
             labels=view.labels,
-            damage_mask=view.damage,
+            damage_mask=damage,
             items=tuple(item.truth for item, _ in placed),
             centres_mm=tuple((x, item.y_mm, item.dims_mm[2] / 2) for item, x in placed),
             yaws_rad=tuple(item.yaw_rad for item, _ in placed),

@@ -10,7 +10,10 @@ on dark surfaces drop out (0), as they do on a D4xx.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -18,8 +21,14 @@ import numpy as np
 
 from edge.capture.buffers import FrameBuffers
 from edge.perception.belt_plane import BeltPlane
-from edge.sim.artwork import TopSurface, contents_colour, damaged_top, spill_colour
-from edge.sim.world import SceneItem
+from edge.sim.artwork import (
+    TopSurface,
+    contents_box,
+    contents_colour,
+    damaged_top,
+    spill_colour,
+)
+from edge.sim.world import Damage, SceneItem, top_faces
 from edge.types import BoolArray, DamageType, F32Array, FloatArray, Intrinsics, Pose, U8Array
 
 #: Stereo depth RMS error model: sigma_mm = K * z_mm^2 (subpixel 0.08, f 383 px, baseline 50 mm).
@@ -31,6 +40,7 @@ EDGE_DROPOUT = 0.5
 DARK_LUMA = 30
 DARK_DROPOUT = 0.6
 BELT_BGR = (58, 60, 62)
+_KERNEL3 = np.ones((3, 3), np.uint8)
 FRAME_BGR = (150, 150, 145)
 
 
@@ -67,9 +77,17 @@ class CameraRig:
         self.colour_noise = [rng.integers(-3, 4, (*depth.shape, 3)).astype(np.int16)
                              for _ in range(3)]
         self._cam = pose.translation_mm
-        corners = self.plane.points(depth)[[0, 0, -1, -1], [0, -1, 0, -1]]
+        corners = pts[[0, 0, -1, -1], [0, -1, 0, -1]]
+        k = intrinsics
+        self._centre_mm = pts[int(k.cy), int(k.cx)].astype(np.float64)
         #: belt-frame x range the camera can see (with margin for item heights)
         self.view_x_mm = (float(corners[:, 0].min()) - 400.0, float(corners[:, 0].max()) + 400.0)
+
+    def belt_motion_px(self, travel_mm: float) -> FloatArray:
+        """How far (pixels, x and y) the belt at the image centre moves while it travels."""
+        ends = self.plane.project(np.stack([self._centre_mm,
+                                            self._centre_mm + np.array([travel_mm, 0.0, 0.0])]))
+        return np.asarray(ends[1] - ends[0])
 
     def face_depth(self, roi: tuple[int, int, int, int], normal: FloatArray, d: float) -> F32Array:
         """Camera depth (mm) of plane n . p = d along each ray inside roi = (x0, y0, x1, y1)."""
@@ -104,45 +122,81 @@ def _box_faces(centre: FloatArray, yaw: float, dims: tuple[float, float, float],
     ]
 
 
+class TopCache:
+    """Item tops drawn recently, shared by the cameras of one world (thread-safe)."""
+
+    def __init__(self, size: int = 128) -> None:
+        # Items are in view for about a second: a few dozen item tops (multipacks: one per
+        # unit) cover every item on screen of every camera; more would only hold memory.
+        self._tops: OrderedDict[tuple[int, int], TopSurface] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, item: SceneItem, unit: int, dims: tuple[float, float, float]) -> TopSurface:
+        key = (item.index, unit)
+        with self._lock:
+            top = self._tops.get(key)
+        if top is None:
+            # Drawn outside the lock: two cameras may both draw it, with the same result.
+            top = _draw_top(item, unit, dims)
+            with self._lock:
+                self._tops[key] = top
+                while len(self._tops) > self._size:
+                    self._tops.popitem(last=False)
+        return top
+
+
+def _draw_top(item: SceneItem, unit: int, dims: tuple[float, float, float]) -> TopSurface:
+    """`unit` 0: a single item's top; >= 1000: multipack unit `unit - 1000`."""
+    label_seed = zlib.crc32(item.item_id.encode()) if unit in (0, 1000) else None
+    if unit < 1000:
+        return damaged_top(item.product, dims, item.damage, label_seed=label_seed)
+    return damaged_top(item.product, dims, _on_unit(item, unit - 1000), unit=True,
+                       label_seed=label_seed)
+
+
+def _on_unit(item: SceneItem, unit: int) -> Damage | None:
+    """The item's damage in unit `unit`'s own coordinates, if it lies on that unit."""
+    dmg = item.damage
+    if dmg is None:
+        return None
+    faces = top_faces(item.product, item.dims_mm)
+    _, cu, cv, ul, uw = faces[0]
+    length, width, _ = item.dims_mm
+    along, across = item.product.unit_grid
+    i = min(along - 1, max(0, int((dmg.u_mm + length / 2) // ul)))
+    j = min(across - 1, max(0, int((dmg.v_mm + width / 2) // uw)))
+    k, cu, cv, _, _ = faces[i * across + j]
+    if k != unit:
+        return None
+    return dataclasses.replace(dmg, u_mm=dmg.u_mm - cu, v_mm=dmg.v_mm - cv)
+
+
 class SceneRenderer:
     """Draws items at their positions at one instant, for one camera rig."""
 
-    def __init__(self, cache_size: int = 64) -> None:
-        # Items are in view for about a second: a few dozen item tops (multipacks: one per
-        # unit) cover every item on screen; more would only hold memory.
-        self._tops: OrderedDict[tuple[int, int], TopSurface] = OrderedDict()
-        self._cache_size = cache_size
+    def __init__(self, tops: TopCache | None = None) -> None:
+        self._tops = tops or TopCache()
 
-    def _top(self, item: SceneItem, unit: int, dims: tuple[float, float, float]) -> TopSurface:
-        key = (item.index, unit)
-        top = self._tops.get(key)
-        if top is None:
-            dmg = item.damage
-            if unit >= 1000 and dmg is not None:
-                # Multipack: the damage sits on the first unit that is present.
-                first = 1001 if dmg.missing_unit == 0 else 1000
-                dmg = dataclasses.replace(dmg, u_mm=0.0, v_mm=0.0,
-                                          size_mm=0.8 * min(dims[0], dims[1])) if unit == first \
-                    else None
-            top = damaged_top(item.product, dims, dmg)
-            self._tops[key] = top
-            while len(self._tops) > self._cache_size:
-                self._tops.popitem(last=False)
-        return top
-
-    def render(self, rig: CameraRig, placed: list[tuple[SceneItem, float]]) -> RenderedView:
-        """`placed`: (item, centre x in the belt frame) of every item to draw."""
+    def render(self, rig: CameraRig, placed: list[tuple[SceneItem, float]],
+               belt: Callable[[U8Array], None] | None = None) -> RenderedView:
+        """`placed`: (item, centre x in the belt frame) of every item to draw; `belt` draws
+        on the empty belt first (its dirt)."""
         color = rig.background.copy()
         depth = rig.background_depth.copy()
         labels = np.zeros(depth.shape, dtype=np.uint16)
         damage = np.zeros(depth.shape, dtype=bool)
+        if belt is not None:
+            belt(color)
         for item, x in placed:
-            if item.damage is not None and item.damage.type is DamageType.SPILL:
+            dmg = item.damage
+            if dmg is not None and dmg.type is DamageType.SPILL and dmg.severity == "severe":
                 self._draw_spill(rig, item, x, color, damage)
         for label, (item, x) in enumerate(placed, start=1):
             for dims, centre, unit, z0, flat in self._parts(item, x):
                 for corners, normal, name in _box_faces(centre, item.yaw_rad, dims, z0):
-                    top = self._top(item, unit, dims) if name == "top" and unit >= 0 else None
+                    top = (self._tops.get(item, unit, dims) if name == "top" and unit >= 0
+                           else None)
                     self._draw_face(rig, corners, normal, name, top, flat, label, color, depth,
                                     labels, damage, is_damage=unit == -2)
         return RenderedView(color, depth, labels, damage)
@@ -175,9 +229,10 @@ class SceneRenderer:
             parts = [((length, width, height), centre, 0, 0.0, colour)]
         dmg = item.damage
         if dmg is not None and dmg.type is DamageType.DECONSTRUCTION:
-            size = dmg.size_mm * 0.7
+            # The contents reach 5 mm into the item and stand `depth_mm` out of its top.
+            along_mm, across_mm = contents_box(dmg)
             cxy = centre + np.array([c * dmg.u_mm - s * dmg.v_mm, s * dmg.u_mm + c * dmg.v_mm])
-            parts.append(((size, size * 0.6, dmg.depth_mm), cxy, -2, height - 5.0,
+            parts.append(((along_mm, across_mm, dmg.depth_mm + 5.0), cxy, -2, height - 5.0,
                           contents_colour(dmg.seed)))
         return parts
 
@@ -217,8 +272,10 @@ class SceneRenderer:
         if not vis.any():
             return
         # Pixels on the rasterized edge of a face seen nearly edge-on hit its plane far outside
-        # the face; keep only intersections inside it (1 mm tolerance).
-        rows, cols = np.nonzero(vis)
+        # the face; keep only intersections inside it (1 mm tolerance). A pixel a whole pixel
+        # inside the outline sees the face itself: only the outline's band is tested.
+        inside = cv2.erode(poly, _KERNEL3, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        rows, cols = np.nonzero(vis & (inside == 0))
         hit = z[rows, cols, None] * rig.plane.rays[rows + y0, cols + x0] + rig.plane._t
         centre = corners.mean(axis=0)
         for axis in (corners[1] - corners[0], corners[3] - corners[0]):
@@ -232,7 +289,8 @@ class SceneRenderer:
         croi = color[y0:y1, x0:x1]
         if tex_bgra is not None:
             croi[vis] = tex_bgra[..., :3][vis]
-            damage[y0:y1, x0:x1][vis] = tex_bgra[..., 3][vis] > 127
+            # Any texel of damage that reaches a pixel marks it: thin tears stay in the mask.
+            damage[y0:y1, x0:x1][vis] = tex_bgra[..., 3][vis] > 0
         else:
             shade = {"top": 1.0, "front": 0.8, "back": 0.8, "left": 0.7, "right": 0.62}[name]
             croi[vis] = np.array(flat, dtype=np.float32) * shade
@@ -264,13 +322,15 @@ class SceneRenderer:
 
 
 def add_sensor_noise(view: RenderedView, rig: CameraRig, rng: np.random.Generator,
-                     frame_index: int, buffers: FrameBuffers | None = None
+                     frame_index: int, buffers: FrameBuffers | None = None, *,
+                     color: U8Array | None = None, depth_noise_scale: float = 1.0
                      ) -> tuple[U8Array, np.ndarray]:
     """Colour noise, stereo depth noise and dropouts; returns (BGR, uint16 depth in mm),
-    in buffers taken from `buffers` if given."""
+    in buffers taken from `buffers` if given. `color`: what the colour sensor sees (default
+    the scene's own colours, which also decide where the infrared stereo fails)."""
     z = view.depth_mm
     noise = rng.standard_normal(z.shape, dtype=np.float32)
-    noise *= np.float32(DEPTH_NOISE_K) * z * z
+    noise *= np.float32(DEPTH_NOISE_K * depth_noise_scale) * z * z
     noisy = z + noise
     # Dropouts at depth edges (occlusion shadows) and on dark surfaces.
     jump = np.zeros(z.shape, dtype=bool)
@@ -287,7 +347,7 @@ def add_sensor_noise(view: RenderedView, rig: CameraRig, rng: np.random.Generato
     depth = buffers.take(z.shape, np.uint16) if buffers else np.empty(z.shape, np.uint16)
     np.copyto(depth, noisy, casting="unsafe")  # truncates, as astype does
     colour_noise = rig.colour_noise[frame_index % len(rig.colour_noise)]
-    color = (buffers.take(view.color.shape, np.uint8) if buffers
-             else np.empty(view.color.shape, np.uint8))
-    cv2.add(view.color, colour_noise, dst=color, dtype=cv2.CV_8U)
-    return color, depth
+    seen = view.color if color is None else color
+    out = buffers.take(seen.shape, np.uint8) if buffers else np.empty(seen.shape, np.uint8)
+    cv2.add(seen, colour_noise, dst=out, dtype=cv2.CV_8U)
+    return out, depth

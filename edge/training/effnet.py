@@ -99,34 +99,60 @@ def load_lite0() -> EfficientNetLite0:
     return model.eval()
 
 
-class Trunk(nn.Module):
-    """Lite0 cut after stage 4 (stride 16), frozen; input is BGR uint8-range float.
+#: ImageNet-1k classes of packaging: carton, crate, envelope, mailbag, packet, plastic bag.
+#: Chosen by meaning, not fitted: the parcel prior is their summed probability.
+PACKAGING_CLASSES = (478, 519, 549, 636, 692, 728)
 
-    Outputs `patches` (stride-8 stage-3 features concatenated with upsampled
-    stride-16 features, L2-normalized per position: the gallery's patch
-    embedding) and `trunk` (stride-16 features for the classifier head).
+
+class Trunk(nn.Module):
+    """Lite0, frozen; input is an RGB crop as float in [0, 255] (ImageNet weights are RGB).
+
+    Outputs
+    - `patches`: stride-8 stage-3 features concatenated with upsampled stride-16 stage-4
+      features, L2-normalized per position (the gallery's patch embedding);
+    - `trunk`: stride-16 stage-4 features (the damage head's input);
+    - `parcel`: log of the ImageNet head's summed probability of packaging classes (the
+      whole network runs for it: a semantic "is this a parcel at all" prior);
+    - `novelty`: squared Mahalanobis distance of the pooled head features to the training
+      crops (whitened principal components plus the residual), once `fit_novelty` ran.
     """
 
     STRIDE8_BLOCK = 4  # last block of stage 3 (40 channels)
     LAST_BLOCK = 7  # last block of stage 4 (80 channels)
+    NOVELTY_DIMS = 64
 
     def __init__(self, full: EfficientNetLite0) -> None:
         super().__init__()
         self.stem = full._conv_stem
         self.bn0 = full._bn0
         self.blocks = nn.ModuleList(full._blocks[: self.LAST_BLOCK + 1])
+        self.tail = nn.ModuleList(full._blocks[self.LAST_BLOCK + 1:])
+        self.conv_head = full._conv_head
+        self.bn1 = full._bn1
+        self.fc = full._fc
         self.act = nn.ReLU6()
-        mean = torch.tensor(MEAN_RGB[::-1]).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(STD_RGB[::-1]).view(1, 3, 1, 1) * 255.0
-        self.mean_bgr: torch.Tensor
-        self.std_bgr: torch.Tensor
-        self.register_buffer("mean_bgr", mean)
-        self.register_buffer("std_bgr", std)
+        self.mean_rgb: torch.Tensor
+        self.std_rgb: torch.Tensor
+        self.register_buffer("mean_rgb", torch.tensor(MEAN_RGB).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std_rgb", torch.tensor(STD_RGB).view(1, 3, 1, 1) * 255.0)
+        self.packaging: torch.Tensor
+        self.register_buffer("packaging", torch.tensor(PACKAGING_CLASSES))
+        # Novelty: pooled features -> (x - mean) @ basis / scale, plus the residual's energy.
+        self.novelty_mean: torch.Tensor
+        self.novelty_basis: torch.Tensor
+        self.novelty_scale: torch.Tensor
+        self.novelty_residual: torch.Tensor
+        self.register_buffer("novelty_mean", torch.zeros(1280))
+        self.register_buffer("novelty_basis", torch.zeros(1280, self.NOVELTY_DIMS))
+        self.register_buffer("novelty_scale", torch.ones(self.NOVELTY_DIMS))
+        self.register_buffer("novelty_residual", torch.ones(()))
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, bgr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (bgr - self.mean_bgr) / self.std_bgr
+    def features(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+        """(patches, trunk, pooled head features, ImageNet logits)."""
+        x = (rgb - self.mean_rgb) / self.std_rgb
         x = self.act(self.bn0(self.stem(x)))
         mid = x
         for i, block in enumerate(self.blocks):
@@ -136,4 +162,59 @@ class Trunk(nn.Module):
         up = nn.functional.interpolate(x, size=mid.shape[-2:], mode="nearest")
         patches = torch.cat([nn.functional.avg_pool2d(mid, 3, 1, 1), up], dim=1)
         patches = patches / (patches.norm(dim=1, keepdim=True) + 1e-6)
-        return patches, x
+        y = x
+        for block in self.tail:
+            y = block(y)
+        pooled = self.act(self.bn1(self.conv_head(y))).mean(dim=(2, 3))
+        return patches, x, pooled, self.fc(pooled)
+
+    def trunk_only(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Stage-4 features only (the damage head's input), without the rest."""
+        x = (rgb - self.mean_rgb) / self.std_rgb
+        x = self.act(self.bn0(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        out: torch.Tensor = x
+        return out
+
+    def novelty(self, pooled: torch.Tensor) -> torch.Tensor:
+        centred = pooled - self.novelty_mean
+        coords = centred @ self.novelty_basis
+        residual = (centred * centred).sum(dim=1) - (coords * coords).sum(dim=1)
+        inside = ((coords / self.novelty_scale) ** 2).sum(dim=1)
+        return (inside + residual.clamp(min=0.0) / self.novelty_residual).unsqueeze(1)
+
+    def fit_novelty(self, pooled: torch.Tensor) -> None:
+        """Principal components of the training crops' pooled features (float64)."""
+        x = pooled.double()
+        mean = x.mean(dim=0)
+        centred = x - mean
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        k = self.NOVELTY_DIMS
+        var = s**2 / max(1, len(x) - 1)
+        self.novelty_mean.copy_(mean.float())
+        self.novelty_basis.copy_(vh[:k].T.float())
+        self.novelty_scale.copy_(var[:k].clamp(min=1e-6).sqrt().float())
+        # The residual's mean energy per crop, so a typical crop's residual term is ~1 per dim.
+        rest = float(var[k:].sum()) / max(1, len(var) - k)
+        self.novelty_residual.copy_(torch.tensor(max(rest, 1e-6)))
+
+    def load_novelty(self, onnx_path: Path) -> Trunk:
+        """The novelty statistics fitted at training, read back from the exported model
+        (its initializers keep the buffers' names): the exact twin of a shipped file."""
+        import onnx
+        from onnx import numpy_helper
+
+        found = {i.name: numpy_helper.to_array(i)
+                 for i in onnx.load(str(onnx_path)).graph.initializer}
+        for name in ("novelty_mean", "novelty_basis", "novelty_scale", "novelty_residual"):
+            getattr(self, name).copy_(torch.from_numpy(found[name].copy()))
+        return self
+
+    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+        patches, trunk, pooled, logits = self.features(rgb)
+        probs = torch.softmax(logits, dim=1)
+        parcel = torch.log(probs.index_select(1, self.packaging).sum(dim=1, keepdim=True)
+                           + 1e-12)
+        return patches, trunk, parcel, self.novelty(pooled)

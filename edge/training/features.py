@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge.infer.dataset import Dataset
 from edge.infer.inspector import TYPE_NAMES, depth_channels, rgb_channels
@@ -21,6 +23,7 @@ class CropTensors:
     targets: torch.Tensor  # (N, 6): any damage + per type
     map_target: torch.Tensor  # (N, 8, 8): damaged cells (any damage)
     map_known: torch.Tensor  # (N,): the crop has a damage mask to supervise the map
+    pooled: torch.Tensor  # (N / 2, 1280): the originals' pooled head features (novelty fit)
 
 
 def _crop_labels(damage: str | None, truth_mask: np.ndarray | None) -> np.ndarray:
@@ -48,7 +51,7 @@ def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTen
         damage = None if rec.truth is None or rec.truth.damage is None else rec.truth.damage.value
         for crop in rec.crops.values():
             rgb = np.empty((3, size, size), np.float32)
-            rgb_channels(crop.color, size, rgb)
+            rgb_channels(crop.color, size, rgb, to_rgb=True)
             d = np.empty((3, size, size), np.float32)
             depth_channels(crop, size, HEIGHT_SCALE_MM, d)
             colors.append(rgb)
@@ -58,11 +61,20 @@ def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTen
             maps.append(_cells(tm, cells) if tm is not None else np.zeros((cells, cells), bool))
             known.append(tm is not None or damage is None)
     rgb_all = torch.from_numpy(np.stack(colors))
-    feats = []
+    del colors
+    feats, pooled = [], []
     with torch.no_grad():
-        for variant in (rgb_all, torch.flip(rgb_all, dims=(2, 3))):
-            for i in range(0, len(variant), batch):
-                feats.append(trunk(variant[i:i + batch])[1])
+        for i in range(0, len(rgb_all), batch):
+            _, x, p, _ = trunk.features(rgb_all[i:i + batch])
+            feats.append(x)
+            pooled.append(p)
+            _progress("backbone features", i + batch, 2 * len(rgb_all))
+        # The other travel direction, under other light and optics: the head's input only.
+        gen = torch.Generator().manual_seed(len(rgb_all))
+        for i in range(0, len(rgb_all), batch):
+            flipped = torch.flip(rgb_all[i:i + batch], dims=(2, 3))
+            feats.append(trunk.trunk_only(photometric_jitter(flipped, gen)))
+            _progress("backbone features", len(rgb_all) + i + batch, 2 * len(rgb_all))
     depth = torch.from_numpy(np.stack(depths))
     y = torch.from_numpy(np.stack(labels))
     m = torch.from_numpy(np.stack(maps).astype(np.float32))
@@ -73,4 +85,31 @@ def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTen
         targets=torch.cat([y, y]),
         map_target=torch.cat([m, torch.flip(m, dims=(1, 2))]),
         map_known=torch.cat([k, k]),
+        pooled=torch.cat(pooled),
     )
+
+
+def photometric_jitter(rgb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random exposure, colour temperature, offset, sensor noise and defocus per crop
+    (values 0..255): what differs between renders and real cameras, not what damage is."""
+    n = len(rgb)
+
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    x = rgb * uniform(0.6, 1.4, 1, 1, 1) * uniform(0.85, 1.15, 3, 1, 1)
+    x = x + uniform(-20.0, 20.0, 1, 1, 1)
+    x = x + torch.randn(x.shape, generator=gen) * uniform(0.0, 6.0, 1, 1, 1)
+    blur = torch.rand(n, generator=gen) < 0.3
+    if blur.any():
+        x[blur] = nn.functional.avg_pool2d(x[blur], 3, 1, 1, count_include_pad=False)
+    return x.clamp(0.0, 255.0)
+
+
+def _progress(what: str, done: int, total: int, width: int = 30) -> None:
+    """A one-line progress bar on stderr (training runs for minutes)."""
+    done = min(done, total)
+    filled = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
+          file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from edge.training.features import CropTensors
 from edge.training.heads import DamageHead
 
 #: Share of training samples shown without depth (a camera whose depth fails).
-DEPTH_DROPOUT = 0.2
+DEPTH_DROPOUT = 0.3
 MAP_WEIGHT = 0.5
 TYPE_WEIGHT = 0.5
 

@@ -71,14 +71,37 @@ def pin_output_shapes(path: Path, shapes: dict[str, tuple[int | str, ...]]) -> N
     onnx.save(model, str(path))
 
 
+def separate_outputs(path: Path) -> None:
+    """Give every graph output that other nodes also consume a tensor of its own (an
+    Identity): FP16 converters that keep float32 outputs (`keep_io_types`) otherwise cast
+    the shared tensor for the output and leave its consumers on the other type."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    consumed = {name for node in model.graph.node for name in node.input}
+    for out in model.graph.output:
+        if out.name in consumed:
+            inner = f"{out.name}_value"
+            for node in model.graph.node:
+                node.input[:] = [inner if n == out.name else n for n in node.input]
+                node.output[:] = [inner if n == out.name else n for n in node.output]
+            model.graph.node.append(helper.make_node("Identity", [inner], [out.name]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def export_embedding(trunk: Trunk, path: Path, size: int) -> None:
     dummy = torch.zeros(1, 3, size, size)
+    names = ["patches", "trunk", "parcel", "novelty"]
     torch.onnx.export(trunk.eval(), (dummy,), str(path), input_names=["rgb"],
-                      output_names=["patches", "trunk"], opset_version=17,
-                      dynamic_axes={"rgb": {0: "batch"}, "patches": {0: "batch"},
-                                    "trunk": {0: "batch"}}, dynamo=False)
+                      output_names=names, opset_version=17,
+                      dynamic_axes={"rgb": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                      dynamo=False)
     pin_output_shapes(path, {"patches": ("batch", PATCH_CHANNELS, size // 8, size // 8),
-                             "trunk": ("batch", TRUNK_CHANNELS, size // 16, size // 16)})
+                             "trunk": ("batch", TRUNK_CHANNELS, size // 16, size // 16),
+                             "parcel": ("batch", 1), "novelty": ("batch", 1)})
+    separate_outputs(path)
 
 
 def export_damage(head: DamageHead, path: Path, size: int) -> None:

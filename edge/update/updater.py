@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge.durable import fsync_dir, write_atomic
 from edge.update.bundle import BundleError, BundleManifest, extract_verified, release_order
 from edge.update.health import GatePolicy, HealthProbe, wait_healthy
+from edge.update.shadow_gate import ShadowGate
 from edge.update.store import (
     INSTALL_FILE,
     RELEASE_FILE,
@@ -148,6 +149,7 @@ def longest_apply_s(gate: GatePolicy) -> float:
 class UpdatePolicy:
     keep: int = 3
     gate: GatePolicy = field(default_factory=GatePolicy)
+    shadow: ShadowGate | None = None  # new models must have run in shadow here (None: off)
 
 
 class Updater:
@@ -223,6 +225,9 @@ class Updater:
             manifest = verified.manifest
             target = self._check_target(manifest, current)
             self._check_not_older(manifest.version, allow_downgrade)
+            if self.policy.shadow is not None:  # refuses models that have not run in shadow
+                self.policy.shadow.check(
+                    staging, None if current is None else self.store.release_dir(current))
             if manifest.kind == "models":
                 assert current is not None  # _check_target refused otherwise
                 self._assemble_models_release(staging, current)

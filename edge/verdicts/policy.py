@@ -14,6 +14,7 @@ from edge.config import DecisionConfig
 from edge.infer.fusion import Thresholds
 from edge.infer.inspector import ItemInference
 from edge.infer.manifest import Manifest
+from edge.infer.ood import is_out_of_distribution, is_unreadable
 from edge.types import (
     DamageFinding,
     DamageType,
@@ -64,6 +65,21 @@ class VerdictPolicy:
             reason = Reason.NOT_SEEN if not record.crops else Reason.ERROR
             return self.fail_safe(record, reason, now_ms)
         reasons, damaged = self._model_reasons(inference)
+        findings = self._findings(inference)
+        policy_sideline: list[Reason] = []
+        if is_unreadable(inference.ood):
+            policy_sideline.append(Reason.ERROR)  # a model fault: never passes, whatever else
+        elif is_out_of_distribution(inference.ood) and self.cfg.out_of_distribution != "judge":
+            # The image models' scores of an input unlike every known parcel mean nothing: no
+            # damage reason, no findings; the configured decision for items the models cannot
+            # judge. Geometry comes from depth, not from those models: it still counts.
+            geometry = Reason.GEOMETRY in reasons
+            reasons, findings = [Reason.OUT_OF_DISTRIBUTION], ()
+            damaged = geometry
+            if geometry:
+                reasons.append(Reason.GEOMETRY)
+            if self.cfg.out_of_distribution == "sideline":
+                policy_sideline.append(Reason.OUT_OF_DISTRIBUTION)
         notes: list[Reason] = []
         if not inference.has_gallery:
             notes.append(Reason.NO_GALLERY)
@@ -71,7 +87,6 @@ class VerdictPolicy:
             notes.append(Reason.NO_DEPTH)  # (without a product, geometry is skipped, not depth)
         if record.views_missing:
             notes.append(Reason.VIEWS_MISSING)
-        policy_sideline: list[Reason] = []
         if record.unannounced:
             notes.append(Reason.UNANNOUNCED)
             if self.cfg.unannounced == "sideline":
@@ -85,7 +100,7 @@ class VerdictPolicy:
         sideline = damaged or bool(policy_sideline)
         decision = Decision.SIDELINE if sideline else Decision.PASS
         return self._verdict(record, decision, [*reasons, *policy_sideline, *notes], now_ms,
-                             scores=inference.scores(), findings=self._findings(inference),
+                             scores=inference.scores(), findings=findings,
                              inference=inference)
 
     def _model_reasons(self, inf: ItemInference) -> tuple[list[Reason], bool]:

@@ -176,8 +176,9 @@ def test_real_tensorrt_build_and_run_matches_onnxruntime(tmp_path: Path) -> None
     spec = load_manifest(DEFAULT_MANIFEST).model("damage")
     plan = EngineCache(tmp_path).ensure(spec)
     rng = np.random.default_rng(0)
-    feed = {"trunk": rng.random((3, 80, 8, 8), np.float32),
-            "depth": rng.random((3, 3, 128, 128), np.float32)}
+    size = int(spec.preprocessing["size"])
+    feed = {"trunk": rng.random((3, 80, size // 16, size // 16), np.float32),
+            "depth": rng.random((3, 3, size, size), np.float32)}
     trt_out = TensorRTBackend(spec, plan, max_batch=2).run(feed)
     ort_out = OnnxRuntimeBackend(spec).run(feed)
     assert float(np.abs(trt_out["probs"] - ort_out["probs"]).max()) < 0.02
@@ -192,8 +193,9 @@ def test_int8_calibration_set_and_acceptance_against_fp16(tmp_path: Path) -> Non
 
     manifest = load_manifest(DEFAULT_MANIFEST)
     sets = int8_sets(manifest, batch=8)
-    assert sets.calibration["damage"][0]["trunk"].shape[1:] == (80, 8, 8)
-    assert sets.calibration["embedding"][0]["rgb"].shape[1:] == (3, 128, 128)
+    size = int(manifest.model("embedding").preprocessing["size"])
+    assert sets.calibration["damage"][0]["trunk"].shape[1:] == (80, size // 16, size // 16)
+    assert sets.calibration["embedding"][0]["rgb"].shape[1:] == (3, size, size)
     spec = manifest.model("damage")
     # Stand-ins for plans: ONNX Runtime on the same model agrees with itself.
     accept = int8_acceptance(spec, spec.path, sets.check["damage"][:1],

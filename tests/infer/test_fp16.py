@@ -25,7 +25,12 @@ from edge.config import DEFAULT_MANIFEST, ModelsConfig
 from edge.infer.backend import Tensor
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import COMPARED, GoldenSet, golden_scores
-from edge.infer.inspector import ItemInspector, depth_channels, rgb_channels
+from edge.infer.inspector import (
+    ItemInspector,
+    channel_order_is_rgb,
+    depth_channels,
+    rgb_channels,
+)
 from edge.infer.manifest import Manifest, ModelSpec, load_manifest
 
 onnx = pytest.importorskip("onnx", reason="onnx (a training dependency) edits the models")
@@ -150,7 +155,7 @@ def golden_feed(manifest: Manifest, golden: GoldenSet,
     rgb = np.zeros((len(crops), 3, size, size), np.float32)
     depth = np.zeros_like(rgb)
     for i, crop in enumerate(crops):
-        rgb_channels(crop.color, size, rgb[i])
+        rgb_channels(crop.color, size, rgb[i], to_rgb=channel_order_is_rgb(manifest))
         depth_channels(crop, size, scale, depth[i])
     (trunk,) = _session(models["embedding"][0]).run(["trunk"], {"rgb": rgb})
     return {"trunk": trunk, "depth": depth}

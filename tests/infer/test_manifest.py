@@ -25,7 +25,10 @@ def test_shipped_manifest_verifies(engines_copy: Path) -> None:
     """The shipped manifest names both models with versions, hashes, tensors and thresholds."""
     m = load_manifest(engines_copy / "manifest.yaml")
     assert set(m.models) == {"embedding", "damage"}
-    assert m.model("damage").inputs[0] == TensorSpec("trunk", ("batch", 80, 8, 8), "float32")
+    cells = int(m.model("embedding").preprocessing["size"]) // 16
+    assert m.model("damage").inputs[0] == TensorSpec("trunk", ("batch", 80, cells, cells),
+                                                     "float32")
+    assert [t.name for t in m.model("embedding").outputs][:2] == ["patches", "trunk"]
     assert m.threshold_version != "unversioned"
     assert 0.0 < m.thresholds["target_fpr"] < 0.05
     assert "mean" in m.fusion["anomaly_norm"]

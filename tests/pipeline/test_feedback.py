@@ -160,3 +160,22 @@ def test_an_unannounced_item_is_never_learned_for_the_product_the_feedback_names
     learner.close()
     assert [kind for kind, _ in events.sent] == ["feedback_held"]
     assert "not announced" in str(events.sent[0][1]["why"])
+
+
+def test_an_item_out_of_distribution_is_never_learned(golden: GoldenSet, tmp_path: Path
+                                                      ) -> None:
+    """Views the models could not judge (not like any parcel they know) are held: the
+    gallery would learn whatever the camera saw as the product's pristine look."""
+    intact = _item(golden, "P-BOX-S", "none")
+    inspector, recent, events = _fresh(tmp_path), RecentViews(), _Events()
+    threshold = inspector.manifest.thresholds["components"]["damage"]
+    policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
+    inference = dataclasses.replace(inspector.infer([intact])[0], ood=3.0)
+    recent.remember(intact, policy.decide(intact, inference, 0.0))
+    views = {cam: inspector.gallery.views("P-BOX-S", cam) for cam in intact.crops}
+    learner = _learner(inspector, recent, events, threshold=threshold)
+    learner.on_feedback(_changed(intact.item_id, "P-BOX-S"))
+    learner.close()
+    assert [kind for kind, _ in events.sent] == ["feedback_held"]
+    assert "out of distribution" in str(events.sent[0][1]["why"])
+    assert all(inspector.gallery.views("P-BOX-S", cam) == views[cam] for cam in views)

@@ -13,7 +13,7 @@ from edge.publish.topics import Topics
 from edge.site.gallery_message import gallery_topic
 from edge.types import DamageType, Reason
 
-SCHEMAS = ("verdict", "status", "event", "induct", "feedback", "gallery")
+SCHEMAS = ("verdict", "status", "event", "induct", "feedback", "gallery", "shadow")
 
 
 def _schema(name: str) -> dict[str, object]:
@@ -47,11 +47,12 @@ def test_asyncapi_describes_the_topic_tree_the_node_uses() -> None:
     actions = {(op["channel"]["$ref"].rsplit("/", 1)[1], op["action"])
                for op in doc["operations"].values()}
     assert actions == {("induct", "receive"), ("feedback", "receive"), ("verdict", "send"),
-                       ("status", "send"), ("events", "send"), ("siteGallery", "send"),
-                       ("siteGallery", "receive")}
+                       ("status", "send"), ("events", "send"), ("shadow", "send"),
+                       ("siteGallery", "send"), ("siteGallery", "receive")}
     assert doc["operations"]["sendStatus"]["bindings"]["mqtt"]["retain"] is True
     assert doc["operations"]["sendSiteGallery"]["bindings"]["mqtt"]["retain"] is True
-    assert all(op["bindings"]["mqtt"]["qos"] == 1 for op in doc["operations"].values())
+    assert all(op["bindings"]["mqtt"]["qos"] == (0 if name == "sendShadow" else 1)
+               for name, op in doc["operations"].items())
     assert "(`node_id`, `seq`)" in doc["info"]["description"]
 
 
@@ -66,3 +67,20 @@ def test_schema_enums_cover_the_code() -> None:
     for reason in ("64 KiB", "duplicate item ID", "unknown product", "unknown item"):
         assert reason in doc
     assert len(REJECT_REASONS) == len(set(REJECT_REASONS))
+
+
+def test_the_shadow_schema_repeats_the_verdicts_parts_exactly() -> None:
+    """Both verdicts of a shadow message are in the verdict message's own terms: its copies of
+    the verdict's decision, reasons, scores and versions are the verdict schema's (only the
+    descriptions differ), so a change to the one shows here until the other follows."""
+    verdict = _schema("verdict")["properties"]
+    shadow = _schema("shadow")["properties"]
+    assert isinstance(verdict, dict)
+    assert isinstance(shadow, dict)
+
+    def bare(part: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in part.items() if k != "description"}
+
+    for side in ("production", "candidate"):
+        for part in ("decision", "reasons", "scores", "threshold_version", "model_versions"):
+            assert bare(shadow[side]["properties"][part]) == bare(verdict[part]), (side, part)

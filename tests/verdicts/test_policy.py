@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -150,3 +151,54 @@ def test_fusion_is_a_probability_and_monotone_in_damage(d: float, a: float | Non
     assert hi >= lo
     assert Fusion.from_mapping(f.to_mapping()) == f
     assert combo_name(a is not None, g is not None) in COMBOS
+
+
+def _ood(fused: float, ood: float | None, damage: float = 0.95) -> ItemInference:
+    return dataclasses.replace(_inf(fused, damage=damage, per_type={"crush": 0.97}), ood=ood)
+
+
+def test_out_of_distribution_is_sidelined_for_review_without_a_damage_reason() -> None:
+    """A confident damage score on something unlike any known parcel is not a damage verdict:
+    the reason is out_of_distribution, no damage findings, and the item is sidelined."""
+    v = _policy().decide(_record(), _ood(0.99, ood=2.5), 0.0)
+    assert v.decision is Decision.SIDELINE
+    assert Reason.OUT_OF_DISTRIBUTION in v.reasons
+    assert Reason.DAMAGE not in v.reasons
+    assert v.findings == ()
+    assert v.scores is not None
+    assert v.scores.ood == 2.5
+
+
+def test_out_of_distribution_decision_follows_the_config() -> None:
+    """pass: let it through, still named; judge: the models decide as usual."""
+    passed = _policy(out_of_distribution="pass").decide(_record(), _ood(0.99, ood=1.0), 0.0)
+    assert passed.decision is Decision.PASS
+    assert passed.reasons[0] is Reason.OUT_OF_DISTRIBUTION
+    judged = _policy(out_of_distribution="judge").decide(_record(), _ood(0.99, ood=3.0), 0.0)
+    assert judged.decision is Decision.SIDELINE
+    assert Reason.DAMAGE in judged.reasons
+    assert Reason.OUT_OF_DISTRIBUTION not in judged.reasons
+
+
+@pytest.mark.parametrize("ood", [None, 0.0, 0.999])
+def test_in_distribution_items_are_judged_on_their_scores(ood: float | None) -> None:
+    assert _policy().decide(_record(), _ood(0.2, ood=ood, damage=0.1), 0.0).reasons == ()
+    assert Reason.DAMAGE in _policy().decide(_record(), _ood(0.9, ood=ood), 0.0).reasons
+
+
+@pytest.mark.parametrize("mode", ["sideline", "pass", "judge"])
+def test_an_unreadable_ood_score_is_an_error_that_never_passes(mode: str) -> None:
+    v = _policy(out_of_distribution=mode).decide(_record(), _ood(0.1, ood=math.nan,
+                                                                damage=0.1), 0.0)
+    assert v.decision is Decision.SIDELINE
+    assert Reason.ERROR in v.reasons
+    assert Reason.OUT_OF_DISTRIBUTION not in v.reasons
+
+
+def test_geometry_still_sidelines_an_out_of_distribution_item_that_is_passed() -> None:
+    """Depth evidence does not come from the image models: it still counts."""
+    inf = dataclasses.replace(_inf(0.99, damage=0.95, geometry=0.9), ood=1.5)
+    v = _policy(out_of_distribution="pass").decide(_record(), inf, 0.0)
+    assert v.decision is Decision.SIDELINE
+    assert v.reasons[:2] == (Reason.OUT_OF_DISTRIBUTION, Reason.GEOMETRY)
+    assert Reason.DAMAGE not in v.reasons

@@ -123,6 +123,7 @@ REASON_BITS: Mapping[Reason, int] = {
     Reason.VIEWS_MISSING: 9,
     Reason.SHUTDOWN: 10,
     Reason.ERROR: 11,
+    Reason.OUT_OF_DISTRIBUTION: 12,
 }
 
 
