@@ -435,6 +435,10 @@ nuisance {site['nuisance']}, depth noise x{site['depth_noise_scale']}, judged wi
 {row("current", before)}
 {row("candidate", result["after"])}
 
+Held to the false-positive bound of this run ({_pct(result['fpr_bound'])}: target
+{_pct(result['target_fpr_resolved'])}), the current models catch at best
+{_pct(before['recall_within_fpr_bound'])} of the damage.
+
 The shadow scorer on the same run: agreement {_pct(shadow['agreement'])}, sideline rate
 {_pct(shadow['sideline_rate_production'])} (current) and
 {_pct(shadow['sideline_rate_candidate'])} (candidate).

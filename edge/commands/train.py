@@ -13,16 +13,15 @@ Exit status: 0 written; 2 refused (too few or one-sided labels, missing extra, b
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 from pathlib import Path
-from typing import TextIO, cast
+from typing import TextIO
 
+from edge.commands.log_stream import log_to_stderr
 from edge.config import DEFAULT_MANIFEST, ConfigError
 from edge.infer.manifest import ManifestError
-from edge.logs import configure_logging
 from edge.training.site_data import (
     HELD_OUT_SHARE,
     MIN_DAMAGED,
@@ -66,22 +65,8 @@ class ProgressBar:
             self.stream.flush()
 
 
-class _Stderr(io.TextIOBase):
-    """sys.stderr as it is at each write, for the logs: a stream captured or redirected
-    while this command ran may be closed by the time something logs again."""
-
-    def write(self, s: str) -> int:
-        return sys.stderr.write(s)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-    def isatty(self) -> bool:
-        return sys.stderr.isatty()
-
-
 def _train(args: argparse.Namespace) -> int:
-    configure_logging("warning", stream=cast("TextIO", _Stderr()))
+    log_to_stderr("warning")
     if args.synthetic < 0:
         raise ConfigError("--synthetic", args.synthetic, "0 or more synthetic items")
     if not 0.05 <= args.held_out <= 0.8:
