@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +11,7 @@ from torch import nn
 from edge.infer.dataset import Dataset
 from edge.infer.inspector import TYPE_NAMES, depth_channels, rgb_channels
 from edge.training.effnet import Trunk
+from edge.training.progress import ProgressBar
 
 HEIGHT_SCALE_MM = 200.0
 
@@ -63,18 +63,20 @@ def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTen
     rgb_all = torch.from_numpy(np.stack(colors))
     del colors
     feats, pooled = [], []
+    bar = ProgressBar()
     with torch.no_grad():
         for i in range(0, len(rgb_all), batch):
             _, x, p, _ = trunk.features(rgb_all[i:i + batch])
             feats.append(x)
             pooled.append(p)
-            _progress("backbone features", i + batch, 2 * len(rgb_all))
+            bar("features", min(1.0, (i + batch) / (2 * len(rgb_all))))
         # The other travel direction, under other light and optics: the head's input only.
         gen = torch.Generator().manual_seed(len(rgb_all))
         for i in range(0, len(rgb_all), batch):
             flipped = torch.flip(rgb_all[i:i + batch], dims=(2, 3))
             feats.append(trunk.trunk_only(photometric_jitter(flipped, gen)))
-            _progress("backbone features", len(rgb_all) + i + batch, 2 * len(rgb_all))
+            bar("features", min(1.0, (len(rgb_all) + i + batch) / (2 * len(rgb_all))))
+    bar.done()
     depth = torch.from_numpy(np.stack(depths))
     y = torch.from_numpy(np.stack(labels))
     m = torch.from_numpy(np.stack(maps).astype(np.float32))
@@ -104,12 +106,3 @@ def photometric_jitter(rgb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if blur.any():
         x[blur] = nn.functional.avg_pool2d(x[blur], 3, 1, 1, count_include_pad=False)
     return x.clamp(0.0, 255.0)
-
-
-def _progress(what: str, done: int, total: int, width: int = 30) -> None:
-    """A one-line progress bar on stderr (training runs for minutes)."""
-    done = min(done, total)
-    filled = int(width * done / max(total, 1))
-    end = "\n" if done >= total else ""
-    print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
-          file=sys.stderr, flush=True)
