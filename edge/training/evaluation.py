@@ -24,7 +24,7 @@ from edge.infer.gallery import ReferenceGallery
 from edge.infer.inspector import ItemInspector, embedding_identity
 from edge.infer.ood import is_out_of_distribution
 from edge.infer.photo import load_photo
-from edge.types import ItemCrop, ItemRecord
+from edge.types import ItemRecord
 from edge.verdicts.policy import VerdictPolicy
 
 FPRS = (0.001, 0.005, 0.01)
@@ -261,7 +261,3 @@ def evaluate_photos(inspector: ItemInspector, photos: Sequence[RealPhoto]) -> di
         "parcels_flagged_ood": sum(r["out_of_distribution"] for r in parcels),
         "parcels": len(parcels),
     }
-
-
-def crops_of(records: Sequence[ItemRecord]) -> list[ItemCrop]:
-    return [c for r in records for _, c in sorted(r.crops.items())]
