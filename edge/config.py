@@ -232,6 +232,10 @@ class ShadowGateConfig:
     max_sideline_rate_increase: float = setting(
         0.01, lo=0.0, hi=1.0, doc="how far its sideline rate in shadow may lie above "
         "production's (0.01: one percentage point)")
+    max_sideline_rate_decrease: float = setting(
+        0.01, lo=0.0, hi=1.0, doc="how far its sideline rate in shadow may lie below "
+        "production's (0.01: one percentage point): a candidate that passes what production "
+        "sidelines is no better for agreeing on the rest")
     max_failed_share: float = setting(
         0.01, lo=0.0, hi=1.0, doc="share of the items it tried to score (scored and failed) "
         "on which the candidate may have failed")

@@ -4,6 +4,9 @@
 rename it over the target and fsync the folder: after a crash or a power cut a reader finds
 the old file or the new one, whole, never a mix or an empty file. The temporary name is
 unique, so two writers of one file cannot interleave.
+
+A folder written in place and then renamed whole (a snapshot, a candidate model set) cannot
+go through them: `sync_tree` makes every file and folder in it durable before the rename.
 """
 
 from __future__ import annotations
@@ -24,6 +27,23 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (and `folder` itself), deepest first:
+    call it before renaming a folder written in place into its final name, so that after a
+    power cut the renamed folder holds what was written, not empty files."""
+    for dirpath, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 @contextlib.contextmanager

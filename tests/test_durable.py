@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.durable import atomic_file, fsync_dir, write_atomic
+from edge.durable import atomic_file, fsync_dir, sync_tree, write_atomic
 
 
 def _mode(path: Path) -> int:
@@ -101,6 +101,31 @@ def test_fsync_dir_accepts_a_folder_and_refuses_a_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"")
     with pytest.raises(NotADirectoryError):
         fsync_dir(tmp_path / "f")
+
+
+def test_sync_tree_makes_every_file_and_folder_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder written in place (sub-folders too) is fsynced whole: every file, every
+    folder and the folder itself, each folder after what it holds."""
+    folder = tmp_path / "candidate"
+    (folder / "damage" / "deeper").mkdir(parents=True)
+    files = [folder / "manifest.yaml", folder / "damage" / "damage.onnx",
+             folder / "damage" / "deeper" / "card.md"]
+    for f in files:
+        f.write_bytes(b"x")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sync_tree(folder)
+    folders = [folder / "damage" / "deeper", folder / "damage", folder]
+    assert set(synced) == {str(p) for p in files + folders}
+    assert synced[-1] == str(folder)
+    assert synced.index(str(folder / "damage")) > synced.index(str(files[1]))
 
 
 def test_concurrent_writers_never_leave_a_mix(tmp_path: Path) -> None:

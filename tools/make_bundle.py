@@ -44,14 +44,14 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
-from edge.infer.manifest import ManifestError, load_manifest
+from edge.infer.manifest import ManifestError, load_manifest, sha256_file
 from edge.infer.plans import CUDA_PYTHON_REQUIREMENT
 from edge.update.bundle import (
     BundleError,
     build_manifest,
     generate_keypair,
+    link_or_copy,
     load_private_key,
-    sha256_file,
     write_bundle,
 )
 
@@ -128,16 +128,8 @@ def models_payload(folder: Path) -> Iterator[Path]:
     models bundle, with hard links where the file system allows."""
     with tempfile.TemporaryDirectory(prefix="cv-models-") as tmp:
         stage = Path(tmp) / "payload"
-        shutil.copytree(folder, stage / "engines", copy_function=_link_or_copy)
+        shutil.copytree(folder, stage / "engines", copy_function=link_or_copy)
         yield stage
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
 
 
 def _build(args: argparse.Namespace) -> int:

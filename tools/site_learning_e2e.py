@@ -390,9 +390,10 @@ def run(args: argparse.Namespace, site: Site, work: Path) -> dict[str, Any]:
         set_card_section(card, CARD_SECTION, card_text(result))
     # Loose bounds for this site: the candidate is meant to decide otherwise on many items
     # (the damage the shipped models pass, good items they sideline), and may sideline up to
-    # the damage rate more than they do.
+    # the damage rate more than they do, or, as it stops sidelining the good items they
+    # sideline, any share less.
     gate = {"min_items": len(fresh), "min_agreement": 0.25,
-            "max_sideline_rate_increase": site.damage_rate}
+            "max_sideline_rate_increase": site.damage_rate, "max_sideline_rate_decrease": 1.0}
     promoted = promote(work, candidate, work / "state", args.manifest, gate)
     promoted["installed_decides_as_candidate"] = False
     if promoted["with_record"]["exit"] == 0:

@@ -44,7 +44,7 @@ from edge.infer.fusion import Fusion, Thresholds
 from edge.infer.golden import golden_scores, load_golden
 from edge.infer.inspector import ItemInspector
 from edge.infer.manifest import load_manifest, sha256_file, write_manifest
-from edge.infer.size_check import fill_ratio
+from edge.infer.size_check import RIGID_PACKAGING, fill_ratio
 from edge.training import evaluation, package
 from edge.training.cards import write_cards
 from edge.training.effnet import Trunk, load_lite0
@@ -130,6 +130,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=160, choices=SIZES, help="model input size")
     ap.add_argument("--capacity", action="store_true",
                     help="train every size in SIZES and write the capacity table")
+    ap.add_argument("--recalibrate", type=Path, nargs="+", default=None, metavar="ENGINES",
+                    help="keep the networks trained into these folders; refit everything "
+                         "after them (geometry, fusion, thresholds, OOD limit, golden set) "
+                         "and measure")
+    ap.add_argument("--earlier-run", type=Path, default=None, metavar="METRICS_JSON",
+                    help="with --recalibrate: the metrics.json of the run that trained these "
+                         "networks; its training timings join this run's, so that "
+                         "training_seconds covers the whole pipeline")
+    ap.add_argument("--note", default=None,
+                    help="a sentence for the model card on how these figures were made")
+    ap.add_argument("--golden-items", type=Path, default=None, metavar="GOLDEN_NPZ",
+                    help="the golden items of this golden file (re-scored by the new models) "
+                         "instead of items picked from the demo split")
+    ap.add_argument("--compare-with", type=Path, default=None, metavar="METRICS_JSON",
+                    help="metrics.json of the models these would replace, measured on the "
+                         "same splits (--measure): the cards show both side by side")
     ap.add_argument("--measure", type=Path, nargs="+", default=None, metavar="ENGINES",
                     help="measure models already trained into these folders (no training); "
                     "with --capacity, the table over them and the choice")
@@ -159,6 +175,11 @@ class Splits:
                                  f"{sorted(products[a] & products[b])[:5]}")
 
 
+#: The top-face depression (mm) the geometry check counts as a full deficit; fusion
+#: weighs it against the other inputs, so the scale only sets the units.
+SURFACE_FULL_MM = 25.0
+
+
 def train_size(size: int, splits: Splits, engines: Path, args: argparse.Namespace,
                lap: Laps) -> dict[str, Any]:
     """Everything for one input size into `engines`; returns its metrics."""
@@ -174,11 +195,21 @@ def train_size(size: int, splits: Splits, engines: Path, args: argparse.Namespac
     export_embedding(trunk, engines / "embedding" / "embedding.onnx", size)
     export_damage(head, engines / "damage" / "damage.onnx", size)
     torch.save(head.state_dict(), engines / "damage" / "damage_head.pt")
+    return calibrate(size, splits, engines, args, lap)
+
+
+def calibrate(size: int, splits: Splits, engines: Path, args: argparse.Namespace,
+              lap: Laps) -> dict[str, Any]:
+    """Everything after the networks: gallery seed, geometry constants, fusion, thresholds
+    and the out-of-distribution limit fitted on validation, then the test metrics and the
+    golden set. `--recalibrate` runs it alone on trained folders (a changed geometry check or
+    fusion needs no new networks)."""
     seed_info = package.write_gallery_seed(engines / "gallery_seed.npz", splits.demo,
                                            per_product=4)
     fixed: dict[str, Any] = {
         "geometry": {"expected_fill": expected_fill(splits.train, splits.catalogue["train"]),
-                     "slack": 0.0},
+                     "slack": 0.0, "surface_full_mm": SURFACE_FULL_MM,
+                     "surface_packaging": list(RIGID_PACKAGING)},
         "extra": {"gallery_seed": seed_info}}
     placeholder = {"version": "uncalibrated", "target_fpr": args.target_fpr,
                    "fused": dict.fromkeys(package.COMBOS, 0.5), "components": {}}
@@ -208,7 +239,7 @@ def train_size(size: int, splits: Splits, engines: Path, args: argparse.Namespac
         lap(f"calibrate_val_{size}")
         metrics = evaluate(manifest, cfg, splits, fusion, thresholds, args)
         lap(f"evaluate_test_{size}")
-        write_golden_set(manifest, cfg, splits, data)
+        write_golden_set(manifest, cfg, splits, data, args.golden_items)
         lap(f"golden_{size}")
     metrics["size"] = size
     metrics["validation"] = val
@@ -236,7 +267,7 @@ def measure_trained(engines: Path, splits: Splits, args: argparse.Namespace,
         val_fused = fused_scores(table, fusion, "full")
         metrics = evaluate(manifest, cfg, splits, fusion, thresholds, args)
     lap(f"measure_{size}")
-    metrics.update(size=size, ood_rule=dict(loaded.raw["ood"]),
+    metrics.update(size=size, version=loaded.version, ood_rule=dict(loaded.raw.get("ood") or {}),
                    validation={"fused_auroc": roc_auc(val_fused, table.damaged),
                                "recall_at_fpr_0.005": recall_at_fpr(val_fused, table.damaged,
                                                                     0.005)},
@@ -254,19 +285,27 @@ def evaluate(manifest: Path, cfg: ModelsConfig, splits: Splits, fusion: Fusion,
         "unseen_products": evaluation.unseen_products(table, fusion, thresholds, products)}
     out["unseen_products"]["few_references"] = evaluation.few_references(
         inspector, splits.test, thresholds.components["damage"])
-    if args.photos.exists():
-        out["real_photos"] = evaluation.evaluate_photos(
-            inspector, evaluation.real_photos(args.photos))
     inspector.close()
+    demo = ItemInspector.load(cfg, splits.catalogue["demo_references"], manifest)
+    evaluation.enroll(demo, splits.demo, evaluation.EVAL_REFERENCES)
+    out["demo_catalogue"] = evaluation.demo_catalogue(
+        evaluation.score(demo, splits.demo.items), fusion, thresholds)
+    if args.photos.exists():
+        out["real_photos"] = evaluation.evaluate_photos(demo,
+                                                        evaluation.real_photos(args.photos))
+    demo.close()
     return out
 
 
 def write_golden_set(manifest: Path, cfg: ModelsConfig, splits: Splits,
-                     data: dict[str, Any]) -> None:
+                     data: dict[str, Any], items_from: Path | None = None) -> None:
     """Golden items of the demo catalogue's products (what the shipped node inspects),
-    expectations as the self-test computes them."""
+    expectations as the self-test computes them. `items_from`: take the items of that
+    golden file instead of picking them from the demo split (the same items across model
+    versions; the demo split may lack an item of some label)."""
     inspector = ItemInspector.load(cfg, splits.catalogue["demo_references"], manifest)
-    records = package.pick_golden(splits.demo.items)
+    records = package.pick_golden(splits.demo.items) if items_from is None else \
+        package.labelled_records(load_golden(items_from))
     gpath = manifest.parent / "golden" / "golden.npz"
     # First with placeholder expectations (the file holds the golden references), then
     # with the scores against a gallery of only those references, as the self-test runs it.
@@ -357,11 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     splits = Splits(paths)
     lap("load")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.measure:
+        if args.measure or args.recalibrate:
             results, folders = {}, {}
-            for folder in args.measure:
+            for folder in args.measure or []:
                 measured = measure_trained(folder, splits, args, lap)
                 results[measured["size"]], folders[measured["size"]] = measured, folder
+            for folder in args.recalibrate or []:
+                size = int(load_manifest(folder / "manifest.yaml").model("embedding")
+                           .preprocessing["size"])
+                results[size], folders[size] = calibrate(size, splits, folder, args, lap), folder
         else:
             results = {size: train_size(size, splits, Path(tmp) / str(size), args, lap)
                        for size in (SIZES if args.capacity else (args.size,))}
@@ -373,12 +416,27 @@ def main(argv: list[str] | None = None) -> int:
     metrics = results[chosen]
     metrics["capacity"] = [capacity_row(results[s]) for s in sorted(results)] \
         if args.capacity else []
-    metrics.update(training_seconds=lap.total(), timings_s=lap.timings, version=args.version,
+    metrics.update(training_seconds=lap.total(), timings_s=lap.timings,
                    threads=args.threads,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    datasets={k: str(v) for k, v in paths.items()},
                    split_items={k: len(getattr(splits, k).items)
                                 for k in ("train", "val", "test")})
+    # Measured models keep the version their manifest names; trained ones get --version.
+    metrics.setdefault("version", args.version)
+    if args.earlier_run is not None:
+        earlier = json.loads(args.earlier_run.read_text(encoding="utf-8"))["timings_s"]
+        carried = {k: v for k, v in earlier.items()
+                   if k.startswith(("features_", "train_head_")) and k not in lap.timings}
+        metrics["timings_s"] = {**lap.timings, **carried}
+        metrics["training_seconds"] = sum(metrics["timings_s"].values())
+        metrics["timings_carried_from"] = sorted(carried)
+    if args.note:
+        metrics["training_note"] = args.note
+    if args.compare_with is not None:
+        prev = json.loads(args.compare_with.read_text(encoding="utf-8"))
+        metrics["previous_models"] = {k: prev[k] for k in (
+            "version", "unseen_products", "demo_catalogue", "real_photos") if k in prev}
     (args.engines / "metrics.json").write_text(
         json.dumps(metrics, indent=2, default=_json_default) + "\n", encoding="utf-8")
     write_cards(args.engines, metrics, args=args)

@@ -17,7 +17,9 @@ A snapshot is a directory named by its ID::
 With the colour and mask PNGs (lossless), `replay.npz` and the item record in the sidecar,
 a snapshot holds every input the models had (`read_replay_crops`); the sidecar's `replay`
 block (`edge.audit.replay`) names the models, thresholds and gallery they were judged with.
-A shadow disagreement (`edge.pipeline.shadow`) adds a `shadow` block to the sidecar.
+A shadow disagreement (`edge.pipeline.shadow`) adds a `shadow` block to the sidecar. The
+sidecar's `kept_for` says why the store took the snapshot (`edge.audit.store.KEPT_FOR`;
+absent in snapshots from before it was recorded).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import cv2
 import numpy as np
 
 from edge.audit.overlays import contact_sheet, depth_view, heat_overlay
-from edge.durable import fsync_dir, write_atomic
+from edge.durable import write_atomic
 from edge.types import ItemCrop, ItemRecord, Scores, Verdict
 
 SIDECAR = "verdict.json"
@@ -139,11 +141,11 @@ def _write_view(out: Path, cam: str, crop: ItemCrop, verdict: Verdict) -> dict[s
 
 
 def write_snapshot(out: Path, record: ItemRecord, verdict: Verdict, saved_ms: float, *,
-                   replay: Mapping[str, Any] | None = None,
+                   kept_for: str | None = None, replay: Mapping[str, Any] | None = None,
                    shadow: Mapping[str, Any] | None = None) -> None:
-    """Write every file of one snapshot into the (new, empty) directory `out`; `replay`
-    (what judged the item, `edge.audit.replay`) and `shadow` (a shadow disagreement) go
-    into the sidecar."""
+    """Write every file of one snapshot into the (new, empty) directory `out`; `kept_for`
+    (why it was taken), `replay` (what judged the item, `edge.audit.replay`) and `shadow` (a
+    shadow disagreement) go into the sidecar."""
     crops: Mapping[str, ItemCrop] = record.crops
     views = {cam: _write_view(out, cam, crop, verdict) for cam, crop in sorted(crops.items())}
     if verdict.anomaly_map is not None:
@@ -162,6 +164,8 @@ def write_snapshot(out: Path, record: ItemRecord, verdict: Verdict, saved_ms: fl
         "views": views,
         "sheet": SHEET,
     }
+    if kept_for is not None:
+        sidecar["kept_for"] = kept_for
     if replay is not None:
         sidecar["replay"] = dict(replay)
     if shadow is not None:
@@ -233,17 +237,3 @@ def annotate_sidecar(snapshot_dir: Path, key: str, value: Mapping[str, Any]) -> 
 def write_label(snapshot_dir: Path, label: Mapping[str, Any]) -> None:
     """Replace the snapshot's label file, durably (see edge.durable)."""
     write_atomic(snapshot_dir / LABEL, json.dumps(dict(label), allow_nan=False) + "\n")
-
-
-def sync_tree(folder: Path) -> None:
-    """fsync every file in `folder` and the folder itself: after a power cut a snapshot that
-    was renamed into place holds what was written, not empty files. (The files are written
-    in place into a new folder that is renamed whole, so edge.durable cannot write them.)"""
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(folder)

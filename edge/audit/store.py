@@ -52,12 +52,11 @@ from edge.audit.files import (
     annotate_sidecar,
     disk_usage,
     read_sidecar,
-    sync_tree,
     write_label,
     write_snapshot,
 )
 from edge.config import StorageConfig
-from edge.durable import fsync_dir
+from edge.durable import fsync_dir, sync_tree
 from edge.types import Decision, ItemRecord, Verdict
 from edge.workers import WorkerThread
 
@@ -70,6 +69,9 @@ LABEL_MEMORY = 5000
 _TMP_PREFIX = ".tmp-"
 _MB = 1024 * 1024
 _PRUNE_EVERY_S = 30.0
+#: Why a snapshot was taken (the sidecar's ``kept_for``): production sidelined the item; the
+#: pass sample kept it; only a shadow disagreement did (production kept no snapshot of it).
+KEPT_FOR = ("sideline", "pass_sample", "shadow_only")
 
 
 @dataclass(slots=True)
@@ -101,6 +103,7 @@ class SnapshotStats:
 class _Write:
     record: ItemRecord
     verdict: Verdict
+    kept_for: str  # one of KEPT_FOR
     context: Mapping[str, Any] | None = None
     shadow: Mapping[str, Any] | None = None
 
@@ -162,10 +165,11 @@ class SnapshotStore:
               context: Mapping[str, Any] | None = None) -> Verdict:
         """The verdict, with a snapshot ID when this item gets a snapshot (never blocks);
         `context`: what judged the item (the sidecar's ``replay`` block)."""
-        if verdict.decision is not Decision.SIDELINE and not keep_passed(
-                verdict.item_id, self.cfg.snapshot_pass_sample):
+        sidelined = verdict.decision is Decision.SIDELINE
+        if not sidelined and not keep_passed(verdict.item_id, self.cfg.snapshot_pass_sample):
             return verdict
-        tagged = self._keep(record, verdict, context, None)
+        tagged = self._keep(record, verdict, "sideline" if sidelined else "pass_sample",
+                            context, None)
         if tagged is None:
             with self._lock:
                 self.stats.dropped_queue_full += 1
@@ -186,10 +190,11 @@ class SnapshotStore:
             except queue.Full:
                 return None
             return verdict.snapshot_id
-        tagged = self._keep(record, verdict, context, shadow)
+        tagged = self._keep(record, verdict, "shadow_only", context, shadow)
         return None if tagged is None else tagged.snapshot_id
 
-    def _keep(self, record: ItemRecord, verdict: Verdict, context: Mapping[str, Any] | None,
+    def _keep(self, record: ItemRecord, verdict: Verdict, kept_for: str,
+              context: Mapping[str, Any] | None,
               shadow: Mapping[str, Any] | None) -> Verdict | None:
         """Assign an ID and queue the snapshot; None when the queue is full."""
         with self._lock:
@@ -200,7 +205,7 @@ class SnapshotStore:
         snapshot_id = f"{stamp}{int(now * 1000) % 1000:03d}-{self._tag}-{seq % 1_000_000:06d}"
         tagged = dataclasses.replace(verdict, snapshot_id=snapshot_id)
         try:
-            self._queue.put_nowait(_Write(record, tagged, context, shadow))
+            self._queue.put_nowait(_Write(record, tagged, kept_for, context, shadow))
         except queue.Full:
             return None
         with self._lock:
@@ -308,7 +313,7 @@ class SnapshotStore:
         tmp.mkdir()
         try:
             write_snapshot(tmp, job.record, verdict, self._wall() * 1000.0,
-                           replay=job.context, shadow=job.shadow)
+                           kept_for=job.kept_for, replay=job.context, shadow=job.shadow)
             size = disk_usage(tmp)
             sync_tree(tmp)
             tmp.rename(self.root / snapshot_id)
@@ -317,7 +322,7 @@ class SnapshotStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._recent_sizes = [*self._recent_sizes[-7:], size]
-        shadow_only = job.shadow is not None
+        shadow_only = job.kept_for == "shadow_only"
         with self._lock:
             self._index[snapshot_id] = SnapshotEntry(snapshot_id, self._wall(), size,
                                                      verdict.item_id, verdict.decision.value,

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from edge.catalogue import load_catalogue
 from edge.commands.log_stream import log_to_stderr
 from edge.config import Config, ConfigError, ModelsConfig, load_config
 from edge.durable import fsync_dir
@@ -22,7 +21,7 @@ from edge.infer.engines import EngineCache
 from edge.infer.fit import ScoreTable, fit_fusion, fit_thresholds, thresholds_to_mapping
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import golden_path, golden_scores, load_golden, stage_expectations
-from edge.infer.inspector import DAMAGE, EMBEDDING, ItemInspector, embedding_identity
+from edge.infer.inspector import ItemInspector
 from edge.infer.int8 import Int8Sets, int8_acceptance, int8_sets
 from edge.infer.manifest import (
     Manifest,
@@ -31,10 +30,14 @@ from edge.infer.manifest import (
     sha256_file,
     write_manifest,
 )
+from edge.infer.offline import memory_inspector
 from edge.infer.ood import is_out_of_distribution
 from edge.infer.photo import PhotoError, load_photo
-from edge.infer.runtimes import open_backend
 from edge.verdicts.policy import VerdictPolicy
+
+#: memory_inspector lives in edge/infer/offline.py (training uses it too); tests and tools
+#: take it from here.
+__all__ = ["add_model_commands", "main", "memory_inspector"]
 
 SubParsers = argparse._SubParsersAction
 
@@ -51,21 +54,6 @@ def _config(args: argparse.Namespace) -> Config:
         return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models,
                                                                    manifest=args.manifest))
     return cfg
-
-
-def memory_inspector(models: ModelsConfig, gallery_dir: Path | None = None) -> ItemInspector:
-    """An inspector whose gallery lives in memory (seeded from the shipped references)."""
-    manifest = load_manifest(models.manifest)
-    gallery = ReferenceGallery(gallery_dir, model=embedding_identity(manifest),
-                               adopt_unrecorded=True)
-    inspector = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), models),
-                              open_backend(manifest.model(DAMAGE), models),
-                              gallery=gallery, catalogue=load_catalogue(), cfg=models)
-    # Read, never written: another model's references are re-embedded here, in memory.
-    inspector.refresh_gallery(persist=False)
-    if inspector.gallery.is_empty():
-        inspector.seed_gallery(persist=False)
-    return inspector
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -46,7 +46,6 @@ from edge.audit.files import SIDECAR, verdict_json
 from edge.audit.replay import NotReplayableError, StoredItem, blas_threads, load_stored_item
 from edge.audit.store import ID_PATTERN
 from edge.commands.log_stream import log_to_stderr
-from edge.commands.models import memory_inspector
 from edge.commands.snapshots import SNAPSHOT_DIR
 from edge.config import Config, ConfigError, DecisionConfig, ModelsConfig, load_config
 from edge.config_schema import build_section
@@ -54,6 +53,7 @@ from edge.infer.backend import BackendError
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.inspector import ItemInspector
 from edge.infer.manifest import ManifestError
+from edge.infer.offline import memory_inspector
 from edge.types import DamageType, ItemRecord, Verdict
 from edge.verdicts.policy import VerdictPolicy
 

@@ -11,6 +11,12 @@ that follows from both:
   also a new reference view of the product);
 * no feedback -> ``unreviewed`` (the node's own decision is beside it).
 
+Each line also says why the store kept the snapshot (``kept_for``): ``sideline``,
+``pass_sample`` (a pass the sample kept: its audit was due) or ``shadow_only`` (a pass or a
+sideline kept only because a shadow candidate disagreed: nobody was due to audit it); null
+for a passed item's snapshot from before the store recorded it that also holds a shadow
+block (either could have kept it).
+
 The export only reads the store, so it is safe while the node runs (a
 snapshot evicted during the copy is skipped and counted).
 """
@@ -78,6 +84,17 @@ def training_label(label: dict[str, Any] | None) -> str:
     return TRAINING_LABELS.get(str(label.get("kind")), "unreviewed")
 
 
+def kept_for(sidecar: dict[str, Any]) -> str | None:
+    """Why the store kept a snapshot (its sidecar's ``kept_for``; for older snapshots what
+    follows from the decision and the shadow block, None where that cannot tell)."""
+    recorded = sidecar.get("kept_for")
+    if recorded is not None:
+        return str(recorded)
+    if sidecar["verdict"]["decision"] == "sideline":
+        return "sideline"
+    return None if sidecar.get("shadow") is not None else "pass_sample"
+
+
 def export_snapshots(root: Path, out: Path, since_s: float) -> dict[str, int]:
     """Copy the snapshots since `since_s` into `out` with an ``index.jsonl``; counts by label."""
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +115,7 @@ def export_snapshots(root: Path, out: Path, since_s: float) -> dict[str, int]:
                 "product_id": v["product_id"], "decision": v["decision"],
                 "reasons": v["reasons"], "fused": (v["scores"] or {}).get("fused"),
                 "feedback": None if label is None else label.get("kind"),
-                "training_label": training_label(label),
+                "training_label": training_label(label), "kept_for": kept_for(data),
                 "truth_damage": None if truth is None else truth.get("damage"),
                 "views": {cam: {k: view[k] for k in ("color", "height", "mask")}
                           for cam, view in data["views"].items()},

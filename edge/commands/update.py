@@ -9,7 +9,9 @@ A bundle older than the newest release ever installed on the device is refused (
 signed bundle must not roll a device back to known bugs) unless `--allow-downgrade`.
 With `update.shadow_gate` on in the node's config (`--config`, default
 /etc/conveyor-vision/config.yaml when it exists), a bundle that changes the models is refused
-unless they ran in shadow on this device (edge/update/shadow_gate.py).
+unless they ran in shadow on this device (edge/update/shadow_gate.py). The config is read
+only when there is a bundle to install: finishing an interrupted update never depends on it.
+A `--config` that names no file refuses the bundle (the gate it may hold cannot be read).
 Exit status: 0 committed (or nothing to do), 1 refused or rolled back, 2 bad usage.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge.config import load_config
+from edge.config import ConfigError, load_config
 from edge.health_file import DEFAULT_HEALTH_FILE
 from edge.update.bundle import BundleError, load_public_keys
 from edge.update.health import AllOf, GatePolicy, HealthFileProbe, HealthProbe, SystemctlProbe
@@ -127,7 +129,8 @@ def gate_policy(args: argparse.Namespace) -> GatePolicy:
                       poll_s=getattr(args, "poll", _GATE.poll_s))
 
 
-def _updater(args: argparse.Namespace, keys: Sequence[Ed25519PublicKey]) -> Updater:
+def _updater(args: argparse.Namespace, keys: Sequence[Ed25519PublicKey],
+             shadow: ShadowGate | None = None) -> Updater:
     services: ServiceManager = NoServices() if args.no_restart else SystemctlManager(args.systemctl)
     gate = gate_policy(args)
     health_file: Path = getattr(args, "health_file", DEFAULT_HEALTH_FILE)
@@ -139,14 +142,16 @@ def _updater(args: argparse.Namespace, keys: Sequence[Ed25519PublicKey]) -> Upda
 
     return Updater(args.root, public_keys=keys, services=services,
                    probe_for=probe_for, policy=UpdatePolicy(keep=getattr(args, "keep", 3),
-                                                            gate=gate, shadow=_shadow_gate(args)))
+                                                            gate=gate, shadow=shadow))
 
 
 def _shadow_gate(args: argparse.Namespace) -> ShadowGate | None:
-    """`update.shadow_gate` of the node's config (`apply` only: nothing else installs)."""
-    if args.update_command != "apply":
-        return None
+    """`update.shadow_gate` of the node's config, for `apply` with a bundle to install (nothing
+    else installs). A `--config` given but missing fails closed: ConfigError."""
     path: Path | None = args.config
+    if path is not None and not path.is_file():
+        raise ConfigError("--config", str(path), "the node's config file (it holds "
+                          "update.shadow_gate); the bundle is not installed without it")
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     if path is None:
@@ -187,7 +192,8 @@ def _apply(args: argparse.Namespace) -> int:
     if not bundle.is_file():
         _err(f"update: no bundle at {bundle}")
         return 2
-    updater = _updater(args, keys=list(load_public_keys(args.public_key)))
+    updater = _updater(args, keys=list(load_public_keys(args.public_key)),
+                       shadow=_shadow_gate(args))
     try:
         event = updater.apply(bundle, restart=not args.no_restart,
                               allow_downgrade=args.allow_downgrade)

@@ -30,7 +30,7 @@ from edge.infer.gallery import ReferenceGallery
 from edge.infer.manifest import Manifest, ManifestError, load_manifest, sha256_file
 from edge.infer.ood import OodError, OodRule
 from edge.infer.runtimes import open_backend
-from edge.infer.size_check import geometry_check
+from edge.infer.size_check import RIGID_PACKAGING, GeometryResult, geometry_check
 from edge.types import CLASSIFIER_DAMAGE_TYPES, DamageType, F32Array, ItemCrop, ItemRecord, Scores
 
 log = structlog.get_logger(__name__)
@@ -108,6 +108,20 @@ def channel_order_is_rgb(manifest: Manifest) -> bool:
     return order == "RGB"
 
 
+def _surface_full_mm(raw: object) -> float | None:
+    """`fusion.geometry.surface_full_mm`: None (no top-face check) or a depth in mm > 0."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ManifestError("fusion.geometry.surface_full_mm", f"got {raw!r}",
+                            "a depth in millimetres > 0")
+    return value
+
+
 def ood_rule(manifest: Manifest) -> OodRule | None:
     """The manifest's out-of-distribution rule; None for models without one. A rule whose
     embedding model lacks the `parcel` and `novelty` outputs is an error, not ignored."""
@@ -164,6 +178,9 @@ class ItemInspector:
         self.expected_fill = {str(k): float(v) for k, v in
                               dict(geo.get("expected_fill") or {}).items()}
         self.geometry_slack = float(geo.get("slack", 0.0))
+        self.surface_full_mm = _surface_full_mm(geo.get("surface_full_mm"))
+        self.surface_packaging = tuple(str(p) for p in geo.get("surface_packaging")
+                                       or RIGID_PACKAGING)
         self._allocate(2 * self.cfg.max_batch)
 
     def _allocate(self, crops: int) -> None:
@@ -258,9 +275,11 @@ class ItemInspector:
         return out["patches"], out["trunk"]
 
     def embed_outputs(self, colors: Sequence[np.ndarray]) -> dict[str, Tensor]:
-        """Every output of the embedding model for BGR crops, in batches."""
+        """Every output of the embedding model for BGR crops, in batches (one crop per call
+        on ONNX Runtime: its softmax rounds the last bit differently with more rows in the
+        call, and a verdict must replay bit for bit whatever shared its batch)."""
         parts: dict[str, list[Tensor]] = {}
-        cap = len(self._rgb)
+        cap = 1 if self.embedding.name == "onnxruntime" else len(self._rgb)
         for start in range(0, len(colors), cap):
             chunk = colors[start:start + cap]
             for i, color in enumerate(chunk):
@@ -371,9 +390,11 @@ class ItemInspector:
                 if math.isfinite(per_type[name]):
                     boxes[name] = map_box(top[3][t], top[1].color.shape[0])
         raw, amap, acam = self._anomaly(record.product_id, views)
-        geometry = self._geometry(record)
+        measured = self._geometry(record)
+        geometry = None if measured is None else measured.score
         anomaly = self.fusion.normalize_anomaly(raw)
-        broken = self._broken_set(record.product_id, anomaly, geometry,
+        broken = self._broken_set(record.product_id, anomaly,
+                                  None if measured is None else measured.set_score,
                                   max(per_type.values(), default=0.0))
         if broken is not None:
             per_type[DamageType.BROKEN_SET.value] = broken
@@ -406,13 +427,12 @@ class ItemInspector:
             return None
         return self.fusion.fuse(0.5, anomaly, geometry) * (1.0 - typed_damage)
 
-    def _geometry(self, record: ItemRecord) -> float | None:
+    def _geometry(self, record: ItemRecord) -> GeometryResult | None:
         product = None if record.product_id is None else self.catalogue.get(record.product_id)
         if product is None:
             return None
-        res = geometry_check(record.box_mm, product, record.crops, self.expected_fill,
-                             self.geometry_slack)
-        return None if res is None else res.score
+        return geometry_check(record.box_mm, product, record.crops, self.expected_fill,
+                              self.geometry_slack, self.surface_full_mm, self.surface_packaging)
 
     def swap_models(self, manifest: Manifest, embedding: Backend, damage: Backend, *,
                     gallery: ReferenceGallery | None = None, journal_mark: int = 0) -> None:

@@ -3,8 +3,10 @@ packaging's look taught to the reference gallery.
 
 The gallery is what the anomaly model calls pristine, so it must not be taught damage: a
 `packaging_changed` item's views are learned only when the item's own damage score was under
-the damage threshold, its product is the one announced, and its product has not had more
-than `gallery_learn_per_hour` views learned in the last hour. Otherwise they are held for
+the damage threshold and, for models that measure the top face, its geometry deficit (a dent
+or a hole in its top, which no new artwork explains) under the geometry threshold, its
+product is the one announced, and its product has not had more than `gallery_learn_per_hour`
+views learned in the last hour. Otherwise they are held for
 review: an event on `…/events` and a note on the item's snapshot (`edge-node snapshots
 list --held`), never learned.
 
@@ -51,6 +53,7 @@ class RecentItem:
     views: dict[str, U8Array]  # colour crop per camera
     damage: float | None  # the classifier's score; None: not scored (fail-safe)
     ood: float | None = None  # out-of-distribution score (edge/infer/ood.py)
+    geometry: float | None = None  # the geometry check's deficit; None: no depth or product
 
 
 class RecentViews:
@@ -71,7 +74,8 @@ class RecentViews:
         with self._lock:
             self._items[record.item_id] = RecentItem(
                 record.product_id, views, None if scores is None else scores.damage,
-                None if scores is None else scores.ood)
+                None if scores is None else scores.ood,
+                None if scores is None else scores.geometry)
             self._items.move_to_end(record.item_id)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
@@ -97,6 +101,7 @@ class FeedbackLearner:
     def __init__(self, inspector: ItemInspector, recent: RecentViews,
                  snapshots: SnapshotStore | None, publish_event: PublishEvent, *,
                  damage_threshold: Callable[[], float], learn_per_hour: int,
+                 geometry_threshold: Callable[[], float | None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic,
                  on_learned: OnLearned | None = None) -> None:
         self._inspector = inspector
@@ -104,6 +109,7 @@ class FeedbackLearner:
         self._snapshots = snapshots
         self._publish_event = publish_event
         self._damage_threshold = damage_threshold
+        self._geometry_threshold = geometry_threshold
         self._learn_per_hour = learn_per_hour
         self._clock = clock
         self._learned: dict[str, deque[float]] = {}  # product -> when views were learned
@@ -163,6 +169,12 @@ class FeedbackLearner:
         if recent.damage >= threshold:
             return (f"the item's own damage score {recent.damage:.3f} is at or above the "
                     f"damage threshold {threshold:.3f}")
+        geometry_limit = self._geometry_threshold()
+        if recent.geometry is not None and geometry_limit is not None \
+                and recent.geometry >= geometry_limit:
+            return (f"the item's geometry deficit {recent.geometry:.3f} (a dent or a hole in its "
+                    f"top, or a shape unlike its product's) is at or above the geometry "
+                    f"threshold {geometry_limit:.3f}")
         if is_out_of_distribution(recent.ood):
             return (f"the item is out of distribution (score {recent.ood}): its views are not "
                     "like the parcels the models know")

@@ -158,9 +158,16 @@ class Node:
         def damage_threshold() -> float:  # the thresholds in use (a reload replaces them)
             return self.policy.thresholds.components.get("damage", 0.5)
 
+        def geometry_threshold() -> float | None:
+            # Only models that measure the top face: a dent is what new artwork cannot
+            # explain; older models' box deficits alone never held feedback.
+            if self.inspector.surface_full_mm is None:
+                return None
+            return self.policy.thresholds.components.get("geometry")
+
         self.feedback = FeedbackLearner(
             self.inspector, self.recent, self.snapshots, publish_event,
-            damage_threshold=damage_threshold,
+            damage_threshold=damage_threshold, geometry_threshold=geometry_threshold,
             learn_per_hour=self.cfg.models.gallery_learn_per_hour)
         self.publisher = VerdictPublisher(
             self.cfg.mqtt, self.cfg.node, outbox_path, self.clock, admit,

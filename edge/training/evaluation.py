@@ -155,6 +155,19 @@ def unseen_products(table: ScoreTable, fusion: Fusion, thresholds: Thresholds,
     return block
 
 
+def demo_catalogue(table: ScoreTable, fusion: Fusion, thresholds: Thresholds) -> dict[str, Any]:
+    """Recall and false-positive rate at the shipped threshold on items of the demo
+    catalogue (the products the live demo runs): what a demo run should observe."""
+    fused = fused_scores(table, fusion, "full")
+    side = fused >= thresholds.fused["full"]
+    damaged = table.damaged
+    return {"items": len(fused), "damaged": int(damaged.sum()),
+            "recall": float(side[damaged].mean()) if damaged.any() else math.nan,
+            "fpr": float(side[~damaged].mean()) if (~damaged).any() else math.nan,
+            "auroc": roc_auc(fused, damaged) if damaged.any() and (~damaged).any()
+            else math.nan}
+
+
 def _finite_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     ok = np.isfinite(scores)
     return roc_auc(scores[ok], positive[ok]) if ok.any() else math.nan

@@ -12,6 +12,7 @@ from edge.infer.dataset import Dataset
 from edge.infer.inspector import TYPE_NAMES, depth_channels, rgb_channels
 from edge.training.effnet import Trunk
 from edge.training.progress import ProgressBar
+from edge.types import BoolArray
 
 HEIGHT_SCALE_MM = 200.0
 
@@ -37,10 +38,13 @@ def _crop_labels(damage: str | None, truth_mask: np.ndarray | None) -> np.ndarra
     return y
 
 
-def _cells(mask: np.ndarray, cells: int) -> np.ndarray:
+def damage_cells(mask: BoolArray | None, cells: int) -> np.ndarray:
+    """Damaged cells (1.0) of the head's `cells` x `cells` output grid; all 0 without a mask."""
+    if mask is None:
+        return np.zeros((cells, cells), np.float32)
     s = mask.shape[0] // cells
-    out: np.ndarray = mask[: s * cells, : s * cells].reshape(cells, s, cells, s).max(axis=(1, 3))
-    return out
+    grid: np.ndarray = mask[: s * cells, : s * cells].reshape(cells, s, cells, s).max(axis=(1, 3))
+    return grid.astype(np.float32)
 
 
 def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTensors:
@@ -57,9 +61,8 @@ def build(dataset: Dataset, trunk: Trunk, size: int, batch: int = 64) -> CropTen
             colors.append(rgb)
             depths.append(d.astype(np.float16))
             labels.append(_crop_labels(damage, crop.truth_damage))
-            tm = crop.truth_damage
-            maps.append(_cells(tm, cells) if tm is not None else np.zeros((cells, cells), bool))
-            known.append(tm is not None or damage is None)
+            maps.append(damage_cells(crop.truth_damage, cells))
+            known.append(crop.truth_damage is not None or damage is None)
     rgb_all = torch.from_numpy(np.stack(colors))
     del colors
     feats, pooled = [], []

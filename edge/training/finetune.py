@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from edge.infer.inspector import TYPE_NAMES, ItemInspector, depth_channels
+from edge.training.features import damage_cells
 from edge.training.fit_head import DEPTH_DROPOUT, MAP_WEIGHT, TYPE_WEIGHT
 from edge.training.heads import N_OUTPUTS, DamageHead
-from edge.types import BoolArray, ItemCrop
+from edge.types import ItemCrop
 
 #: Progress of a long step: the share of it done, 0..1.
 StepProgress = Callable[[float], None]
@@ -71,15 +72,6 @@ def _targets(item: LabelledCrop) -> np.ndarray:
     return y
 
 
-def _cells(mask: BoolArray | None, cells: int) -> np.ndarray:
-    """Damaged cells of the head's output grid; empty without a mask."""
-    if mask is None:
-        return np.zeros((cells, cells), np.float32)
-    s = mask.shape[0] // cells
-    grid: np.ndarray = mask[: s * cells, : s * cells].reshape(cells, s, cells, s).max(axis=(1, 3))
-    return grid.astype(np.float32)
-
-
 def build_tensors(items: Sequence[LabelledCrop], inspector: ItemInspector,
                   progress: StepProgress | None = None, batch: int = 64) -> HeadTensors:
     """Backbone features of every crop (and of it turned), depth channels, targets."""
@@ -102,7 +94,7 @@ def build_tensors(items: Sequence[LabelledCrop], inspector: ItemInspector,
     cells = int(trunk.shape[-1])
     typed = np.array([i.typed for i in items], np.float32)
     known = np.array([i.typed or not i.damaged for i in items], np.float32)
-    maps = np.stack([_cells(i.crop.truth_damage if i.typed else None, cells) for i in items])
+    maps = np.stack([damage_cells(i.crop.truth_damage if i.typed else None, cells) for i in items])
     return HeadTensors(
         trunk=trunk, trunk_turned=torch.from_numpy(np.concatenate(turned)).float(),
         depth=torch.from_numpy(depth),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,13 @@ from edge.infer.fusion import COMBOS, Fusion
 __all__ = ["COMBOS", "manifest_data", "neutral_fusion", "pick_golden", "write_gallery_seed",
            "write_golden"]
 from edge.infer.dataset import HEIGHT_UNIT_MM, Dataset
+from edge.infer.golden import GoldenSet
 from edge.infer.inspector import ItemInference
 from edge.infer.manifest import SCHEMA, sha256_file
 from edge.training.effnet import MEAN_RGB, STD_RGB
 from edge.training.features import HEIGHT_SCALE_MM
 from edge.training.heads import PATCH_CHANNELS, TRUNK_CHANNELS
-from edge.types import ItemRecord
+from edge.types import DamageType, ItemRecord, ItemTruth
 
 CAMERAS = ("top", "angled")
 
@@ -112,6 +114,17 @@ def pick_golden(records: Sequence[ItemRecord]) -> list[ItemRecord]:
         if best is not None:
             chosen.append(best)
     return chosen
+
+
+def labelled_records(golden: GoldenSet) -> list[ItemRecord]:
+    """A golden file's items with their labels as synthetic truth (what `write_golden`
+    reads them back from)."""
+    out = []
+    for rec, label in zip(golden.records, golden.labels, strict=True):
+        damage = None if label in ("none", "confounder") else DamageType(label)
+        out.append(dataclasses.replace(rec, truth=ItemTruth(
+            rec.item_id, str(rec.product_id), damage, rec.box_mm, label == "confounder")))
+    return out
 
 
 def write_golden(path: Path, records: Sequence[ItemRecord], refs: Dataset,

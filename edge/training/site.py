@@ -10,7 +10,12 @@
 
 The candidate folder has the layout of `engines/`; `tools/make_bundle.py build --kind models`
 packs it into a models bundle. It is written beside its final place and renamed into it
-whole: a folder at `--out` is always a complete candidate.
+whole (every file fsynced first): a folder at `--out` is always a complete candidate.
+
+Both models score against the node's reference gallery when given one (`TrainOptions.gallery`,
+read and never written), else the manifest's shipped references: products the site added to
+its gallery then have no anomaly score, and the fusion learns nothing from the gallery (the
+metrics count the held-out items per input combination, and warn when none had them all).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,12 +37,12 @@ import numpy as np
 import structlog
 import torch
 
-from edge.catalogue import Catalogue, load_catalogue
+from edge.catalogue import load_catalogue
 from edge.config import DecisionConfig, ModelsConfig, load_config
-from edge.durable import fsync_dir, write_atomic
+from edge.durable import fsync_dir, sync_tree, write_atomic
 from edge.infer.dataset import load_dataset
 from edge.infer.fit import ScoreTable, fit_fusion, fit_thresholds, roc_auc, thresholds_to_mapping
-from edge.infer.fusion import Fusion, Thresholds
+from edge.infer.fusion import COMBOS, Fusion, Thresholds
 from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import (
     COMPARED,
@@ -45,14 +51,9 @@ from edge.infer.golden import (
     load_golden,
     stage_expectations,
 )
-from edge.infer.inspector import (
-    DAMAGE,
-    EMBEDDING,
-    ItemInference,
-    ItemInspector,
-    embedding_identity,
-)
+from edge.infer.inspector import DAMAGE, EMBEDDING, ItemInference, ItemInspector
 from edge.infer.manifest import Manifest, load_manifest, sha256_file, write_manifest
+from edge.infer.offline import memory_inspector
 from edge.infer.runtimes import open_backend
 from edge.sim.dataset import SPLIT_DEFAULTS, write_dataset
 from edge.training.finetune import (
@@ -72,6 +73,7 @@ from edge.training.site_data import (
     SiteItem,
     SiteSplit,
     check_labels,
+    check_out,
     item_bucket,
     load_export,
     split_by_item,
@@ -110,6 +112,7 @@ class TrainOptions:
     target_fpr: float | None = None  # None: the current thresholds' target
     version: str | None = None  # None: the current version with a `site` stamp
     held_out: float = HELD_OUT_SHARE
+    gallery: Path | None = None  # the node's gallery folder, read only (None: shipped views)
 
 
 @dataclass(slots=True)
@@ -118,6 +121,8 @@ class TrainResult:
     version: str
     manifest_sha256: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: what the candidate's user must know (also in metrics.json and the model card)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Bar:
@@ -148,19 +153,6 @@ def default_version(current: str, now_s: float | None = None) -> str:
     return f"{current}.site{stamp}" if "+" in current else f"{current}+site{stamp}"
 
 
-def _inspector(manifest_path: Path, cfg: ModelsConfig, catalogue: Catalogue) -> ItemInspector:
-    """The models of a manifest with a gallery in memory, seeded from its shipped views."""
-    manifest = load_manifest(manifest_path)
-    cfg = ModelsConfig(manifest=manifest_path, intra_op_threads=cfg.intra_op_threads,
-                       max_batch=cfg.max_batch, gallery_dir=cfg.gallery_dir)
-    inspector = ItemInspector(manifest, open_backend(manifest.model(EMBEDDING), cfg),
-                              open_backend(manifest.model(DAMAGE), cfg),
-                              gallery=ReferenceGallery(None, model=embedding_identity(manifest)),
-                              catalogue=catalogue, cfg=cfg)
-    inspector.seed_gallery(persist=False)
-    return inspector
-
-
 def _site_crops(items: Sequence[SiteItem]) -> list[LabelledCrop]:
     return [LabelledCrop(crop, i.damaged) for i in items for crop in i.record.crops.values()]
 
@@ -173,7 +165,8 @@ def _synthetic_crops(records: Sequence[ItemRecord], weight: float) -> list[Label
             # A damage the view does not show (hidden by the angle) is no damage to learn.
             visible = damage is not None and (crop.truth_damage is None
                                               or bool(crop.truth_damage.any()))
-            out.append(LabelledCrop(crop, visible, damage, typed=True, weight=weight))
+            out.append(LabelledCrop(crop, visible, damage if visible else None, typed=True,
+                                    weight=weight))
     return out
 
 
@@ -222,49 +215,90 @@ def _rates(side: np.ndarray, damaged: np.ndarray) -> dict[str, float]:
             "sideline_rate": float(side.mean()) if side.size else float("nan")}
 
 
+def resolved_target(target: float, intact: int) -> float:
+    """The false-positive rate thresholds fitted on `intact` good items can be held to:
+    `target`, or 1/(intact+1) when those items cannot tell lower rates apart."""
+    return max(target, 1.0 / (intact + 1))
+
+
+def by_combination(items: Sequence[SiteItem],
+                   results: Sequence[ItemInference]) -> dict[str, dict[str, int]]:
+    """Items per input combination (gallery and depth: `full`, ...), damaged and intact: the
+    fusion weights and the threshold of a combination are fitted on its items alone."""
+    out = {c: {"items": 0, "damaged": 0, "intact": 0} for c in COMBOS}
+    for item, result in zip(items, results, strict=True):
+        row = out[result.combo]
+        row["items"] += 1
+        row["damaged" if item.damaged else "intact"] += 1
+    return out
+
+
+def _fused_with(result: ItemInference, fusion: Fusion) -> ItemInference:
+    """`result` as models with `fusion` would have scored it (the same model outputs)."""
+    anomaly = fusion.normalize_anomaly(result.anomaly_raw)
+    return dataclasses.replace(result, anomaly=anomaly,
+                               fused=fusion.fuse(result.damage, anomaly, result.geometry))
+
+
+def two_fold(held: Sequence[SiteItem], results: Sequence[ItemInference], manifest: Manifest,
+             target: float) -> dict[str, float]:
+    """Recall and false-positive rate of the candidate's models with fusion and thresholds
+    refitted on one half of the held-out items (by item ID) and judged on the other, both
+    ways round. NaN when a half holds no intact item to fit thresholds on."""
+    damaged = np.array([i.damaged for i in held])
+    fold = np.array([item_bucket(i.item_id, "fold") < 0.5 for i in held])
+    side = np.zeros(len(held), bool)
+    for judged in (fold, ~fold):
+        fit = [int(j) for j in np.flatnonzero(~judged)]
+        if damaged[fit].all():
+            nan = float("nan")
+            return {"recall": nan, "false_positive_rate": nan, "sideline_rate": nan}
+        part = site_table([held[j] for j in fit], [results[j] for j in fit])
+        fusion = fit_fusion(part)
+        policy = _policy(manifest, fit_thresholds(part, fusion, target))
+        rows = [int(j) for j in np.flatnonzero(judged)]
+        side[rows] = sidelined(policy, [held[j] for j in rows],
+                               [_fused_with(results[j], fusion) for j in rows])
+    return _rates(side, damaged)
+
+
 def compare(held: Sequence[SiteItem], current: tuple[Manifest, list[ItemInference]],
-            candidate: tuple[Manifest, list[ItemInference]],
-            refit: Callable[[Sequence[int]], Thresholds]) -> dict[str, Any]:
+            candidate: tuple[Manifest, list[ItemInference]], target: float) -> dict[str, Any]:
     """Both models on the same held-out items, each at its own thresholds. The candidate's
-    thresholds were fitted on these very items, so its recall and false-positive rate are
-    also given two-fold: thresholds fitted on one half of the items, judged on the other."""
+    fusion and thresholds were fitted on these very items, so its recall and false-positive
+    rate are also given two-fold (`two_fold`)."""
     damaged = np.array([i.damaged for i in held])
     out: dict[str, Any] = {"items": len(held), "damaged": int(damaged.sum()),
-                           "intact": int((~damaged).sum())}
+                           "intact": int((~damaged).sum()),
+                           "item_ids": [i.item_id for i in held]}
     sides = {}
     for name, (manifest, results) in (("current", current), ("candidate", candidate)):
+        if len(results) != len(held):
+            raise TrainError(f"the {name} models judged {len(results)} of the {len(held)} "
+                             "held-out items")
         sides[name] = sidelined(_policy(manifest), held, results)
         fused = np.array([r.fused for r in results])
         out[name] = {"version": manifest.version, "thresholds": manifest.threshold_version,
+                     "items": len(results), "by_combination": by_combination(held, results),
                      "auroc": roc_auc(np.nan_to_num(fused, nan=1.0), damaged),
                      **_rates(sides[name], damaged)}
     missed = damaged & ~sides["current"]
     out["current_misses"] = int(missed.sum())
     out["current_misses_caught_by_candidate"] = int((missed & sides["candidate"]).sum())
-    fold = np.array([item_bucket(i.record.item_id, "fold") < 0.5 for i in held])
-    side_cv = np.zeros(len(held), bool)
-    manifest, results = candidate
-    for judged in (fold, ~fold):
-        policy = _policy(manifest, refit([int(j) for j in np.flatnonzero(~judged)]))
-        rows = [int(j) for j in np.flatnonzero(judged)]
-        side_cv[rows] = sidelined(policy, [held[j] for j in rows], [results[j] for j in rows])
-    out["candidate"]["two_fold"] = _rates(side_cv, damaged)
+    out["candidate"]["two_fold"] = two_fold(held, candidate[1], candidate[0], target)
     return out
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainError(f"{out} exists and is not empty: give a new folder for the candidate")
 
 
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A folder beside `out` that becomes `out` when the block succeeds."""
-    _check_out(out)
+    """A folder beside `out` that becomes `out` when the block succeeds (every file in it
+    durable before the rename)."""
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield staging
+        sync_tree(staging)
         if out.exists():
             out.rmdir()
         os.rename(staging, out)  # a whole folder (edge.durable replaces files)
@@ -327,16 +361,16 @@ def train_candidate(opts: TrainOptions, report: Progress | None = None) -> Train
     """Fine-tune, calibrate, check and write a candidate model set (see the module doc)."""
     bar = _Bar(report or (lambda _s, _f: None), opts.synthetic > 0)
     lap = _Laps()
-    _check_out(opts.out)
+    check_out(opts.out)
     torch.set_num_threads(opts.threads)
     bar("load")
     data = load_export(opts.data)
-    check_labels(opts.data, {i.record.item_id: i.label for i in data.items}, opts.held_out)
+    check_labels(opts.data, data.items, opts.held_out)
     split = split_by_item(data.items, opts.held_out)
     current = load_manifest(opts.manifest)
     head = load_head(current.model(DAMAGE).path.with_name(HEAD_WEIGHTS))
-    now_inspector = _inspector(opts.manifest, ModelsConfig(
-        manifest=opts.manifest, intra_op_threads=opts.threads), load_catalogue())
+    now_inspector = memory_inspector(
+        ModelsConfig(manifest=opts.manifest, intra_op_threads=opts.threads), opts.gallery)
     try:
         lap("load")
         return _train(opts, data, split, current, head, now_inspector, bar, lap)
@@ -344,7 +378,7 @@ def train_candidate(opts: TrainOptions, report: Progress | None = None) -> Train
         now_inspector.close()
 
 
-def _train(opts: TrainOptions, data: SiteData, split: SiteSplit, current: Manifest,
+def _train(opts: TrainOptions, data: SiteData, split: SiteSplit[SiteItem], current: Manifest,
            head: DamageHead, now_inspector: ItemInspector, bar: _Bar, lap: _Laps
            ) -> TrainResult:
     version = opts.version or default_version(current.version)
@@ -380,7 +414,9 @@ def _train(opts: TrainOptions, data: SiteData, split: SiteSplit, current: Manife
             labels=_label_summary(data, split), synthetic_items=len(synthetic),
             epochs=opts.epochs, losses=[round(x, 4) for x in losses],
             training_seconds=round(total, 1), timings_s=lap.timings,
-            items_per_second=round((len(data.items) + len(synthetic)) / max(total, 1e-6), 2))
+            items_per_second=round((len(data.items) + len(synthetic)) / max(total, 1e-6), 2),
+            gallery=str(opts.gallery) if opts.gallery is not None else "shipped",
+            warnings=result.warnings)
         _write_json(staging / "metrics.json", result.metrics)
         write_site_cards(staging, result.metrics, current)
     log.info("candidate_written", out=str(opts.out), version=version,
@@ -388,7 +424,7 @@ def _train(opts: TrainOptions, data: SiteData, split: SiteSplit, current: Manife
     return result
 
 
-def _label_summary(data: SiteData, split: SiteSplit) -> dict[str, Any]:
+def _label_summary(data: SiteData, split: SiteSplit[SiteItem]) -> dict[str, Any]:
     def count(items: Sequence[SiteItem]) -> dict[str, int]:
         return {"damaged": sum(i.damaged for i in items),
                 "intact": sum(not i.damaged for i in items)}
@@ -406,7 +442,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _package(opts: TrainOptions, current: Manifest, version: str, head: DamageHead,
-             tensors: HeadTensors, probe: int, staging: Path, split: SiteSplit,
+             tensors: HeadTensors, probe: int, staging: Path, split: SiteSplit[SiteItem],
              now_inspector: ItemInspector, bar: _Bar, lap: _Laps) -> TrainResult:
     bar("calibrate")
     _copy_models(current, staging)
@@ -425,11 +461,22 @@ def _package(opts: TrainOptions, current: Manifest, version: str, head: DamageHe
     records = [i.record for i in held]
     table = site_table(held, candidate.infer(records))
     fusion = fit_fusion(table)
-    target = opts.target_fpr if opts.target_fpr is not None else float(
+    requested = opts.target_fpr if opts.target_fpr is not None else float(
         current.thresholds.get("target_fpr", 0.005))
+    intact = sum(not i.damaged for i in held)
+    target = resolved_target(requested, intact)
+    warnings = []
+    if target > requested:
+        warnings.append(
+            f"the thresholds were fitted on {intact} intact held-out items, which cannot tell "
+            f"false-positive rates below {target:.2%} apart: the candidate's target_fpr is "
+            f"{target:.2%}, not the {requested:.2%} asked for (about {math.ceil(1 / requested)} "
+            "intact held-out items would do: label more passes, or export a longer period)")
     thresholds = fit_thresholds(table, fusion, target, version=version)
     raw["fusion"] = {**fusion.to_mapping(), "geometry": current.fusion.get("geometry", {})}
-    raw["thresholds"] = thresholds_to_mapping(thresholds, f"site:{opts.data.name}", len(held))
+    raw["thresholds"] = {**thresholds_to_mapping(thresholds, f"site:{opts.data.name}",
+                                                 len(held)),
+                         "requested_target_fpr": requested}
     raw["training"] = {"base_version": current.version, "method": "edge-node train",
                        "data": opts.data.name, "synthetic_items": opts.synthetic}
     lap("calibrate")
@@ -443,18 +490,21 @@ def _package(opts: TrainOptions, current: Manifest, version: str, head: DamageHe
     lap("golden")
     bar("compare")
     cand_results = candidate.infer(records)
-    final = candidate.manifest
-
-    def refit(rows: Sequence[int]) -> Thresholds:
-        part = site_table([held[i] for i in rows], [cand_results[i] for i in rows])
-        return fit_thresholds(part, Fusion.from_mapping(final.fusion), target)
-
-    metrics = {"held_out": compare(held, (current, now_inspector.infer(records)),
-                                   (final, cand_results), refit), "target_fpr": target}
+    compared = compare(held, (current, now_inspector.infer(records)),
+                       (candidate.manifest, cand_results), target)
+    full = compared["candidate"]["by_combination"]["full"]["items"]
+    if not full:
+        warnings.append(
+            f"none of the {len(held)} held-out items was scored with every input (reference "
+            "gallery and depth: the `full` combination), so its fusion weights and threshold "
+            "were fitted on no item: items the node scores with both are judged on the "
+            "classifier alone. If the site's products are in the node's gallery, give it "
+            "(--config or --gallery)")
+    metrics = {"held_out": compared, "target_fpr": target, "requested_target_fpr": requested}
     candidate.damage.close()
     lap("compare")
     bar("compare", 1.0)
-    return TrainResult(opts.out, version, sha256_file(manifest_path), metrics)
+    return TrainResult(opts.out, version, sha256_file(manifest_path), metrics, warnings)
 
 
 def _beside(base: ItemInspector, manifest_path: Path, threads: int) -> ItemInspector:

@@ -42,6 +42,38 @@ def comparison_table(held: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def combination_table(held: dict[str, Any]) -> str:
+    """Held-out items per input combination: what each one's fusion weights and threshold
+    were fitted on."""
+    rows = ["| inputs | items | damaged | intact |", "|---|---|---|---|"]
+    for combo, n in held["candidate"]["by_combination"].items():
+        rows.append(f"| {combo} | {n['items']} | {n['damaged']} | {n['intact']} |")
+    return "\n".join(rows)
+
+
+def _target(metrics: dict[str, Any]) -> str:
+    target = metrics["target_fpr"]
+    asked = metrics.get("requested_target_fpr", target)
+    if target == asked:
+        return f"target false-positive rate {_pct(target)}"
+    return (f"target false-positive rate {_pct(target)}, not the {_pct(asked)} asked for: the "
+            "intact held-out items cannot tell lower rates apart")
+
+
+def _gallery(metrics: dict[str, Any]) -> str:
+    gallery = metrics.get("gallery", "shipped")
+    if gallery == "shipped":
+        return "the shipped reference views only (no node gallery given)"
+    return f"the node's reference gallery `{gallery}`"
+
+
+def _warnings(metrics: dict[str, Any]) -> str:
+    said = metrics.get("warnings") or []
+    if not said:
+        return ""
+    return "## Warnings\n\n" + "\n".join(f"- {w}" for w in said) + "\n\n"
+
+
 def write_site_cards(folder: Path, metrics: dict[str, Any], current: Manifest) -> None:
     """`damage/MODEL_CARD.md` of the candidate in `folder` (the embedding's is the current
     one, copied: that model did not change)."""
@@ -54,13 +86,14 @@ site's labelled audit snapshots (`{metrics['data']}`). The backbone (`embedding`
 {metrics['base_version']}, unchanged and frozen: the reference gallery stays valid. The
 architecture, inputs and outputs are those of the base model; see its card for them.
 
-## Training data
+{_warnings(metrics)}## Training data
 
 - Labelled items: {labels['items']} ({labels['damaged']} damaged, {labels['intact']} intact),
   by source: {', '.join(f'{k} {v}' for k, v in sorted(labels['by_source'].items()))}.
   `confirmed_damage` feedback is damaged; `false_positive`, `packaging_changed` and sampled
   passes nobody contradicted are intact; sidelined items nobody reviewed are left out
-  ({labels['skipped'].get('unreviewed_sideline', 0)} of them).
+  ({labels['skipped'].get('unreviewed_sideline', 0)} of them), and so are passes kept only
+  for a shadow disagreement nobody reviewed ({labels['skipped'].get('unreviewed_shadow', 0)}).
 - Split by item ID (both views of an item on one side): training
   {labels['train']['damaged']} damaged / {labels['train']['intact']} intact; held out
   {labels['held_out']['damaged']} damaged / {labels['held_out']['intact']} intact.
@@ -72,14 +105,20 @@ architecture, inputs and outputs are those of the base model; see its card for t
 
 ## Held-out site items
 
-Fusion weights and thresholds (target false-positive rate {_pct(metrics['target_fpr'])}) were
-refitted on the held-out items; both models were then run on them, each at its own
-thresholds. With {held['intact']} intact items there, a false-positive rate below
-{_pct(1.0 / max(held['intact'], 1))} cannot be told apart from it. The labelled items are not a
+Fusion weights and thresholds ({_target(metrics)}) were refitted on
+the held-out items; both models were then run on them, each at its own thresholds, against
+{_gallery(metrics)}. With {held['intact']} intact
+items there, a false-positive rate below {_pct(1.0 / (held['intact'] + 1))} cannot be told
+apart from it. The labelled items are not a
 random sample of the line (every sidelined item can be labelled, passes only as sampled), so
 the sideline rate here is not the line's: the shadow record on the device measures that.
 
 {comparison_table(held)}
+
+Held-out items by the inputs they were scored with (each combination's fusion weights and
+threshold are fitted on its own items):
+
+{combination_table(held)}
 
 Damaged held-out items the current models passed: {held['current_misses']}, of which the
 candidate sidelines {held['current_misses_caught_by_candidate']}.

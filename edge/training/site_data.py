@@ -7,10 +7,16 @@ Labels follow the controller's feedback, with one rule of our own for passes:
 
 | export line | label |
 | --- | --- |
-| `training_label: damaged` (feedback `confirmed_damage`, also on a passed item) | damaged |
+| `training_label: damaged` (`confirmed_damage`, also on a passed item) | damaged |
 | `training_label: intact` (`false_positive`, `packaging_changed`) | intact |
-| unreviewed, decision `pass` (a sampled pass nobody contradicted) | intact |
-| unreviewed, decision `sideline` | left out: nobody said what it was |
+| unreviewed pass, `kept_for: pass_sample` (nobody contradicted it) | intact |
+| unreviewed pass, `kept_for: shadow_only` | left out: `unreviewed_shadow` |
+| unreviewed pass without `kept_for` (an older export) | left out: `unreviewed_pass_unmarked` |
+| unreviewed sideline | left out: `unreviewed_sideline` (nobody said what it was) |
+
+A pass that a shadow candidate disagreed with is kept whatever the pass sample, and nobody is
+due to audit it: that nobody contradicted it says nothing, least of all about the items the
+candidate is meant to catch.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -38,12 +44,31 @@ MIN_INTACT = 50
 #: What the held-out split (fusion, thresholds, the comparison) must hold of each class.
 MIN_HELDOUT_DAMAGED = 5
 MIN_HELDOUT_INTACT = 15
+#: What the training split must hold of each class.
+MIN_TRAIN_EACH = 1
 #: Share of the site's items held out from training, by item ID.
 HELD_OUT_SHARE = 0.3
 
 
 class SiteDataError(ValueError):
-    """An export that cannot be trained on; the message says why and what would do."""
+    """An export that cannot be trained on, or a candidate folder that cannot be written;
+    the message says why and what would do."""
+
+
+class _Keyed(Protocol):
+    @property
+    def item_id(self) -> str: ...
+
+
+K = TypeVar("K", bound=_Keyed)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportLabel:
+    """An item's label as the export's index gives it (no image read)."""
+
+    item_id: str
+    label: Label
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +79,10 @@ class SiteItem:
     label: Label
     decision: str  # what the node running the current models decided
     source: str  # feedback kind, or "pass" for an uncontradicted sampled pass
+
+    @property
+    def item_id(self) -> str:
+        return self.record.item_id
 
     @property
     def damaged(self) -> bool:
@@ -72,9 +101,9 @@ class SiteData:
 
 
 @dataclass(frozen=True, slots=True)
-class SiteSplit:
-    train: tuple[SiteItem, ...]
-    held_out: tuple[SiteItem, ...]
+class SiteSplit(Generic[K]):
+    train: tuple[K, ...]
+    held_out: tuple[K, ...]
 
 
 def item_bucket(item_id: str, salt: str = "split") -> float:
@@ -85,22 +114,39 @@ def item_bucket(item_id: str, salt: str = "split") -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_by_item(items: Sequence[SiteItem], held_out: float = HELD_OUT_SHARE) -> SiteSplit:
+def split_by_item(items: Sequence[K], held_out: float = HELD_OUT_SHARE) -> SiteSplit[K]:
     """Deterministic by item ID: both views of an item always land on the same side."""
-    out = [i for i in items if item_bucket(i.record.item_id) < held_out]
-    keep = [i for i in items if item_bucket(i.record.item_id) >= held_out]
+    out = [i for i in items if item_bucket(i.item_id) < held_out]
+    keep = [i for i in items if item_bucket(i.item_id) >= held_out]
     return SiteSplit(tuple(keep), tuple(out))
 
 
 def label_of(line: dict[str, Any]) -> tuple[Label, str] | None:
-    """(label, where it came from) of one export line; None when nobody said."""
+    """(label, where it came from) of one export line; None when nobody said
+    (`unlabelled_why` says which case)."""
     training = line.get("training_label")
     feedback = str(line.get("feedback") or "")
     if training in ("damaged", "intact"):
         return training, feedback or training
-    if line.get("decision") == "pass":
+    if line.get("decision") == "pass" and line.get("kept_for") == "pass_sample":
         return "intact", "pass"
     return None
+
+
+def unlabelled_why(line: dict[str, Any]) -> str:
+    """Why an export line without a label is left out (the key it is counted under)."""
+    if line.get("decision") != "pass":
+        return "unreviewed_sideline"
+    if line.get("kept_for") == "shadow_only":
+        return "unreviewed_shadow"
+    return "unreviewed_pass_unmarked"
+
+
+def check_out(out: Path) -> None:
+    """SiteDataError unless `out` can become the candidate folder (new, or empty)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SiteDataError(f"{out} exists and is not empty: give a new folder for the "
+                            "candidate")
 
 
 def _image(path: Path, flags: int) -> np.ndarray:
@@ -162,13 +208,13 @@ def _index(root: Path) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def export_labels(root: Path) -> dict[str, Label]:
-    """Item ID -> label from the export's index alone (no image read: a quick check)."""
-    out: dict[str, Label] = {}
+def export_labels(root: Path) -> list[ExportLabel]:
+    """The labelled items of an export from its index alone (no image read: a quick check)."""
+    out: list[ExportLabel] = []
     for line in _index(root):
         labelled = label_of(line)
         if labelled is not None and line.get("views"):
-            out[str(line["item_id"])] = labelled[0]
+            out.append(ExportLabel(str(line["item_id"]), labelled[0]))
     return out
 
 
@@ -179,7 +225,7 @@ def load_export(root: Path) -> SiteData:
     for n, line in enumerate(_index(root)):
         labelled = label_of(line)
         if labelled is None:
-            skipped["unreviewed_sideline"] += 1
+            skipped[unlabelled_why(line)] += 1
             continue
         if not line.get("views"):
             skipped["no_views"] += 1
@@ -193,25 +239,34 @@ def load_export(root: Path) -> SiteData:
     return SiteData(root, tuple(items), dict(skipped))
 
 
-def check_labels(root: Path, labels: Mapping[str, Label],
+class _Labelled(_Keyed, Protocol):
+    @property
+    def label(self) -> Label: ...
+
+
+def check_labels(root: Path, items: Sequence[_Labelled],
                  held_out: float = HELD_OUT_SHARE) -> None:
     """SiteDataError unless there is enough of each class to train on and to judge by
-    (`labels`: item ID -> label)."""
-    have = Counter(labels.values())
+    (`items`: labelled items, split as `split_by_item` splits them)."""
+    have = Counter(i.label for i in items)
     if have["damaged"] < MIN_DAMAGED or have["intact"] < MIN_INTACT:
         raise SiteDataError(
             f"{root}: {have['damaged']} damaged and {have['intact']} intact labelled items; "
             f"fine-tuning needs at least {MIN_DAMAGED} damaged and {MIN_INTACT} intact "
             "(confirmed_damage and false_positive feedback, and sampled passes): label more "
             "snapshots, or export a longer period")
-    held = Counter(v for k, v in labels.items() if item_bucket(k) < held_out)
-    trained = Counter(v for k, v in labels.items() if item_bucket(k) >= held_out)
+    split = split_by_item(items, held_out)
+    held = Counter(i.label for i in split.held_out)
+    trained = Counter(i.label for i in split.train)
     if held["damaged"] < MIN_HELDOUT_DAMAGED or held["intact"] < MIN_HELDOUT_INTACT:
         raise SiteDataError(
             f"{root}: the held-out split ({held_out:.0%} of the items, by item ID) has "
             f"{held['damaged']} damaged and {held['intact']} intact items; fitting the "
             f"thresholds and judging the candidate need at least {MIN_HELDOUT_DAMAGED} damaged "
             f"and {MIN_HELDOUT_INTACT} intact there: label more snapshots")
-    if not trained["damaged"] or not trained["intact"]:
-        raise SiteDataError(f"{root}: the training split holds only "
-                            f"{'intact' if trained['intact'] else 'damaged'} items")
+    if trained["damaged"] < MIN_TRAIN_EACH or trained["intact"] < MIN_TRAIN_EACH:
+        only = "intact" if trained["intact"] else "damaged"
+        raise SiteDataError(
+            f"{root}: the training split ({1 - held_out:.0%} of the items, by item ID) holds "
+            f"only {only} items ({trained['damaged']} damaged, {trained['intact']} intact); "
+            f"fine-tuning needs at least {MIN_TRAIN_EACH} of each there: label more snapshots")

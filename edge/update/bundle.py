@@ -23,7 +23,9 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
 import time
 import zlib
@@ -36,6 +38,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from packaging.version import InvalidVersion, Version
+
+from edge.infer.manifest import sha256_file
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -292,12 +296,14 @@ def _walk_payload(root: Path) -> Iterable[tuple[str, Path]]:
             yield check_relpath(rel), path
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def link_or_copy(src: str, dst: str) -> str:
+    """A hard link where the file system allows, else a copy (a `copy_function` for
+    shutil.copytree: staging a payload, assembling a models release)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def build_manifest(payload_dir: Path, version: str, kind: Kind,

@@ -8,11 +8,16 @@ exactly that manifest and shows:
 
 - at least `min_items` items scored;
 - the same decision as production on at least `min_agreement` of them;
-- a sideline rate at most `max_sideline_rate_increase` above production's;
+- a sideline rate at most `max_sideline_rate_increase` above production's and at most
+  `max_sideline_rate_decrease` below it (a candidate that passes nearly everything agrees
+  with production on nearly every item of a line that is nearly all good);
 - failures (its models raised) on at most `max_failed_share` of the items it tried.
 
 A refusal goes the updater's refusal path (journal, `update-status.json`, exit 1) with the
 reason. Bundles that leave the manifest as it is (software only) are not gated.
+
+The record counts decisions only: it holds no controller labels, so which side of a
+disagreement was right is not gated on here (`edge-node shadow report` shows it).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import structlog
 
 from edge.audit.shadow_record import SHADOW_RECORD_FILE, ShadowRecord, load_shadow_record
 from edge.config import ShadowGateConfig
-from edge.update.bundle import BundleError, sha256_file
+from edge.infer.manifest import sha256_file
+from edge.update.bundle import BundleError
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +50,7 @@ class ShadowGate:
     min_agreement: float
     max_sideline_rate_increase: float
     max_failed_share: float = 0.01
+    max_sideline_rate_decrease: float = 0.01
 
     @staticmethod
     def from_config(cfg: ShadowGateConfig, state_dir: Path) -> ShadowGate | None:
@@ -53,7 +60,7 @@ class ShadowGate:
             return None
         return ShadowGate(Path(state_dir) / SHADOW_RECORD_FILE, cfg.min_items,
                           cfg.min_agreement, cfg.max_sideline_rate_increase,
-                          cfg.max_failed_share)
+                          cfg.max_failed_share, cfg.max_sideline_rate_decrease)
 
     def check(self, new_release: Path, current_release: Path | None) -> ShadowRecord | None:
         """Raise ShadowGateError unless the models of `new_release` (an unpacked bundle)
@@ -108,4 +115,10 @@ class ShadowGate:
                     f"production's {record.sideline_rate_production:.2%}: more than "
                     f"update.shadow_gate.max_sideline_rate_increase "
                     f"{self.max_sideline_rate_increase:.2%} above it")
+        if -rise > self.max_sideline_rate_decrease:
+            return (f"candidate {record.candidate_version} sidelined "
+                    f"{record.sideline_rate_candidate:.2%} of the items in shadow against "
+                    f"production's {record.sideline_rate_production:.2%}: more than "
+                    f"update.shadow_gate.max_sideline_rate_decrease "
+                    f"{self.max_sideline_rate_decrease:.2%} below it")
         return None

@@ -26,7 +26,13 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.durable import fsync_dir, write_atomic
-from edge.update.bundle import BundleError, BundleManifest, extract_verified, release_order
+from edge.update.bundle import (
+    BundleError,
+    BundleManifest,
+    extract_verified,
+    link_or_copy,
+    release_order,
+)
 from edge.update.health import GatePolicy, HealthProbe, wait_healthy
 from edge.update.shadow_gate import ShadowGate
 from edge.update.store import (
@@ -308,10 +314,10 @@ class Updater:
             dest = staging / entry.name
             if entry.is_dir() and not entry.is_symlink():
                 shutil.copytree(entry, dest, symlinks=True, dirs_exist_ok=True,
-                                copy_function=_link_or_copy,
+                                copy_function=link_or_copy,
                                 ignore=_skip_replaced(src, new_files))
             elif not dest.exists():
-                _link_or_copy(str(entry), str(dest))
+                link_or_copy(str(entry), str(dest))
         owner = self._venv_owner(current)
         if owner is not None and (self.store.release_dir(owner) / "venv").exists():
             os.symlink(f"../{owner}/venv", staging / "venv")
@@ -400,14 +406,6 @@ class Updater:
                 self.store.switch_current(target)
                 self.store.set_previous(None)
             return self._emit("rolled_back", current, target, reason)
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
 
 
 def _skip_replaced(src_root: Path, new_files: set[Path]) -> Callable[[str, list[str]], set[str]]:

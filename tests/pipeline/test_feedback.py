@@ -58,9 +58,10 @@ def _fresh(tmp_path: Path) -> ItemInspector:
 
 def _learner(inspector: ItemInspector, recent: RecentViews, events: _Events,
              snapshots: _Snapshots | None = None, *, threshold: float,
-             per_hour: int = 20) -> FeedbackLearner:
+             geometry: float | None = None, per_hour: int = 20) -> FeedbackLearner:
     return FeedbackLearner(inspector, recent, snapshots, events,  # type: ignore[arg-type]
-                           damage_threshold=lambda: threshold, learn_per_hour=per_hour)
+                           damage_threshold=lambda: threshold,
+                           geometry_threshold=lambda: geometry, learn_per_hour=per_hour)
 
 
 def _decide(inspector: ItemInspector, record: ItemRecord, recent: RecentViews) -> float:
@@ -78,25 +79,30 @@ def _changed(item_id: str, product: str | None) -> Feedback:
 def test_a_damaged_item_sent_as_packaging_changed_does_not_teach_the_gallery_damage(
         golden: GoldenSet, tmp_path: Path) -> None:
     """A crushed box reported as "packaging changed" is held for review (event, snapshot
-    note) and not learned: the next damaged item of that product scores as before. Learning
+    note) and not learned (its dent shows in depth, which new artwork cannot explain): the
+    next damaged item of that product scores as before. Learning
     it would have lowered that score, so the hold is what keeps the damage visible."""
     crushed, torn = _item(golden, "P-CRACKS", "crush"), _item(golden, "P-CRACKS", "tear")
     inspector, recent, events, snapshots = _fresh(tmp_path), RecentViews(), _Events(), _Snapshots()
     threshold = inspector.manifest.thresholds["components"]["damage"]
+    geometry = inspector.manifest.thresholds["components"]["geometry"]
     _decide(inspector, crushed, recent)
     seen = recent.get(crushed.item_id)
     assert seen is not None
     assert seen.damage is not None
-    assert seen.damage >= threshold
+    assert seen.geometry is not None
+    # The crush shows in depth (the dent in its top), whatever the classifier made of it.
+    assert seen.geometry >= geometry
     before = inspector.infer([torn])[0]
-    learner = _learner(inspector, recent, events, snapshots, threshold=threshold)
+    learner = _learner(inspector, recent, events, snapshots, threshold=threshold,
+                       geometry=geometry)
     learner.on_feedback(_changed(crushed.item_id, "P-CRACKS"))
     learner.close()
     after = inspector.infer([torn])[0]
     assert after.anomaly_raw == before.anomaly_raw
     assert after.fused == before.fused
     assert [kind for kind, _ in events.sent] == ["feedback_held"]
-    assert "damage score" in str(events.sent[0][1]["why"])
+    assert "geometry deficit" in str(events.sent[0][1]["why"])
     kind, note = snapshots.labels[crushed.item_id]
     assert kind == "packaging_changed"
     assert note is not None
@@ -109,6 +115,23 @@ def test_a_damaged_item_sent_as_packaging_changed_does_not_teach_the_gallery_dam
     assert learned.anomaly_raw is not None
     assert before.anomaly_raw is not None
     assert learned.anomaly_raw < before.anomaly_raw
+
+
+def test_the_classifiers_own_damage_score_holds_feedback_without_the_geometry_check(
+        golden: GoldenSet, tmp_path: Path) -> None:
+    """With no geometry limit (models that do not measure the top face), a flap torn off a
+    mailer, which the classifier scores high, is still held on its damage score."""
+    flap = _item(golden, "P-STAINS", "deconstruction")
+    inspector, recent, events = _fresh(tmp_path), RecentViews(), _Events()
+    _decide(inspector, flap, recent)
+    seen = recent.get(flap.item_id)
+    assert seen is not None
+    assert seen.damage is not None
+    learner = _learner(inspector, recent, events, threshold=seen.damage - 1e-3, geometry=None)
+    learner.on_feedback(_changed(flap.item_id, "P-STAINS"))
+    learner.close()
+    assert [kind for kind, _ in events.sent] == ["feedback_held"]
+    assert "damage score" in str(events.sent[0][1]["why"])
 
 
 def test_an_intact_item_of_the_announced_product_is_learned(

@@ -46,8 +46,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _card_recall() -> float:
+    """The shipped models' recall at their threshold on items of the demo catalogue."""
     metrics = json.loads((REPO / "engines" / "metrics.json").read_text())
-    return float(metrics["fused"]["recall_at_fpr_0.005"])
+    return float(metrics["demo_catalogue"]["recall"])
 
 
 def _fast_config(tmp_path: Path, broker: MosquittoBroker, **synthetic: float) -> Config:
@@ -87,9 +88,10 @@ def test_every_announced_item_gets_exactly_one_actuation_verdict(
     n = detection["damaged_items"]
     assert n >= (15 if LONG_CHECKS else 8)
     card = _card_recall()
-    # Observed recall may fall short of the card's by sampling noise only (3 sigma).
+    # Observed recall may fall short of the card's by sampling noise only (3 sigma); a few
+    # damaged items make that bound loose, so some damage must be caught in any case.
     slack = 3 * math.sqrt(max(card * (1 - card), 0.02) / n)
-    assert detection["recall"] >= card - slack
+    assert detection["recall"] >= max(card - slack, 0.1)
     assert detection["false_positive_rate"] <= 0.05
     # Item finding ran in the worker processes, on depth images the cameras wrote into their
     # shared memory (no copy), capture reused its buffers, and the workers' memory is counted.

@@ -198,7 +198,7 @@ def test_a_view_learned_on_one_node_reaches_the_others_and_lowers_their_anomaly(
         assert node.anomaly(intact) < 0.5 * before[node.name][1]
         verdict = policy.decide(crushed, node.inspector.infer([crushed])[0], 0.0)
         assert verdict.decision == Decision.SIDELINE
-        assert Reason.DAMAGE in verdict.reasons
+        assert Reason.GEOMETRY in verdict.reasons  # the dent in its top, in depth
     _settle(a, b, c)
     assert [n.sharing.metrics().published for n in (a, b, c)] == [1, 0, 0]
     assert b.sharing.metrics().messages == {"merged": 1}
@@ -279,18 +279,20 @@ def test_messages_that_fail_a_check_are_refused_and_counted(
 
 def test_a_view_failing_the_receiving_nodes_damage_check_is_not_merged(
         golden: GoldenSet, site: NodeFactory, mosquitto: MosquittoBroker) -> None:
-    """A node whose check let a crushed box through (threshold 1.1) shares it: B's own damage
-    check refuses both views, so B's gallery and its score of the damage stay as they were."""
+    """A node whose check let a box with a torn-off flap through (threshold 1.1) shares it:
+    B's own damage check (colour only: shared views carry no depth; here at 0.99, under both
+    views' classifier scores) refuses both views, so B's gallery and its score of the damage
+    stay as they were."""
     lax = site("edge-a", mosquitto.url, threshold=1.1)
-    b = site("edge-b", mosquitto.url)
+    b = site("edge-b", mosquitto.url, threshold=0.99)
     assert lax.sharing.wait_connected(5.0)
     assert b.sharing.wait_connected(5.0)
-    crushed = _item(golden, PRODUCT, "crush")
-    before = (b.views(), b.anomaly(crushed))
-    lax.teach(crushed)
+    flap = _item(golden, "P-STAINS", "deconstruction")
+    before = (b.views("P-STAINS"), b.anomaly(flap))
+    lax.teach(flap)
     assert _until(lambda: b.sharing.metrics().views.get("damaged") == 2, 10.0)
     _settle(lax, b)
-    assert (b.views(), b.anomaly(crushed)) == before
+    assert (b.views("P-STAINS"), b.anomaly(flap)) == before
     assert b.sharing.metrics().messages == {"views_refused": 1}
     assert b.sharing.metrics().published == 0  # what B holds is nothing the message lacks
 

@@ -107,7 +107,8 @@ def test_node_unit_goes_ready_and_stops_cleanly_on_onnx_runtime(
 
 def test_update_unit_with_an_empty_inbox_does_nothing_and_succeeds(tmp_path: Path) -> None:
     """`conveyor-vision-update.service`'s command (the timer runs it) exits 0 when no bundle
-    waits in the inbox."""
+    waits in the inbox, and it names the node's config (the shadow gate's), which it does not
+    read then: here there is none."""
     key = Ed25519PrivateKey.generate().public_key()
     public = tmp_path / "update-signing.pub"
     public.write_bytes(key.public_bytes(serialization.Encoding.PEM,
@@ -115,7 +116,10 @@ def test_update_unit_with_an_empty_inbox_does_nothing_and_succeeds(tmp_path: Pat
     (tmp_path / "inbox").mkdir()
     replace = {"/opt/conveyor-vision": str(tmp_path / "root"),
                "/etc/conveyor-vision/update-signing.pub": str(public),
-               "/var/lib/conveyor-vision-update/inbox": str(tmp_path / "inbox")}
-    argv = _command(_exec_start("conveyor-vision-update.service"), replace)
+               "/var/lib/conveyor-vision-update/inbox": str(tmp_path / "inbox"),
+               SITE_CONFIG: str(tmp_path / "no-config.yaml")}
+    unit = _exec_start("conveyor-vision-update.service")
+    assert unit[unit.index("--config") + 1] == SITE_CONFIG
+    argv = _command(unit, replace)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr

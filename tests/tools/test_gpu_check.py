@@ -82,8 +82,9 @@ def test_ort_cpu_standing_in_agrees_exactly_and_is_timed(manifest: Manifest) -> 
     assert agree["items"] == len(golden.records)
     assert agree["tolerance"] == manifest.golden["tolerance"]
     assert set(agree["max_abs_diff"].values()) == {0.0}
-    assert set(agree["outputs_max_abs_diff"]) == {"embedding.patches", "embedding.trunk",
-                                                  "damage.probs", "damage.maps"}
+    assert set(agree["outputs_max_abs_diff"]) == {
+        "embedding.patches", "embedding.trunk", "embedding.parcel", "embedding.novelty",
+        "damage.probs", "damage.maps"}
     assert set(agree["outputs_max_abs_diff"].values()) == {0.0}
     assert result["self_test"]["passed"]
     batches = result["latency"]["batches"]
@@ -200,7 +201,11 @@ def test_torch_twins_reproduce_the_onnx_outputs_on_cpu(manifest: Manifest) -> No
     rgb, depth = gpu_check.golden_inputs(inspector, golden)
     assert rgb.shape == depth.shape == (2 * len(golden.records), 3, 128, 128)
     diffs = gpu_check.output_diffs((ref_emb, ref_dmg), (twin_emb, twin_dmg), rgb[:2], depth[:2])
-    assert max(diffs.values()) < 1e-3, diffs
+    # The novelty distance runs to thousands: its float32 rounding is judged relative to it.
+    scale = dict.fromkeys(diffs, 1.0)
+    scale["embedding.novelty"] = max(1.0, float(np.abs(ref_emb.run({"rgb": rgb[:2]})[
+        "novelty"]).max()))
+    assert all(diffs[k] < 1e-3 * scale[k] for k in diffs), diffs
     assert "NOT the shipped path" in detail["note"]
     assert twin_emb.name == "torch-cpu"
     assert np.isfinite(list(diffs.values())).all()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -80,14 +82,19 @@ def _models_bundle(make_bundle: BundleFactory, version: str = "1.0.0+m1",
     (record(sidelined_candidate=20), "sidelined 2.50% of the items in shadow against "
                                      "production's 1.00%"),
     (record(items_failed=9), "failed on 9 of the 809 items it tried in shadow (1.11%)"),
+    (record(sidelined_candidate=0, sidelined_production=40, agreements=760),
+     "sidelined 0.00% of the items in shadow against production's 5.00%: more than "
+     "update.shadow_gate.max_sideline_rate_decrease 1.00% below it"),
 ])
 def test_models_without_a_good_shadow_record_are_refused(
         gated: Updater, make_bundle: BundleFactory, state: Path, root: Path,
         rec: ShadowRecord | None, says: str) -> None:
     """No record, another candidate's, too few items, too little agreement, too high a
-    sideline rate or too many failures (over 1 % of the items tried): the models bundle is
-    refused with the reason (the updater's refusal event, as the journal and the status
-    topic get it), nothing is installed and the device stays on its release."""
+    sideline rate, too many failures (over 1 % of the items tried), or a sideline rate far
+    below production's (a candidate that passes what production sidelines agrees on the
+    rest of a line that is nearly all good): the models bundle is refused with the reason
+    (the updater's refusal event, as the journal and the status topic get it), nothing is
+    installed and the device stays on its release."""
     if rec is not None:
         write_shadow_record(state / SHADOW_RECORD_FILE, rec)
     with pytest.raises(UpdateError) as refused:
@@ -153,12 +160,38 @@ def test_update_apply_reads_the_gate_from_the_node_config(
     assert ReleaseStore(root).current_version() == "1.0.0+m2"
 
 
+def test_a_node_config_that_is_named_but_missing_refuses_the_bundle(
+        make_bundle: BundleFactory, public_key_file: Path, root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--config` naming no file (a typo, a device without its config): the gate it may hold
+    cannot be read, so the models bundle is refused, not installed unchecked, and stays in
+    the inbox for the run after the config is back."""
+    common = ["--root", str(root), "--public-key", str(public_key_file), "--no-restart"]
+    base = make_bundle("1.0.0", files={"engines/manifest.yaml": OLD_MODELS,
+                                       "config/default.yaml": b"node: {}\n"})
+    assert main(["update", "apply", *common, str(base)]) == 0
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bundle = _models_bundle(make_bundle).replace(inbox / "cv-1.0.0+m1.cvb")
+    os.utime(bundle, (time.time() - 100, time.time() - 100))
+    missing = tmp_path / "etc" / "config.yaml"
+    assert main(["update", "apply", *common, "--config", str(missing), str(inbox)]) == 1
+    err = capsys.readouterr().err
+    assert f"update: config key '--config': got '{missing}'" in err
+    assert "the bundle is not installed without it" in err
+    assert bundle.exists()
+    assert ReleaseStore(root).current_version() == "1.0.0"
+
+
 def test_shadow_gate_config_is_off_by_default_and_checked() -> None:
     """`update.shadow_gate` is off unless enabled; a bound out of range names its key."""
     assert parse_config_text("{}").update.shadow_gate.enabled is False
     cfg = parse_config_text("update: {shadow_gate: {enabled: true, min_items: 50}}")
     assert (cfg.update.shadow_gate.min_items, cfg.update.shadow_gate.min_agreement) == (50, 0.98)
+    assert cfg.update.shadow_gate.max_sideline_rate_decrease == 0.01
     with pytest.raises(ConfigError, match=r"update\.shadow_gate\.min_agreement"):
         parse_config_text("update: {shadow_gate: {min_agreement: 1.5}}")
+    with pytest.raises(ConfigError, match=r"update\.shadow_gate\.max_sideline_rate_decrease"):
+        parse_config_text("update: {shadow_gate: {max_sideline_rate_decrease: -0.1}}")
     with pytest.raises(ConfigError, match=r"update\.shadow_gate\.max_items"):
         parse_config_text("update: {shadow_gate: {max_items: 5}}")

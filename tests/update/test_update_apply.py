@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge.infer.manifest import sha256_file
 from edge.update.bundle import (
     BundleManifest,
     FileEntry,
     Kind,
     release_order,
-    sha256_file,
     write_bundle,
 )
 from edge.update.store import ReleaseStore

@@ -134,7 +134,8 @@ def test_an_interrupted_update_is_finished_even_when_the_inbox_is_empty(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A reboot during the health gate of a hand-applied update: the timer's next run finds
     no bundle, and still gates the pending release (here it never reports healthy, so it is
-    rolled back). It used to wait for the next bundle."""
+    rolled back). It used to wait for the next bundle. The node's config is not read when
+    there is nothing to install: one the node itself refuses does not keep it waiting."""
     common = ("--root", root, "--public-key", public_key_file, "--no-restart")
     assert _cli("apply", make_bundle("1.0.0"), *common) == 0
     assert _cli("apply", make_bundle("1.1.0"), *common) == 0
@@ -142,8 +143,10 @@ def test_an_interrupted_update_is_finished_even_when_the_inbox_is_empty(
     store.set_pending("1.1.0", "1.0.0")  # the state a reboot mid-gate leaves
     inbox = tmp_path / "inbox"
     inbox.mkdir()
+    broken = tmp_path / "config.yaml"
+    broken.write_text("update: {shadow_gate: {min_agreement: 7}}\n")
     assert _cli("apply", inbox, *common, "--health-file", tmp_path / "none.json",
-                "--ready-timeout", "0.3", "--poll", "0.05") == 1
+                "--ready-timeout", "0.3", "--poll", "0.05", "--config", broken) == 1
     assert "update resumed: rolled_back 1.1.0" in capsys.readouterr().out
     assert store.current_version() == "1.0.0"
     assert store.pending() is None
