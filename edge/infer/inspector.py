@@ -390,7 +390,7 @@ class ItemInspector:
                 if math.isfinite(per_type[name]):
                     boxes[name] = map_box(top[3][t], top[1].color.shape[0])
         raw, amap, acam = self._anomaly(record.product_id, views)
-        measured = self._geometry(record)
+        measured = self.measure_geometry(record)
         geometry = None if measured is None else measured.score
         anomaly = self.fusion.normalize_anomaly(raw)
         broken = self._broken_set(record.product_id, anomaly,
@@ -427,7 +427,8 @@ class ItemInspector:
             return None
         return self.fusion.fuse(0.5, anomaly, geometry) * (1.0 - typed_damage)
 
-    def _geometry(self, record: ItemRecord) -> GeometryResult | None:
+    def measure_geometry(self, record: ItemRecord) -> GeometryResult | None:
+        """The geometry check of `record` as inference runs it; None without product or depth."""
         product = None if record.product_id is None else self.catalogue.get(record.product_id)
         if product is None:
             return None

@@ -14,7 +14,6 @@ from edge.infer.gallery import ReferenceGallery
 from edge.infer.golden import GoldenSet
 from edge.infer.inspector import ItemInspector
 from edge.infer.reload import prepare_reload, switch_to
-from edge.infer.size_check import geometry_check
 from edge.types import Decision, ItemRecord, Reason
 from edge.verdicts.policy import VerdictPolicy
 
@@ -69,11 +68,8 @@ def test_a_depression_in_the_top_face_is_measured_and_sidelined(
     """The shipped manifest turns the top-face check on: a crushed item's dent is measured in
     millimetres and carries the verdict on its own (reason geometry)."""
     (rec,) = _by_label(golden, "crush")
-    product = inspector.catalogue.get(str(rec.product_id))
-    assert product is not None
     assert inspector.surface_full_mm is not None
-    result = geometry_check(rec.box_mm, product, rec.crops, inspector.expected_fill,
-                            inspector.geometry_slack, inspector.surface_full_mm)
+    result = inspector.measure_geometry(rec)
     assert result is not None
     assert result.dent_mm is not None
     assert result.dent_mm > 10.0
@@ -164,11 +160,7 @@ def test_broken_set_finding_points_at_the_gap(inspector: ItemInspector, golden: 
     policy = VerdictPolicy.from_manifest(inspector.manifest, DecisionConfig())
     gapped = 0
     for rec in _by_label(golden, "broken_set"):
-        product = inspector.catalogue.get(str(rec.product_id))
-        assert product is not None
-        measured = geometry_check(rec.box_mm, product, rec.crops, inspector.expected_fill,
-                                  inspector.geometry_slack, inspector.surface_full_mm,
-                                  inspector.surface_packaging)
+        measured = inspector.measure_geometry(rec)
         assert measured is not None
         if measured.set_score < 1.0:
             continue  # the gap did not show down to the belt in this item's depth
