@@ -129,7 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--engines", type=Path, default=REPO / "engines")
     ap.add_argument("--size", type=int, default=160, choices=SIZES, help="model input size")
     ap.add_argument("--capacity", action="store_true",
-                    help="train every size in SIZES and write the capacity table")
+                    help="train every size of --sizes and write the capacity table")
+    ap.add_argument("--sizes", type=int, nargs="+", choices=SIZES, default=list(SIZES),
+                    help="with --capacity: the sizes to train and compare")
     ap.add_argument("--recalibrate", type=Path, nargs="+", default=None, metavar="ENGINES",
                     help="keep the networks trained into these folders; refit everything "
                          "after them (geometry, fusion, thresholds, OOD limit, golden set) "
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[size], folders[size] = calibrate(size, splits, folder, args, lap), folder
         else:
             results = {size: train_size(size, splits, Path(tmp) / str(size), args, lap)
-                       for size in (SIZES if args.capacity else (args.size,))}
+                       for size in (args.sizes if args.capacity else (args.size,))}
             folders = {size: Path(tmp) / str(size) for size in results}
         chosen = choose_size(results) if args.capacity else next(iter(results))
         args.engines.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,10 @@ the out-of-distribution rule (`edge/infer/ood.py`).
     dmg = f"""# Model card: damage (version {version})
 
 Small head on the frozen embedding's `trunk` features plus a depth branch (three depth
-channels: absolute height / 200 mm, height relative to the item top, valid-depth flag).
+channels: absolute height / 200 mm, height relative to the item top, valid-depth flag). Its
+fusing layers are 1x1, so each grid cell is judged on its own features: on the same cached
+features, 3x3 layers learnt the training products' artwork (classifier AUROC on the
+validation products 0.70 against 0.75 for 1x1, recall at FPR 0.5 % 6 % against 14 %).
 Outputs: `probs` (any damage, crush, tear, hole, spill, deconstruction) and coarse `maps`
 ({size // 16}x{size // 16} per output; boxes in verdicts come from them). Trained on cached
 backbone features with 180-degree rotations, depth dropped for some samples (so RGB-only

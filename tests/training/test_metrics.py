@@ -71,8 +71,6 @@ def test_real_photographs_in_the_metrics_meet_their_targets(metrics: dict[str, A
     assert photos["scenes_flagged_ood"] == photos["scenes"] > 0
 
 
-@pytest.mark.xfail(reason="the shipped models rank one damaged photo below the intact one",
-                   strict=True)
 def test_every_damaged_photograph_scores_above_every_intact_one(metrics: dict[str, Any]) -> None:
     assert metrics["real_photos"]["every_damaged_above_every_intact"]
 
