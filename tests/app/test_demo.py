@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from edge.app.demo import DemoOptions, run_demo
 from edge.config import load_config
 from edge.publish.broker import MosquittoBroker
 from tests.publish.helpers import Collector
 
 
+@pytest.mark.slow
 def test_summary_counts_what_the_node_published_and_nothing_is_lost_across_broker_restarts(
         tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
     """With the broker restarted twice mid-run, `verdicts_published` is the node's own count,

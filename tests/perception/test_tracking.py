@@ -205,6 +205,7 @@ def test_a_frameset_without_the_top_camera_starts_no_track_from_the_oblique_view
     assert all(r.truth is not None and r.truth.item_id == r.item_id for r in records)
 
 
+@pytest.mark.slow
 def test_two_camera_records_come_early_once_per_item_without_ghosts() -> None:
     """With both cameras on a busy belt, each item gets one record, emitted with the frameset
     of its best view (not when it leaves the view), and the oblique view adds no items of its

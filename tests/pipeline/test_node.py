@@ -109,7 +109,17 @@ def _node(cfg: Config, clock: WallClock, stall_after_s: float
           ) -> tuple[Node, SyntheticConveyor]:
     built = build_node(cfg, clock, stall_after_s=stall_after_s, belt_start_delay_ms=300.0)
     assert built.world is not None
+    built.world.start_ms = clock.now_ms() + 3_600_000.0  # it waits for the node: see _start
     return built.node, built.world
+
+
+def _start(node: Node, world: SyntheticConveyor, clock: WallClock) -> None:
+    """Start the node, then the belt 300 ms later. Starting the node (its item worker
+    processes) takes seconds on a busy machine, beside another test under pytest-xdist: a
+    belt started when the cameras were opened would carry the first items past the camera
+    before the node reads it, and they would get `not_seen` instead of what the test checks."""
+    node.start()
+    world.start_ms = clock.now_ms() + 300.0
 
 
 @dataclasses.dataclass
@@ -150,7 +160,7 @@ def test_stalled_inference_shows_in_health_and_metrics_and_items_fail_safe(
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock,
                                      world.due_announcements)
-    node.start()
+    _start(node, world, clock)
     try:
         assert node.publisher.wait_connected(5.0)
         controller.start()
@@ -239,7 +249,7 @@ def test_packaging_changed_feedback_teaches_the_gallery_the_items_views(
     line = _line(cfg)
     node, topics, controller = line.node, line.topics, line.controller
     events = Collector(mosquitto, topics.events, client_id="test-events")
-    node.start()
+    _start(node, line.world, line.clock)
     try:
         assert node.publisher.wait_connected(5.0)
         controller.start()
@@ -313,6 +323,7 @@ def _edit_manifest(path: Path, edit: Callable[[dict[str, object]], None]) -> Non
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+@pytest.mark.slow
 def test_reload_switches_thresholds_and_gallery_and_refuses_a_bad_update_without_dropping_items(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     """SIGHUP's work, in the node: verdicts name the new thresholds from the reload on, the
@@ -331,7 +342,7 @@ def test_reload_switches_thresholds_and_gallery_and_refuses_a_bad_update_without
         return any(v["threshold_version"] == version and not v.get("fail_safe")
                    for v in list(controller.received.by_key.values())[after:])
 
-    node.start()
+    _start(node, world, clock)
     try:
         assert node.publisher.wait_connected(5.0)
         controller.start()
@@ -406,7 +417,7 @@ def test_a_shutdown_whose_own_inspection_fails_still_gives_every_item_a_verdict(
     def broken(*_: object) -> list[ItemRecord]:
         raise RuntimeError("injected: item stage failed while finishing")
 
-    node.start()
+    _start(node, world, clock)
     try:
         assert node.publisher.wait_connected(5.0)
         controller.start()
@@ -435,6 +446,7 @@ def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
     return sock, path
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     """`edge-node run` under an emulated systemd: READY after the broker, watchdog pings,
@@ -476,8 +488,14 @@ def test_sigterm_leaves_no_item_without_a_verdict_and_systemd_sees_the_lifecycle
     def said(text: str) -> int:
         return sum(text in m for _, m in messages)
 
+    def pinged_after_ready() -> bool:
+        ready = [t for t, m in messages if "READY=1" in m]
+        return bool(ready) and any("WATCHDOG=1" in m for t, m in messages if t > ready[0])
+
     try:
-        listen(lambda: said("WATCHDOG=1") >= 3 and said("READY=1") >= 1
+        # Wait for a ping after READY too: the pinger starts before READY, and on a busy
+        # machine READY can come after the belt has announced 12 items and 3 pings were seen.
+        listen(lambda: said("WATCHDOG=1") >= 3 and pinged_after_ready()
                and len(controller.announced) >= 12, 60.0)
         ready = [t for t, m in messages if "READY=1" in m]
         assert ready, (messages, log_path.read_text()[-3000:])
@@ -601,7 +619,7 @@ def test_inference_that_raises_on_every_batch_is_unhealthy_and_fails_the_update_
                             env={"WATCHDOG_USEC": "200000"})
     topics = Topics(cfg.mqtt.topic_prefix, cfg.node.line_id, cfg.node.node_id)
     controller = ControllerSimulator(cfg.mqtt.url, topics, clock, world.due_announcements)
-    node.start()
+    _start(node, world, clock)
     try:
         assert node.publisher.wait_connected(5.0)
         pinger.mark_ready()

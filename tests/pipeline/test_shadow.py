@@ -135,6 +135,7 @@ class _Fatal(BaseException):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.slow
 def test_a_candidate_scores_every_judged_item_beside_production_and_reloads_like_it(
         tmp_path: Path, mosquitto_factory: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """A config naming a candidate that is not there loads, and the node starts without it:

@@ -25,6 +25,7 @@ from edge.infer.manifest import load_manifest, sha256_file
 from edge.training.site_data import item_bucket, load_export
 
 pytest.importorskip("torch", reason="training needs the train extra (CI installs it)")
+pytestmark = pytest.mark.slow  # the module's run trains a model
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
